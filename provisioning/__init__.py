@@ -1,0 +1,1 @@
+"""botfleet provisioning: isolated databases and roles for many bots on one shared PostgreSQL."""

@@ -1,0 +1,104 @@
+"""Bot databases: inspect, create, converge, drop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+
+@dataclass(frozen=True)
+class DatabaseSpec:
+    name: str
+    owner: str
+    connection_limit: int
+    comment: str
+
+
+@dataclass
+class DatabaseState:
+    owner: str
+    encoding: str
+    connection_limit: int
+    public_can_connect: bool
+    comment: str | None
+
+
+_INSPECT = """
+SELECT pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding), d.datconnlimit,
+       d.datacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(d.datacl) a WHERE a.grantee = 0),
+       shobj_description(d.oid, 'pg_database')
+FROM pg_database d WHERE d.datname = %(name)s
+"""
+
+
+def inspect(conn: psycopg.Connection, name: str) -> DatabaseState | None:
+    row = conn.execute(_INSPECT, {"name": name}).fetchone()
+    if row is None:
+        return None
+    return DatabaseState(owner=row[0], encoding=row[1], connection_limit=row[2], public_can_connect=row[3], comment=row[4])
+
+
+def create(conn: psycopg.Connection, spec: DatabaseSpec) -> None:
+    """CREATE DATABASE (needs an autocommit connection), then lock it down."""
+    conn.execute(
+        sql.SQL("CREATE DATABASE {} WITH OWNER {} ENCODING 'UTF8' TEMPLATE template0 CONNECTION LIMIT {}").format(
+            sql.Identifier(spec.name), sql.Identifier(spec.owner), sql.Literal(spec.connection_limit)
+        )
+    )
+    with conn.transaction():
+        _lock_down(conn, spec)
+
+
+def _lock_down(conn: psycopg.Connection, spec: DatabaseSpec) -> None:
+    ident = sql.Identifier(spec.name)
+    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
+    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(spec.comment)))
+
+
+def converge(conn: psycopg.Connection, spec: DatabaseSpec, state: DatabaseState) -> list[str]:
+    """Repair owner, connection limit, PUBLIC access and the marker comment."""
+    changes: list[str] = []
+    ident = sql.Identifier(spec.name)
+    with conn.transaction():
+        if state.owner != spec.owner:
+            changes.append(f"database owner {state.owner} -> {spec.owner}")
+            conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident, sql.Identifier(spec.owner)))
+        if state.connection_limit != spec.connection_limit:
+            changes.append(f"database connection limit {state.connection_limit} -> {spec.connection_limit}")
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {}").format(ident, sql.Literal(spec.connection_limit)))
+        if state.public_can_connect:
+            changes.append("revoked PUBLIC access to the database")
+        if state.public_can_connect or state.comment != spec.comment:
+            _lock_down(conn, spec)
+    return changes
+
+
+def lock_down_schema(conn: psycopg.Connection) -> list[str]:
+    """Inside the bot's database: PUBLIC gets no rights on schema public.
+
+    ``conn`` must be connected to the bot database itself (schema ACLs are per database).
+    """
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a"
+        " WHERE n.nspname = 'public' AND a.grantee = 0)"
+    ).fetchone()
+    if row and row[0]:
+        conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        return ["revoked PUBLIC rights on schema public"]
+    return []
+
+
+def drop(conn: psycopg.Connection, name: str, *, server_major: int) -> bool:
+    """End the database's sessions and drop it; returns whether it existed."""
+    if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+        return False
+    # Refuse new connections first, then end the ones there are.
+    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+    conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
+    )
+    stmt = "DROP DATABASE {} WITH (FORCE)" if server_major >= 13 else "DROP DATABASE {}"
+    conn.execute(sql.SQL(stmt).format(sql.Identifier(name)))
+    return True

@@ -1,0 +1,140 @@
+"""Admin connections to the shared server: open, describe, translate errors, lock.
+
+psycopg is imported here and only here at module level, so ``provision --help``
+never pays for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .errors import (
+    AuthenticationFailed,
+    InsufficientPrivilege,
+    InvalidInput,
+    LockTimeout,
+    ProvisionError,
+    ServerUnreachable,
+)
+
+# Advisory-lock namespace: "bf" in the high bytes, so botfleet's locks never
+# collide with an application's own two-key advisory locks by accident.
+LOCK_NAMESPACE = 0x62660001
+
+
+def parse_url(url: str) -> dict[str, str]:
+    """Split a libpq URL or key=value string, accepting SQLAlchemy-style schemes."""
+    for prefix in ("postgresql+psycopg://", "postgresql+asyncpg://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            url = "postgresql://" + url[len(prefix):]
+    try:
+        return {k: str(v) for k, v in conninfo_to_dict(url).items()}
+    except psycopg.ProgrammingError:
+        raise InvalidInput("the admin URL is malformed (expected postgresql://user[:password]@host[:port]/dbname)") from None
+
+
+def describe(url: str) -> str:
+    """A printable description of a server URL: user@host:port/dbname, never the password."""
+    params = parse_url(url)
+    host = params.get("host") or "localhost"
+    if host.startswith("/"):
+        host = f"[socket {host}]"
+    port = params.get("port") or "5432"
+    user = params.get("user") or "(default user)"
+    return f"{user}@{host}:{port}/{params.get('dbname') or user}"
+
+
+def with_database(url: str, dbname: str) -> str:
+    """The same server and credentials, another database."""
+    params = parse_url(url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+def _translate(err: psycopg.OperationalError, url: str) -> ProvisionError:
+    text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    where = describe(url)
+    low = str(err).lower()
+    if "password authentication failed" in low or "no password supplied" in low or "authentication failed" in low:
+        return AuthenticationFailed(f"authentication failed for {where}: check the admin password")
+    if "does not exist" in low and ("role" in low or "database" in low):
+        return AuthenticationFailed(f"cannot log in to {where}: {text.removeprefix('FATAL:  ')}")
+    return ServerUnreachable(f"cannot reach PostgreSQL at {where}: {text.removeprefix('FATAL:  ')}")
+
+
+def connect(url: str, *, autocommit: bool = True, connect_timeout: int = 10) -> psycopg.Connection:
+    """Open an admin connection; failures become one-line ProvisionErrors.
+
+    Autocommit by default: CREATE/DROP DATABASE refuse to run in a transaction;
+    callers that want atomic steps open ``conn.transaction()`` themselves.
+    """
+    params = parse_url(url)
+    params.setdefault("connect_timeout", str(connect_timeout))
+    params.setdefault("application_name", "botfleet-provision")
+    try:
+        return psycopg.connect(make_conninfo(**params), autocommit=autocommit)
+    except psycopg.OperationalError as err:
+        raise _translate(err, url) from None
+
+
+@dataclass(frozen=True)
+class AdminInfo:
+    role: str
+    superuser: bool
+    createdb: bool
+    createrole: bool
+    server_version: int  # e.g. 150020
+
+    @property
+    def major(self) -> int:
+        return self.server_version // 10000
+
+
+def admin_info(conn: psycopg.Connection) -> AdminInfo:
+    """Who we are on the server; raises InsufficientPrivilege when we cannot provision."""
+    row = conn.execute(
+        "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    assert row is not None
+    info = AdminInfo(row[0], row[1], row[2], row[3], conn.info.server_version)
+    if not (info.superuser or (info.createdb and info.createrole)):
+        raise InsufficientPrivilege(
+            f"role {info.role!r} cannot provision bots: it needs SUPERUSER, or CREATEDB and CREATEROLE"
+        )
+    return info
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 32-bit key for a bot name."""
+    value = zlib.crc32(name.encode())
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+@contextlib.contextmanager
+def advisory_lock(conn: psycopg.Connection, name: str, *, timeout_s: float = 60.0) -> Iterator[None]:
+    """Hold botfleet's session-level advisory lock for one bot for the block.
+
+    Two provisioners working on the same bot serialise here; the second waits
+    up to ``timeout_s`` and then fails with a clear message.
+    """
+    key = lock_key(name)
+    ms = int(timeout_s * 1000)
+    try:
+        conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{ms}ms")))
+        conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, key))
+    except psycopg.errors.LockNotAvailable:
+        raise LockTimeout(f"bot {name!r} is being changed by another provision run; gave up after {timeout_s:g}s") from None
+    finally:
+        conn.execute("RESET lock_timeout")
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, key))

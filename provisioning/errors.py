@@ -1,0 +1,51 @@
+"""The project's exception tree: every message is one line a user can act on.
+
+Exit codes follow the CLI convention: 2 for bad input (nothing was touched),
+1 for a failure while talking to the server or the file system.
+"""
+
+from __future__ import annotations
+
+
+class ProvisionError(Exception):
+    """Base class: a failure the user can act on. ``str(err)`` is the one-line message."""
+
+    exit_code = 1
+
+
+class InvalidInput(ProvisionError):
+    """Bad input: refused before anything was changed."""
+
+    exit_code = 2
+
+
+class InvalidBotName(InvalidInput):
+    pass
+
+
+class BotNotFound(ProvisionError):
+    pass
+
+
+class NotManaged(ProvisionError):
+    """A role or database with a bot's name exists but botfleet did not create it."""
+
+
+class ServerUnreachable(ProvisionError):
+    pass
+
+
+class AuthenticationFailed(ProvisionError):
+    pass
+
+
+class InsufficientPrivilege(ProvisionError):
+    pass
+
+
+class BackupFailed(ProvisionError):
+    pass
+
+
+class LockTimeout(ProvisionError):
+    pass

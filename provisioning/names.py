@@ -1,0 +1,50 @@
+"""Bot names and the PostgreSQL names derived from them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidBotName
+
+NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,39}")
+
+# Names that collide with PostgreSQL's own objects or with roles an operator
+# already has; refused whatever the admin role is called.
+RESERVED = frozenset(
+    {
+        "postgres", "template0", "template1", "public", "admin", "root",
+        "botfleet", "default", "all", "none", "current-user", "session-user",
+        "current-role", "user", "role", "replication", "superuser",
+        "information-schema",
+    }
+)
+
+
+@dataclass(frozen=True)
+class BotNames:
+    """The names one bot gets on the server."""
+
+    bot: str
+    database: str
+    role: str
+
+
+def validate(name: str, *, admin_role: str | None = None) -> BotNames:
+    """Check a bot name and return its database and role names.
+
+    Raises InvalidBotName (exit code 2) for anything but a slug
+    ``^[a-z][a-z0-9-]{0,39}$`` that is not reserved.
+    """
+    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+        raise InvalidBotName(
+            f"invalid bot name {name!r}: use 1-40 characters a-z, 0-9 and '-', starting with a letter"
+        )
+    stem = name.replace("-", "_")
+    reserved = name in RESERVED or stem.startswith("pg_") or name.startswith("pg-")
+    derived = {f"{stem}_db", f"{stem}_user"}
+    if admin_role is not None and (admin_role in derived or admin_role in {name, stem}):
+        reserved = True
+    if reserved:
+        raise InvalidBotName(f"bot name {name!r} is reserved; choose another name")
+    return BotNames(bot=name, database=f"{stem}_db", role=f"{stem}_user")

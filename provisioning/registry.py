@@ -1,0 +1,123 @@
+"""The fleet registry: ``fleet.toml`` in the project, one table per bot, no secrets.
+
+Hand-editable; every write re-reads the file under a lock so concurrent
+provision runs never lose each other's entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tomllib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .errors import InvalidInput
+from .files import atomic_write, file_lock
+
+HEADER = (
+    "# botfleet fleet registry: one [bots.<name>] table per bot.\n"
+    "# Written by `provision`; safe to edit by hand. It never holds a secret.\n\n"
+)
+
+# Connections kept free in each bot's role limit for `provision migrate`.
+MIGRATION_MARGIN = 1
+
+DEFAULT_POOL_SIZE = 2
+DEFAULT_MAX_OVERFLOW = 3
+DEFAULT_STATEMENT_TIMEOUT = "30s"
+DEFAULT_IDLE_TIMEOUT = "60s"
+
+
+@dataclass
+class ServerSettings:
+    """How bots reach the shared server (the compose service, by default)."""
+
+    bot_host: str = "postgres"
+    bot_port: int = 5432
+
+
+@dataclass
+class BotEntry:
+    name: str
+    code: str
+    database: str
+    role: str
+    pool_size: int = DEFAULT_POOL_SIZE
+    max_overflow: int = DEFAULT_MAX_OVERFLOW
+    replicas: int = 1
+    statement_timeout: str = DEFAULT_STATEMENT_TIMEOUT
+    idle_in_transaction_session_timeout: str = DEFAULT_IDLE_TIMEOUT
+    env_file: str = ""
+    db_host: str = ""  # how this bot reaches the server; "" = the fleet's [server] bot_host
+    db_port: int = 0
+
+    @property
+    def pool_max(self) -> int:
+        """Connections one replica's pool may open."""
+        return self.pool_size + self.max_overflow
+
+    @property
+    def connection_limit(self) -> int:
+        """The role's CONNECTION LIMIT: every replica's full pool plus the migration margin."""
+        return self.pool_max * self.replicas + MIGRATION_MARGIN
+
+    def to_toml(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("name")
+        data["connection_limit"] = self.connection_limit  # informative; derived on load
+        return data
+
+
+@dataclass
+class Fleet:
+    server: ServerSettings
+    bots: dict[str, BotEntry]
+
+
+class Registry:
+    """Read and update ``fleet.toml`` under ``project``."""
+
+    def __init__(self, project: Path):
+        self.path = project / "fleet.toml"
+        self._lock_path = project / ".botfleet" / "registry.lock"
+
+    def load(self) -> Fleet:
+        if not self.path.exists():
+            return Fleet(ServerSettings(), {})
+        try:
+            data = tomllib.loads(self.path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise InvalidInput(f"{self.path} is not valid TOML: {err}") from None
+        server_keys = {f.name for f in fields(ServerSettings)}
+        server = ServerSettings(**{k: v for k, v in data.get("server", {}).items() if k in server_keys})
+        bot_keys = {f.name for f in fields(BotEntry)}
+        bots = {}
+        for name, raw in data.get("bots", {}).items():
+            try:
+                bots[name] = BotEntry(name=name, **{k: v for k, v in raw.items() if k in bot_keys})
+            except TypeError as err:
+                raise InvalidInput(f"{self.path}: bot {name!r} is incomplete ({err})") from None
+        return Fleet(server, bots)
+
+    def _dump(self, fleet: Fleet) -> str:
+        data = {
+            "version": 1,
+            "server": asdict(fleet.server),
+            "bots": {name: fleet.bots[name].to_toml() for name in sorted(fleet.bots)},
+        }
+        return HEADER + tomli_w.dumps(data)
+
+    @contextlib.contextmanager
+    def editing(self) -> Iterator[Fleet]:
+        """Load under an exclusive lock, let the block change it, write it back atomically."""
+        with file_lock(self._lock_path):
+            fleet = self.load()
+            before = self._dump(fleet)
+            yield fleet
+            after = self._dump(fleet)
+            if after != before:
+                atomic_write(self.path, after)

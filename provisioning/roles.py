@@ -1,0 +1,120 @@
+"""Bot login roles: inspect, create, converge, drop.
+
+Every statement is composed with psycopg.sql; values in DDL go through
+sql.Literal because utility statements cannot take bind parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+# The attributes a bot role must have, as pg_roles columns -> required value.
+REQUIRED_FLAGS = {
+    "rolcanlogin": True,
+    "rolsuper": False,
+    "rolcreatedb": False,
+    "rolcreaterole": False,
+    "rolreplication": False,
+    "rolbypassrls": False,
+}
+FLAG_SQL = {
+    "rolcanlogin": "LOGIN",
+    "rolsuper": "NOSUPERUSER",
+    "rolcreatedb": "NOCREATEDB",
+    "rolcreaterole": "NOCREATEROLE",
+    "rolreplication": "NOREPLICATION",
+    "rolbypassrls": "NOBYPASSRLS",
+}
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    name: str
+    connection_limit: int
+    settings: dict[str, str]  # role-level GUC defaults, e.g. statement_timeout
+    comment: str
+
+
+@dataclass
+class RoleState:
+    flags: dict[str, bool]
+    connection_limit: int
+    settings: dict[str, str]
+    comment: str | None
+    verifier: str | None  # only readable by a superuser
+    members: list[str] = field(default_factory=list)
+
+
+_INSPECT = """
+SELECT r.rolcanlogin, r.rolsuper, r.rolcreatedb, r.rolcreaterole, r.rolreplication,
+       r.rolbypassrls, r.rolconnlimit,
+       (SELECT s.setconfig FROM pg_db_role_setting s WHERE s.setrole = r.oid AND s.setdatabase = 0),
+       shobj_description(r.oid, 'pg_authid'),
+       CASE WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+            THEN (SELECT a.rolpassword FROM pg_authid a WHERE a.oid = r.oid) END
+FROM pg_roles r WHERE r.rolname = %(name)s
+"""
+
+
+def inspect(conn: psycopg.Connection, name: str) -> RoleState | None:
+    """The role's current state, or None when it does not exist."""
+    row = conn.execute(_INSPECT, {"name": name}).fetchone()
+    if row is None:
+        return None
+    flags = dict(zip(REQUIRED_FLAGS, row[0:6]))
+    settings = dict(item.split("=", 1) for item in (row[7] or []))
+    return RoleState(flags=flags, connection_limit=row[6], settings=settings, comment=row[8], verifier=row[9])
+
+
+def _options(spec: RoleSpec, verifier: str | None) -> sql.Composed:
+    parts = [sql.SQL(FLAG_SQL[f]) for f in REQUIRED_FLAGS]
+    parts.append(sql.SQL("CONNECTION LIMIT {}").format(sql.Literal(spec.connection_limit)))
+    if verifier is not None:
+        parts.append(sql.SQL("PASSWORD {}").format(sql.Literal(verifier)))
+    return sql.SQL(" ").join(parts)
+
+
+def create(conn: psycopg.Connection, spec: RoleSpec, verifier: str) -> None:
+    """Create the role with every required attribute, its settings and its marker comment."""
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE ROLE {} WITH {}").format(sql.Identifier(spec.name), _options(spec, verifier)))
+        for key, value in spec.settings.items():
+            conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(sql.Identifier(spec.name), sql.Identifier(key), sql.Literal(value)))
+        conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(spec.name), sql.Literal(spec.comment)))
+
+
+def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifier: str | None) -> list[str]:
+    """Bring an existing role to ``spec``; returns what was repaired (empty when nothing drifted).
+
+    ``verifier`` is set only when the password must change (rotation or drift).
+    """
+    changes: list[str] = []
+    wrong = [FLAG_SQL[f] for f, want in REQUIRED_FLAGS.items() if state.flags[f] != want]
+    if wrong:
+        changes.append("role attributes (" + " ".join(wrong) + ")")
+    if state.connection_limit != spec.connection_limit:
+        changes.append(f"role connection limit {state.connection_limit} -> {spec.connection_limit}")
+    if verifier is not None:
+        changes.append("password")
+    ident = sql.Identifier(spec.name)
+    with conn.transaction():
+        if changes:
+            conn.execute(sql.SQL("ALTER ROLE {} WITH {}").format(ident, _options(spec, verifier)))
+        for key, value in spec.settings.items():
+            if state.settings.get(key) != value:
+                changes.append(f"role {key} {state.settings.get(key, 'unset')} -> {value}")
+                conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(value)))
+        if state.comment != spec.comment:
+            conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(spec.comment)))
+    return changes
+
+
+def drop(conn: psycopg.Connection, name: str) -> bool:
+    """Drop the role if it exists; returns whether it existed."""
+    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is None:
+        return False
+    conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    return True
