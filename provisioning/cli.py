@@ -288,5 +288,28 @@ def server_stop(project: ProjectOpt = None) -> None:  # type: ignore[assignment]
 
 
 def main() -> None:
+    """Console entry point: usage errors become the same one red line as every other error.
+
+    Typer vendors its click, so its usage errors are recognised by shape
+    (``format_message`` and exit code 2) rather than by a private class.
+    """
     logging.basicConfig(level=os.environ.get("BOTFLEET_LOG", "WARNING"))
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as err:
+        code = err.exit_code
+    except typer.Abort:
+        typer.secho("error: aborted; nothing was changed", err=True, fg=typer.colors.RED)
+        code = 1
+    except Exception as err:  # noqa: BLE001
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            code = 2
+        elif getattr(err, "exit_code", None) == 2 and hasattr(err, "format_message"):
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            typer.secho(f"error: {err.format_message()}{hint}", err=True, fg=typer.colors.RED)
+            code = 2
+        else:
+            raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -58,15 +58,33 @@ def with_database(url: str, dbname: str) -> str:
     return make_conninfo(**params)
 
 
+_REASONS = (
+    ("connection refused", "connection refused (is the server running and listening there?)"),
+    ("timeout expired", "connection timed out"),
+    ("could not translate host name", "unknown host name"),
+    ("no such file or directory", "no server socket there (is the server running?)"),
+    ("too many connections", "the server has no free connection slots"),
+    ("does not allow connections", "the server refuses new connections"),
+    ("is not permitted to log in", "the admin role may not log in"),
+    ("no pg_hba.conf entry", "pg_hba.conf has no entry for this host, user and database"),
+    ("ssl", "SSL negotiation failed"),
+)
+
+
 def _translate(err: psycopg.OperationalError, url: str) -> ProvisionError:
-    text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    """One line a user can act on; libpq's text never includes the password."""
     where = describe(url)
     low = str(err).lower()
     if "password authentication failed" in low or "no password supplied" in low or "authentication failed" in low:
-        return AuthenticationFailed(f"authentication failed for {where}: check the admin password")
+        return AuthenticationFailed(f"authentication failed for {where}: check the admin user and password")
     if "does not exist" in low and ("role" in low or "database" in low):
-        return AuthenticationFailed(f"cannot log in to {where}: {text.removeprefix('FATAL:  ')}")
-    return ServerUnreachable(f"cannot reach PostgreSQL at {where}: {text.removeprefix('FATAL:  ')}")
+        what = "role" if "role" in low else "database"
+        return AuthenticationFailed(f"cannot log in to {where}: that {what} does not exist")
+    for needle, reason in _REASONS:
+        if needle in low:
+            return ServerUnreachable(f"cannot reach PostgreSQL at {where}: {reason}")
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return ServerUnreachable(f"cannot reach PostgreSQL at {where}: {first}")
 
 
 def connect(url: str, *, autocommit: bool = True, connect_timeout: int = 10) -> psycopg.Connection:

@@ -1,0 +1,236 @@
+"""How far is `provision add-bot` from the cost of the SQL it runs?
+
+Run by hand from the repository root (it is a benchmark, not a test):
+
+    .venv/bin/python bench/bench_provision.py [--bots N] [--admin-url URL] [--embedded]
+
+The server is --admin-url, else ADMIN_DATABASE_URL, else
+postgresql://postgres@127.0.0.1:5432/postgres; with --embedded a throw-away
+embedded server is started in a temporary folder and destroyed at the end.
+N bots (default 50) named bench<random6>-NN are provisioned three ways, from
+the same empty state each time (the drops in between are not timed):
+
+  (a) the floor: the same SQL as one file through ONE psql session;
+  (b) provisioning.fleet.add_bot in this process, one admin connection;
+  (c) one `provision add-bot NAME` process per bot.
+
+It prints ms per bot and the ratios, then the median of 10 `provision --help`.
+Everything it creates on the server is dropped at the end, even on error or
+Ctrl-C. Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from psycopg import sql
+
+from provisioning import db, passwords
+from provisioning.errors import ProvisionError
+from provisioning.fleet import DATABASE_ADMIN_MARGIN, BotOptions, Project, add_bot, marker
+from provisioning.names import validate
+from provisioning.registry import BotEntry
+
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+PROVISION = str(Path(sys.executable).with_name("provision"))
+# libpq connection keywords -> the environment variables psql reads them from.
+PG_ENV = {
+    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
+    "password": "PGPASSWORD", "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT",
+    "application_name": "PGAPPNAME", "options": "PGOPTIONS", "target_session_attrs": "PGTARGETSESSIONATTRS",
+}
+
+
+def progress(mode: str, done: int, total: int) -> None:
+    """One line per mode on stderr: updated in place on a terminal, printed once otherwise."""
+    if sys.stderr.isatty():
+        print(f"\rmode {mode}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    elif done == total:
+        print(f"mode {mode}: {done}/{total}", file=sys.stderr, flush=True)
+
+
+def drop_everything(url: str, prefix: str) -> None:
+    """Drop every database, then every role, whose name starts with ``prefix`` + '_'."""
+    like = prefix + r"\_%"
+    with db.connect(url) as conn:
+        for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (like,)).fetchall():
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        for (name,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (like,)).fetchall():
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def floor_sql(conn, bots: list[str], verifiers: dict[str, str]) -> str:
+    """The statements roles.create, databases.create and lock_down_schema run, with
+    the same transaction grouping, as a psql script (composed, never formatted)."""
+    S, I, L = sql.SQL, sql.Identifier, sql.Literal
+    back = S("\\c {}").format(I(conn.info.dbname))
+    lines = []
+    for i, bot in enumerate(bots, 1):
+        names = validate(bot)
+        entry = BotEntry(name=bot, code=bot, database=names.database, role=names.role)  # registry defaults
+        role, dbname, comment = I(names.role), I(names.database), L(marker(bot))
+        statements = [
+            S("BEGIN"),
+            S("CREATE ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+              " CONNECTION LIMIT {} PASSWORD {}").format(role, L(entry.connection_limit), L(verifiers[bot])),
+            S("ALTER ROLE {} SET {} = {}").format(role, I("statement_timeout"), L(entry.statement_timeout)),
+            S("ALTER ROLE {} SET {} = {}").format(
+                role, I("idle_in_transaction_session_timeout"), L(entry.idle_in_transaction_session_timeout)),
+            S("COMMENT ON ROLE {} IS {}").format(role, comment),
+            S("COMMIT"),
+            S("CREATE DATABASE {} WITH OWNER {} ENCODING 'UTF8' TEMPLATE template0 CONNECTION LIMIT {}").format(
+                dbname, role, L(entry.connection_limit + DATABASE_ADMIN_MARGIN)),
+            S("BEGIN"),
+            S("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(dbname),
+            S("COMMENT ON DATABASE {} IS {}").format(dbname, comment),
+            S("COMMIT"),
+        ]
+        lines += [s.as_string(conn) + ";" for s in statements]
+        lines.append(S("\\c {}").format(dbname).as_string(conn))
+        lines.append(S("REVOKE ALL ON SCHEMA public FROM PUBLIC;").as_string(conn))
+        lines += [back.as_string(conn), f"\\echo {i}"]  # the echo feeds the progress line
+    return "\n".join(lines) + "\n"
+
+
+def run_floor(url: str, bots: list[str], work: Path) -> float:
+    """(a) One psql session running the SQL file; verifiers are computed before timing."""
+    with db.connect(url) as conn:
+        verifiers = {b: passwords.scram_verifier(conn, passwords.generate(), validate(b).role) for b in bots}
+        script = floor_sql(conn, bots, verifiers)
+    work.mkdir(mode=0o700)
+    path = work / "floor.sql"
+    path.write_text(script)
+    env = dict(os.environ)
+    for key, value in db.parse_url(url).items():
+        if key not in PG_ENV:
+            raise SystemExit(f"cannot hand the URL parameter {key!r} to psql through the environment")
+        env[PG_ENV[key]] = value
+    start = time.perf_counter()
+    with subprocess.Popen(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path)],
+                          env=env, stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.strip().isdigit():
+                progress("a", int(line), len(bots))
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"psql failed (exit {proc.returncode}); its error is above")
+    return elapsed
+
+
+def run_in_process(url: str, bots: list[str], work: Path) -> float:
+    """(b) fleet.add_bot, as `add-bot` calls it, on one admin connection (opened inside the timing,
+    like psql's own start-up in (a))."""
+    work.mkdir(mode=0o700)
+    start = time.perf_counter()
+    with db.connect(url) as conn:
+        info = db.admin_info(conn)
+        for i, bot in enumerate(bots, 1):
+            add_bot(conn, info, url, Project(work), bot, BotOptions())
+            progress("b", i, len(bots))
+    return time.perf_counter() - start
+
+
+def run_cli(url: str, bots: list[str], work: Path) -> float:
+    """(c) One `provision add-bot` process per bot, the admin URL in ADMIN_DATABASE_URL."""
+    work.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if k != "BOTFLEET_HOME"} | {"ADMIN_DATABASE_URL": url}
+    start = time.perf_counter()
+    for i, bot in enumerate(bots, 1):
+        done = subprocess.run([PROVISION, "add-bot", bot, "--project-dir", str(work)],
+                              env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"provision add-bot {bot} failed (exit {done.returncode}): {done.stderr.strip()}")
+        progress("c", i, len(bots))
+    return time.perf_counter() - start
+
+
+def time_help(runs: int = 10) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([PROVISION, "--help"], check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(where: str, n: int, totals: dict[str, float], help_s: float) -> None:
+    labels = {"a": "(a) SQL file, one psql session", "b": "(b) fleet.add_bot, one process",
+              "c": "(c) provision add-bot per bot"}
+    print(f"\n{n} bots on {where}")
+    print(f"{'mode':<32} | {'total s':>8} | {'ms/bot':>8} | ratio to (a)")
+    print(f"{'-' * 32}-+-{'-' * 8}-+-{'-' * 8}-+-------------")
+    for mode, total in totals.items():
+        print(f"{labels[mode]:<32} | {total:8.3f} | {total / n * 1000:8.1f} | {total / totals['a']:11.2f}x")
+    print(f"provision --help: {help_s:.3f} s (median of 10 runs)")
+    ratio = totals["b"] / totals["a"]
+    print(f"targets: (b) <= 1.3x (a): {ratio:.2f}x {'ok' if ratio <= 1.3 else 'MISSED'}; "
+          f"provision --help < 0.3 s: {help_s:.3f} s {'ok' if help_s < 0.3 else 'MISSED'}")
+
+
+def _sigterm(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bots", type=int, default=50, help="bots per mode (default 50)")
+    parser.add_argument("--admin-url", default=os.environ.get("ADMIN_DATABASE_URL") or DEFAULT_URL,
+                        help="admin URL (default: ADMIN_DATABASE_URL, else %(default)s)")
+    parser.add_argument("--embedded", action="store_true", help="use a throw-away embedded server instead")
+    args = parser.parse_args()
+    if not 1 <= args.bots <= 999:
+        parser.error("--bots must be between 1 and 999")
+    signal.signal(signal.SIGTERM, _sigterm)
+    prefix = "bench" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6))
+    bots = [f"{prefix}-{i:02d}" for i in range(1, args.bots + 1)]
+    url, server, status = None, None, 0
+    with tempfile.TemporaryDirectory(prefix="botfleet-bench-") as tmp:
+        try:
+            if args.embedded:
+                from provisioning.embedded import EmbeddedServer
+
+                server = EmbeddedServer(Path(tmp) / ".botfleet")
+                print("starting the embedded server...", file=sys.stderr, flush=True)
+                server.start()
+                url = server.admin_url()
+            else:
+                url = args.admin_url
+            totals = {}
+            for mode, run in (("a", run_floor), ("b", run_in_process), ("c", run_cli)):
+                drop_everything(url, prefix)
+                totals[mode] = run(url, bots, Path(tmp) / mode)
+            drop_everything(url, prefix)
+            with db.connect(url) as conn:
+                where = f"{db.describe(url)} (PostgreSQL {conn.info.server_version // 10000}, prefix {prefix})"
+            report(where, args.bots, totals, time_help())
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            status = 130
+        except (ProvisionError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            status = 1
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
+            print(f"cleaning up {prefix}_* ...", file=sys.stderr, flush=True)
+            try:
+                if url is not None:
+                    drop_everything(url, prefix)
+            finally:
+                if server is not None:
+                    server.destroy()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
