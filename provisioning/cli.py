@@ -64,9 +64,16 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except ProvisionError as err:
             raise _fail(str(err), err.exit_code) from None
+        except OSError as err:
+            raise _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err), 1) from None
         except KeyboardInterrupt:
             raise _fail("interrupted; run the command again to finish (it converges)", 130) from None
         except Exception as err:  # noqa: BLE001 - the boundary
+            diag = getattr(err, "diag", None)
+            if type(err).__module__.startswith("psycopg") and diag is not None and diag.message_primary:
+                # A server-side refusal (permissions, a concurrent DROP, ...): its primary
+                # message is one line and never carries a password.
+                raise _fail(f"PostgreSQL refused: {diag.message_primary}", 1) from None
             project = kwargs.get("project") or Path.cwd()
             log = Path(project) / ".botfleet" / "provision.log"
             try:

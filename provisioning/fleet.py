@@ -203,7 +203,7 @@ def add_bot(
     changes: list[str] = []
 
     with advisory_lock(conn, name):
-        role_state = roles.inspect(conn, names.role)
+        role_state = roles.inspect(conn, names.role, read_verifier=admin.superuser)
         db_state = databases.inspect(conn, names.database)
         known = existing is not None
         if role_state:
@@ -250,7 +250,7 @@ def add_bot(
             progress(f"creating role {names.role}")
             roles.create(conn, spec, verifier)  # type: ignore[arg-type]
         else:
-            changes += [c for c in roles.converge(conn, spec, role_state, verifier) if c != "password"]
+            changes += roles.converge(conn, spec, role_state, verifier)
         if not admin.superuser:
             _grant_admin_membership(conn, admin, names.role)
 
@@ -287,15 +287,17 @@ def add_bot(
 
 
 def _grant_admin_membership(conn: psycopg.Connection, admin: AdminInfo, role: str) -> None:
-    """A CREATEROLE admin (not superuser) must be able to SET ROLE to the bot
-    role to own-transfer and drop its database (PostgreSQL 16 changed the rules)."""
+    """A CREATEROLE admin (not superuser) must act as the bot role: to create the
+    database OWNER it (SET), then to revoke, comment on and drop it as its
+    owner (INHERIT). PostgreSQL 16 no longer gives a role's creator either."""
     from psycopg import sql
 
-    privilege = "SET" if admin.major >= 16 else "MEMBER"
-    member = conn.execute("SELECT pg_has_role(current_user, %s, %s)", (role, privilege)).fetchone()
+    query = ("SELECT pg_has_role(current_user, %(r)s, 'SET') AND pg_has_role(current_user, %(r)s, 'USAGE')"
+             if admin.major >= 16 else "SELECT pg_has_role(current_user, %(r)s, 'USAGE')")
+    member = conn.execute(query, {"r": role}).fetchone()
     if member and member[0]:
         return
-    stmt = "GRANT {} TO {} WITH SET TRUE, INHERIT FALSE" if admin.major >= 16 else "GRANT {} TO {}"
+    stmt = "GRANT {} TO {} WITH SET TRUE, INHERIT TRUE" if admin.major >= 16 else "GRANT {} TO {}"
     conn.execute(sql.SQL(stmt).format(sql.Identifier(role), sql.Identifier(admin.role)))
 
 
@@ -334,7 +336,7 @@ def remove_bot(
     env_path = project.env_file(name)
     result = RemoveResult(bot=name, status="removed")
     with advisory_lock(conn, name):
-        role_state = roles.inspect(conn, names.role)
+        role_state = roles.inspect(conn, names.role, read_verifier=admin.superuser)
         db_state = databases.inspect(conn, names.database)
         if role_state:
             _check_managed("role", names.role, role_state.comment, name, known)

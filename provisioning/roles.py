@@ -52,16 +52,21 @@ _INSPECT = """
 SELECT r.rolcanlogin, r.rolsuper, r.rolcreatedb, r.rolcreaterole, r.rolreplication,
        r.rolbypassrls, r.rolconnlimit,
        (SELECT s.setconfig FROM pg_db_role_setting s WHERE s.setrole = r.oid AND s.setdatabase = 0),
-       shobj_description(r.oid, 'pg_authid'),
-       CASE WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-            THEN (SELECT a.rolpassword FROM pg_authid a WHERE a.oid = r.oid) END
+       shobj_description(r.oid, 'pg_authid'), {verifier}
 FROM pg_roles r WHERE r.rolname = %(name)s
 """
+# pg_authid (the password verifiers) is readable by superusers only; the
+# planner checks that even inside a CASE, so the query is chosen up front.
+_VERIFIER = sql.SQL("(SELECT a.rolpassword FROM pg_authid a WHERE a.oid = r.oid)")
 
 
-def inspect(conn: psycopg.Connection, name: str) -> RoleState | None:
-    """The role's current state, or None when it does not exist."""
-    row = conn.execute(_INSPECT, {"name": name}).fetchone()
+def inspect(conn: psycopg.Connection, name: str, *, read_verifier: bool = True) -> RoleState | None:
+    """The role's current state, or None when it does not exist.
+
+    ``read_verifier`` needs superuser; without it ``verifier`` is None.
+    """
+    query = sql.SQL(_INSPECT).format(verifier=_VERIFIER if read_verifier else sql.SQL("NULL"))
+    row = conn.execute(query, {"name": name}).fetchone()
     if row is None:
         return None
     flags = dict(zip(REQUIRED_FLAGS, row[0:6]))
@@ -69,9 +74,10 @@ def inspect(conn: psycopg.Connection, name: str) -> RoleState | None:
     return RoleState(flags=flags, connection_limit=row[6], settings=settings, comment=row[8], verifier=row[9])
 
 
-def _options(spec: RoleSpec, verifier: str | None) -> sql.Composed:
-    parts = [sql.SQL(FLAG_SQL[f]) for f in REQUIRED_FLAGS]
-    parts.append(sql.SQL("CONNECTION LIMIT {}").format(sql.Literal(spec.connection_limit)))
+def _options(flags: list[str], connection_limit: int | None, verifier: str | None) -> sql.Composed:
+    parts = [sql.SQL(FLAG_SQL[f]) for f in flags]
+    if connection_limit is not None:
+        parts.append(sql.SQL("CONNECTION LIMIT {}").format(sql.Literal(connection_limit)))
     if verifier is not None:
         parts.append(sql.SQL("PASSWORD {}").format(sql.Literal(verifier)))
     return sql.SQL(" ").join(parts)
@@ -80,7 +86,8 @@ def _options(spec: RoleSpec, verifier: str | None) -> sql.Composed:
 def create(conn: psycopg.Connection, spec: RoleSpec, verifier: str) -> None:
     """Create the role with every required attribute, its settings and its marker comment."""
     with conn.transaction():
-        conn.execute(sql.SQL("CREATE ROLE {} WITH {}").format(sql.Identifier(spec.name), _options(spec, verifier)))
+        options = _options(list(REQUIRED_FLAGS), spec.connection_limit, verifier)
+        conn.execute(sql.SQL("CREATE ROLE {} WITH {}").format(sql.Identifier(spec.name), options))
         for key, value in spec.settings.items():
             conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(sql.Identifier(spec.name), sql.Identifier(key), sql.Literal(value)))
         conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(spec.name), sql.Literal(spec.comment)))
@@ -92,17 +99,18 @@ def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifie
     ``verifier`` is set only when the password must change (rotation or drift).
     """
     changes: list[str] = []
-    wrong = [FLAG_SQL[f] for f, want in REQUIRED_FLAGS.items() if state.flags[f] != want]
+    # Only what is wrong is altered: a non-superuser admin may not even
+    # mention SUPERUSER, REPLICATION or BYPASSRLS.
+    wrong = [f for f, want in REQUIRED_FLAGS.items() if state.flags[f] != want]
     if wrong:
-        changes.append("role attributes (" + " ".join(wrong) + ")")
-    if state.connection_limit != spec.connection_limit:
+        changes.append("role attributes (" + " ".join(FLAG_SQL[f] for f in wrong) + ")")
+    limit = spec.connection_limit if state.connection_limit != spec.connection_limit else None
+    if limit is not None:
         changes.append(f"role connection limit {state.connection_limit} -> {spec.connection_limit}")
-    if verifier is not None:
-        changes.append("password")
     ident = sql.Identifier(spec.name)
     with conn.transaction():
-        if changes:
-            conn.execute(sql.SQL("ALTER ROLE {} WITH {}").format(ident, _options(spec, verifier)))
+        if wrong or limit is not None or verifier is not None:
+            conn.execute(sql.SQL("ALTER ROLE {} WITH {}").format(ident, _options(wrong, limit, verifier)))
         for key, value in spec.settings.items():
             if state.settings.get(key) != value:
                 changes.append(f"role {key} {state.settings.get(key, 'unset')} -> {value}")
