@@ -8,8 +8,8 @@ The server is --admin-url, else ADMIN_DATABASE_URL, else
 postgresql://postgres@127.0.0.1:5432/postgres; with --embedded a throw-away
 embedded server is started in a temporary folder and destroyed at the end.
 N bots (default 50) named bench<random6>-NN are provisioned three ways, from
-the same empty state each time (the drops and a CHECKPOINT in between are
-not timed):
+the same empty state each time (one warm-up CREATE DATABASE before (a), and
+the drops and a CHECKPOINT before each mode, are not timed):
 
   (a) the floor: the same SQL as one file through ONE psql session;
   (b) provisioning.fleet.add_bot in this process, one admin connection;
@@ -17,7 +17,8 @@ not timed):
 
 It prints ms per bot and the ratios, then the median of 10 `provision --help`.
 Everything it creates on the server is dropped at the end, even on error or
-Ctrl-C. Progress goes to stderr, the table to stdout.
+Ctrl-C. Progress goes to stderr, the table to stdout. On a busy machine the
+numbers move by +-30% from run to run: run it twice before believing a ratio.
 """
 
 from __future__ import annotations
@@ -216,17 +217,18 @@ def main() -> int:
                 url = server.admin_url()
             else:
                 url = args.admin_url
+            with db.connect(url) as conn:  # untimed warm-up: template0 and the catalogs into the caches
+                where = f"{db.describe(url)} (PostgreSQL {conn.info.server_version // 10000}, prefix {prefix})"
+                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(f"{prefix}_warmup")))
             totals = {}
             for mode, run in (("a", run_floor), ("b", run_in_process), ("c", run_cli)):
                 drop_everything(url, prefix, checkpoint=True)
                 totals[mode] = run(url, bots, Path(tmp) / mode)
-            with db.connect(url) as conn:
-                where = f"{db.describe(url)} (PostgreSQL {conn.info.server_version // 10000}, prefix {prefix})"
             report(where, args.bots, totals, time_help())
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             status = 130
-        except (ProvisionError, RuntimeError) as err:
+        except (ProvisionError, RuntimeError, psycopg.Error) as err:
             print(f"error: {err}", file=sys.stderr)
             status = 1
         finally:
@@ -236,6 +238,9 @@ def main() -> int:
             try:
                 if url is not None:
                     drop_everything(url, prefix)
+            except (ProvisionError, psycopg.Error) as err:
+                print(f"error: cleanup failed ({err}); drop {prefix}_* databases and roles by hand", file=sys.stderr)
+                status = 1
             finally:
                 if server is not None:
                     server.destroy()

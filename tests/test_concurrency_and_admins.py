@@ -10,7 +10,7 @@ from psycopg import sql
 
 from provisioning.passwords import verifier_matches
 
-from .conftest import PROVISION
+from .conftest import PROVISION, RUN_ID
 
 
 def test_two_concurrent_add_bot_end_with_one_bot(fleet, admin):
@@ -43,7 +43,7 @@ def test_concurrent_add_of_different_bots_keeps_every_registry_entry(fleet):
 
 
 def _admin_role(admin, fleet, suffix, *attrs):
-    role = f"t{fleet.names[0] if fleet.names else 'x'}_{suffix}".replace("-", "_")[:60]
+    role = f"t{RUN_ID}_{suffix}_{len(fleet.names)}"
     admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
     admin.execute(sql.SQL("CREATE ROLE {} LOGIN " + " ".join(attrs)).format(sql.Identifier(role)))  # attrs are constants
     return role
