@@ -23,12 +23,13 @@ class DatabaseState:
     connection_limit: int
     public_can_connect: bool
     comment: str | None
+    allow_connections: bool = True
 
 
 _INSPECT = """
 SELECT pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding), d.datconnlimit,
        d.datacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(d.datacl) a WHERE a.grantee = 0),
-       shobj_description(d.oid, 'pg_database')
+       shobj_description(d.oid, 'pg_database'), d.datallowconn
 FROM pg_database d WHERE d.datname = %(name)s
 """
 
@@ -37,7 +38,8 @@ def inspect(conn: psycopg.Connection, name: str) -> DatabaseState | None:
     row = conn.execute(_INSPECT, {"name": name}).fetchone()
     if row is None:
         return None
-    return DatabaseState(owner=row[0], encoding=row[1], connection_limit=row[2], public_can_connect=row[3], comment=row[4])
+    return DatabaseState(owner=row[0], encoding=row[1], connection_limit=row[2], public_can_connect=row[3], comment=row[4],
+                         allow_connections=row[5])
 
 
 def create(conn: psycopg.Connection, spec: DatabaseSpec) -> None:
@@ -68,6 +70,9 @@ def converge(conn: psycopg.Connection, spec: DatabaseSpec, state: DatabaseState)
         if state.connection_limit != spec.connection_limit:
             changes.append(f"database connection limit {state.connection_limit} -> {spec.connection_limit}")
             conn.execute(sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {}").format(ident, sql.Literal(spec.connection_limit)))
+        if not state.allow_connections:
+            changes.append("database accepts connections again")
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident))
         if state.public_can_connect:
             changes.append("revoked PUBLIC access to the database")
         if state.public_can_connect or state.comment != spec.comment:
@@ -90,15 +95,9 @@ def lock_down_schema(conn: psycopg.Connection) -> list[str]:
     return []
 
 
-def drop(conn: psycopg.Connection, name: str, *, server_major: int) -> bool:
-    """End the database's sessions and drop it; returns whether it existed."""
+def drop(conn: psycopg.Connection, name: str) -> bool:
+    """Drop the database, ending its sessions (PostgreSQL 13+); returns whether it existed."""
     if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
         return False
-    # Refuse new connections first, then end the ones there are.
-    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
-    conn.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
-    )
-    stmt = "DROP DATABASE {} WITH (FORCE)" if server_major >= 13 else "DROP DATABASE {}"
-    conn.execute(sql.SQL(stmt).format(sql.Identifier(name)))
+    conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
     return True

@@ -351,7 +351,7 @@ def remove_bot(
             progress(f"backup written: {path} ({path.stat().st_size} bytes)")
         if db_state:
             progress(f"ending sessions and dropping database {names.database}")
-            databases.drop(conn, names.database, server_major=admin.major)
+            databases.drop(conn, names.database)
             result.dropped.append(f"database {names.database}")
         if role_state:
             progress(f"dropping role {names.role}")

@@ -108,3 +108,22 @@ def test_list_joins_registry_with_live_facts_and_flags_unknown_bots(fleet, admin
     admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(a.replace("-", "_") + "_db")))
     rows = {r["bot"]: r for r in json.loads(fleet.run("list", "--json").stdout)}
     assert rows[a]["status"] == "incomplete"
+
+
+def test_failed_backup_removes_nothing_and_add_bot_repairs_the_cause(fleet, admin):
+    """pg_dump cannot connect to a database that refuses connections: nothing may be dropped."""
+    name = fleet.name("nodump")
+    stem = name.replace("-", "_")
+    fleet.add(name)
+    admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(f"{stem}_db")))
+    proc = fleet.run("remove-bot", name, "--yes")
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "pg_dump" in errors[0] and "nothing was removed" in errors[0]
+    assert exists(admin, "pg_database", "datname", f"{stem}_db") and exists(admin, "pg_roles", "rolname", f"{stem}_user")
+    assert fleet.env_file(name).exists() and name in (fleet.root / "fleet.toml").read_text()
+    assert not list((fleet.root / "backups" / name).glob("*.dump"))
+
+    out = json.loads(fleet.add(name, "--json").stdout)
+    assert "database accepts connections again" in out["changes"]
+    assert fleet.run("remove-bot", name, "--yes").returncode == 0
