@@ -184,3 +184,26 @@ def snapshot(conn: psycopg.Connection) -> tuple:
 
 def tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# Secrets never appear in test output: these helpers assert on passwords
+# without letting pytest print them in a failure explanation.
+def masked(text: str, secret: str) -> str:
+    return text.replace(secret, "<password>")
+
+
+def assert_no_leak(secret: str, *texts: str, where: str = "output") -> None:
+    leaked = any(secret in text for text in texts)
+    assert not leaked, f"the password leaked into the {where}"
+
+
+def assert_matches_server(password: str, verifier: str | None) -> None:
+    from provisioning.passwords import verifier_matches
+
+    ok = verifier_matches(password, verifier)
+    assert ok, "the password does not match the server's SCRAM verifier"
+
+
+def assert_same_secret(a: str, b: str, *, same: bool = True) -> None:
+    equal = a == b
+    assert equal is same, "passwords differ" if same else "the password did not change"

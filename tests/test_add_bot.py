@@ -6,9 +6,11 @@ import json
 import stat
 import tomllib
 
+import pytest
+
 from psycopg import sql
 
-from provisioning.passwords import verifier_matches
+from .conftest import assert_matches_server, assert_no_leak, assert_same_secret, masked
 
 
 def role_row(conn, role):
@@ -63,20 +65,23 @@ def test_add_bot_creates_a_locked_down_database_and_role(fleet, admin, pg):
     env_file = fleet.env_file(name)
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(env_file.parent.stat().st_mode) == 0o700
-    text = env_file.read_text()
+    password = fleet.password(name)
+    text = masked(env_file.read_text(), password)
     assert f"DATABASE_URL=postgresql+asyncpg://{stem}_user:" in text
     assert f"@postgres:5432/{stem}_db" in text
     assert "DB_POOL_SIZE=2" in text and "DB_MAX_OVERFLOW=3" in text
-    password = fleet.password(name)
-    assert len(password) >= 43  # 32 random bytes, base64url
+    assert f"{stem}_user:<password>@" in text
+    long_enough = len(password) >= 43  # 32 random bytes, base64url
+    assert long_enough
     stored = verifier(admin, f"{stem}_user")
-    assert stored.startswith("SCRAM-SHA-256$") and verifier_matches(password, stored)
-    assert password not in proc.stdout + proc.stderr
+    assert stored.startswith("SCRAM-SHA-256$")
+    assert_matches_server(password, stored)
+    assert_no_leak(password, proc.stdout, proc.stderr)
 
     registry = tomllib.loads((fleet.root / "fleet.toml").read_text())
     entry = registry["bots"][name]
     assert entry["database"] == f"{stem}_db" and entry["pool_size"] == 2 and entry["max_overflow"] == 3
-    assert password not in (fleet.root / "fleet.toml").read_text()
+    assert_no_leak(password, (fleet.root / "fleet.toml").read_text(), where="registry")
     assert out["has_code"] is False
 
 
@@ -87,7 +92,7 @@ def test_rerun_reports_already_provisioned_and_keeps_the_password(fleet, admin):
     stored = verifier(admin, name.replace("-", "_") + "_user")
     proc = fleet.add(name)
     assert "already provisioned" in proc.stdout
-    assert fleet.env_file(name).read_text() == before
+    assert_same_secret(fleet.env_file(name).read_text(), before)
     assert verifier(admin, name.replace("-", "_") + "_user") == stored
 
 
@@ -112,7 +117,7 @@ def test_rerun_repairs_drift(fleet, admin, pg):
     assert "statement_timeout=30s" in settings
     assert db_row(admin, f"{stem}_db")[2:] == (7, False)
     assert public_schema_open(pg, f"{stem}_db") is False
-    assert fleet.password(name) == password  # drift repair never changes the password
+    assert_same_secret(fleet.password(name), password)  # drift repair never changes the password
     assert json.loads(fleet.add(name, "--json").stdout)["status"] == "already provisioned"
 
 
@@ -130,7 +135,7 @@ def test_half_done_bot_is_completed_by_a_rerun(fleet, admin):
     assert "created the missing database" in out["changes"]
     assert out["password_changed"] is True
     assert db_row(admin, f"{stem}_db")[0] == f"{stem}_user"
-    assert verifier_matches(fleet.password(name), verifier(admin, f"{stem}_user"))
+    assert_matches_server(fleet.password(name), verifier(admin, f"{stem}_user"))
 
 
 def test_env_file_password_wins_over_server_drift(fleet, admin):
@@ -141,7 +146,7 @@ def test_env_file_password_wins_over_server_drift(fleet, admin):
     admin.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal("SCRAM-SHA-256$4096:c2FsdA==$a2V5:a2V5")))
     out = json.loads(fleet.add(name, "--json").stdout)
     assert out["status"] == "repaired" and out["password_changed"] is False
-    assert verifier_matches(password, verifier(admin, role))
+    assert_matches_server(password, verifier(admin, role))
 
 
 def test_rotate_password(fleet, admin):
@@ -151,9 +156,12 @@ def test_rotate_password(fleet, admin):
     old = fleet.password(name)
     proc = fleet.add(name, "--rotate-password")
     new = fleet.password(name)
-    assert new != old and "(new password)" in proc.stdout
-    assert verifier_matches(new, verifier(admin, role)) and not verifier_matches(old, verifier(admin, role))
-    assert new not in proc.stdout + proc.stderr
+    assert_same_secret(new, old, same=False)
+    assert "(new password)" in proc.stdout
+    assert_matches_server(new, verifier(admin, role))
+    with pytest.raises(AssertionError):
+        assert_matches_server(old, verifier(admin, role))
+    assert_no_leak(new, proc.stdout, proc.stderr)
 
 
 def test_pool_options_set_the_connection_limit_and_are_remembered(fleet, admin):

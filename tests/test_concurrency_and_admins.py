@@ -8,9 +8,7 @@ import tomllib
 
 from psycopg import sql
 
-from provisioning.passwords import verifier_matches
-
-from .conftest import PROVISION, RUN_ID
+from .conftest import PROVISION, RUN_ID, assert_matches_server
 
 
 def test_two_concurrent_add_bot_end_with_one_bot(fleet, admin):
@@ -28,7 +26,7 @@ def test_two_concurrent_add_bot_end_with_one_bot(fleet, admin):
     assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (f"{stem}_user",)).fetchone()[0] == 1
     assert admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (f"{stem}_db",)).fetchone()[0] == 1
     verifier = admin.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (f"{stem}_user",)).fetchone()[0]
-    assert verifier_matches(fleet.password(name), verifier)
+    assert_matches_server(fleet.password(name), verifier)
 
 
 def test_concurrent_add_of_different_bots_keeps_every_registry_entry(fleet):
