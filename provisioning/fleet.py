@@ -194,9 +194,10 @@ def add_bot(
     names = validate(name, admin_role=admin.role)
     check_options(opts)
     registry = project.registry
-    existing = registry.load().bots.get(name)
+    current = registry.load()
+    existing = current.bots.get(name)
     entry, has_code = plan_entry(project, names, existing, opts)
-    fleet_server = registry.load().server
+    fleet_server = current.server
     host = entry.db_host or fleet_server.bot_host
     port = entry.db_port or fleet_server.bot_port
     env_path = project.env_file(name)

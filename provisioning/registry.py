@@ -7,6 +7,7 @@ provision runs never lose each other's entries.
 from __future__ import annotations
 
 import contextlib
+import copy
 import tomllib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -116,8 +117,7 @@ class Registry:
         """Load under an exclusive lock, let the block change it, write it back atomically."""
         with file_lock(self._lock_path):
             fleet = self.load()
-            before = self._dump(fleet)
+            before = copy.deepcopy(fleet)
             yield fleet
-            after = self._dump(fleet)
-            if after != before:
-                atomic_write(self.path, after)
+            if fleet != before:
+                atomic_write(self.path, self._dump(fleet))
