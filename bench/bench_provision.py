@@ -47,15 +47,6 @@ from provisioning.registry import BotEntry
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PROVISION = str(Path(sys.executable).with_name("provision"))
-# libpq connection keywords -> the environment variables psql reads them from.
-PG_ENV = {
-    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
-    "password": "PGPASSWORD", "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
-    "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT",
-    "application_name": "PGAPPNAME", "options": "PGOPTIONS", "target_session_attrs": "PGTARGETSESSIONATTRS",
-}
-
-
 def progress(mode: str, done: int, total: int) -> None:
     """One line per mode on stderr: updated in place on a terminal, printed once otherwise."""
     if sys.stderr.isatty():
@@ -122,11 +113,7 @@ def run_floor(url: str, bots: list[str], work: Path) -> float:
     work.mkdir(mode=0o700)
     path = work / "floor.sql"
     path.write_text(script)
-    env = dict(os.environ)
-    for key, value in db.parse_url(url).items():
-        if key not in PG_ENV:
-            raise SystemExit(f"cannot hand the URL parameter {key!r} to psql through the environment")
-        env[PG_ENV[key]] = value
+    env = db.libpq_env(url)
     start = time.perf_counter()
     with subprocess.Popen(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path)],
                           env=env, stdout=subprocess.PIPE, text=True) as proc:

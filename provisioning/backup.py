@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .db import parse_url
+from .db import libpq_env
 from .embedded import wheel_bin_dir
 from .errors import BackupFailed
 
@@ -43,21 +43,6 @@ def find_pg_dump(server_major: int) -> Path:
             f"no pg_dump for PostgreSQL {server_major} or newer ({have}); install one or pass --no-backup"
         )
     return max(usable)[1]
-
-
-def libpq_env(url: str, dbname: str) -> dict[str, str]:
-    """Connection settings for a libpq tool as environment variables, so that
-    no password ever appears in a process's arguments."""
-    params = parse_url(url)
-    env = dict(os.environ)
-    mapping = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "password": "PGPASSWORD",
-               "sslmode": "PGSSLMODE", "passfile": "PGPASSFILE"}
-    for key, var in mapping.items():
-        if params.get(key):
-            env[var] = params[key]
-    env["PGDATABASE"] = dbname
-    env["PGCONNECT_TIMEOUT"] = "10"
-    return env
 
 
 def dump(url: str, dbname: str, dest_dir: Path, bot: str, *, server_major: int) -> Path:

@@ -7,6 +7,7 @@ never pays for it.
 from __future__ import annotations
 
 import contextlib
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,30 @@ def describe(url: str) -> str:
     port = params.get("port") or "5432"
     user = params.get("user") or "(default user)"
     return f"{user}@{host}:{port}/{params.get('dbname') or user}"
+
+
+# libpq connection keywords -> the environment variables libpq tools read them from.
+PG_ENV = {
+    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
+    "password": "PGPASSWORD", "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT",
+    "application_name": "PGAPPNAME", "options": "PGOPTIONS", "target_session_attrs": "PGTARGETSESSIONATTRS",
+}
+
+
+def libpq_env(url: str, dbname: str | None = None) -> dict[str, str]:
+    """The process environment plus ``url`` as PG* variables, for pg_dump or psql:
+    a password in a child's arguments would be visible to every user."""
+    env = dict(os.environ)
+    params = parse_url(url)
+    if dbname is not None:
+        params["dbname"] = dbname
+    for key, value in params.items():
+        if key not in PG_ENV:
+            raise InvalidInput(f"the admin URL parameter {key!r} cannot be passed to libpq tools")
+        env[PG_ENV[key]] = value
+    env.setdefault("PGCONNECT_TIMEOUT", "10")
+    return env
 
 
 def with_database(url: str, dbname: str) -> str:
