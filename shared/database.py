@@ -1,0 +1,105 @@
+"""Engine, sessions, unit of work, health check, and framework glue for bots.
+
+Framework glue (FastAPI dependency, aiogram middleware) is duck-typed, so this
+module imports neither framework: they are optional extras of each bot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.exc import NoSuchModuleError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from .settings import ConfigError, DatabaseSettings
+
+
+def make_engine(settings: DatabaseSettings, *, application_name: str | None = None, echo: bool = False) -> AsyncEngine:
+    """An async engine with the fleet's pool settings where the driver takes them.
+
+    PostgreSQL: QueuePool sized by the settings, pre-ping, recycle. SQLite: no
+    pool arguments (in-memory databases share one connection via StaticPool so
+    every session sees the same data).
+    """
+    kwargs: dict[str, Any] = {"echo": echo}
+    if settings.is_sqlite:
+        if settings.url.database in (None, "", ":memory:"):
+            kwargs["poolclass"] = StaticPool
+    else:
+        kwargs.update(
+            pool_size=settings.pool_size, max_overflow=settings.max_overflow, pool_timeout=settings.pool_timeout,
+            pool_recycle=settings.pool_recycle, pool_pre_ping=True,
+        )
+        if application_name:
+            kwargs["connect_args"] = {"server_settings": {"application_name": application_name}}
+    try:
+        return create_async_engine(settings.url, **kwargs)
+    except (NoSuchModuleError, ImportError) as err:
+        missing = getattr(err, "name", None) or settings.url.drivername
+        raise ConfigError(
+            f"{settings.source}: the driver for {settings.url.drivername!r} is not installed ({missing}); "
+            "pip install asyncpg (PostgreSQL) or aiosqlite (SQLite)"
+        ) from None
+
+
+async def healthcheck(engine: AsyncEngine, timeout: float = 5.0) -> bool:
+    """``SELECT 1`` within ``timeout`` seconds; False on any failure (never raises)."""
+    async def probe() -> bool:
+        async with engine.connect() as conn:
+            return (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+
+    try:
+        return await asyncio.wait_for(probe(), timeout)
+    except Exception:  # noqa: BLE001 - a health check reports, it does not raise
+        return False
+
+
+class Database:
+    """One bot's engine and session factory."""
+
+    def __init__(self, settings: DatabaseSettings, *, application_name: str | None = None, echo: bool = False):
+        self.settings = settings
+        self.engine = make_engine(settings, application_name=application_name, echo=echo)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def from_env(cls, bot: str = "bot", env: dict[str, str] | None = None, **kwargs: Any) -> "Database":
+        return cls(DatabaseSettings.from_env(bot, env), application_name=bot, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[AsyncSession]:
+        """A session that commits when the block succeeds and rolls back when it raises."""
+        async with self.sessionmaker() as session:
+            try:
+                yield session
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+
+    async def session_dependency(self) -> AsyncIterator[AsyncSession]:
+        """FastAPI dependency: ``Depends(db.session_dependency)``, one unit of work per request."""
+        async with self.unit_of_work() as session:
+            yield session
+
+    def middleware(self) -> Callable[..., Awaitable[Any]]:
+        """aiogram 3 middleware: ``dp.update.middleware(db.middleware())``, a session per update
+        in ``data["session"]``, committed when the handler succeeds."""
+        async def session_middleware(handler: Callable[..., Awaitable[Any]], event: Any, data: dict[str, Any]) -> Any:
+            async with self.unit_of_work() as session:
+                data["session"] = session
+                return await handler(event, data)
+
+        return session_middleware
+
+    async def healthcheck(self, timeout: float = 5.0) -> bool:
+        return await healthcheck(self.engine, timeout)
+
+    async def dispose(self) -> None:
+        """Close every pooled connection (call on shutdown)."""
+        await self.engine.dispose()

@@ -1,0 +1,204 @@
+"""The shared data layer: settings from the environment, engines, units of work,
+health checks, on in-memory SQLite and on PostgreSQL as a provisioned bot's own role."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from datetime import datetime
+
+import pytest
+from sqlalchemy import ForeignKey, String, func, select
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.pool import StaticPool
+
+from shared import Base, ConfigError, Database, DatabaseSettings, TimestampMixin
+
+from .conftest import assert_no_leak
+
+
+class NoteBase(Base):
+    __abstract__ = True
+
+
+class Note(NoteBase, TimestampMixin):
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str] = mapped_column(String(200))
+
+
+class Tag(NoteBase):
+    __tablename__ = "tags"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    note_id: Mapped[int] = mapped_column(ForeignKey("notes.id", ondelete="CASCADE"), index=True)
+
+
+SECRET = "pa55-word-never-shown"
+
+
+# -- settings -----------------------------------------------------------------
+def test_defaults_to_a_local_sqlite_file_with_fleet_pool_defaults():
+    s = DatabaseSettings.from_env("hello-bot", env={})
+    assert s.url.render_as_string() == "sqlite+aiosqlite:///./hello-bot.sqlite"
+    assert (s.pool_size, s.max_overflow, s.pool_timeout, s.pool_recycle) == (2, 3, 30, 3600)
+
+
+def test_plain_postgres_urls_get_the_async_driver_and_pool_vars_are_read():
+    s = DatabaseSettings.from_env(env={"DATABASE_URL": f"postgresql://u:{SECRET}@db:5432/x", "DB_POOL_SIZE": "4",
+                                       "DB_MAX_OVERFLOW": "0", "DB_POOL_TIMEOUT": "5", "DB_POOL_RECYCLE": "60"})
+    assert s.url.drivername == "postgresql+asyncpg"
+    assert (s.pool_size, s.max_overflow, s.pool_timeout, s.pool_recycle) == (4, 0, 5, 60)
+    assert_no_leak(SECRET, s.safe_url, repr(s.safe_url))
+
+
+def test_database_url_file_docker_secret(tmp_path):
+    secret = tmp_path / "url"
+    secret.write_text(f"postgresql+asyncpg://u:{SECRET}@db/x\n")
+    s = DatabaseSettings.from_env(env={"DATABASE_URL_FILE": str(secret)})
+    assert s.source == "DATABASE_URL_FILE" and s.url.host == "db"
+
+
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        ({"DATABASE_URL": f"not a url {SECRET}"}, "DATABASE_URL"),
+        ({"DATABASE_URL": f"mysql://u:{SECRET}@h/db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite+aiosqlite://", "DATABASE_URL_FILE": "/x"}, "DATABASE_URL_FILE"),
+        ({"DATABASE_URL_FILE": "/nonexistent/url"}, "DATABASE_URL_FILE"),
+        ({"DB_POOL_SIZE": "two"}, "DB_POOL_SIZE"),
+        ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE"),
+        ({"DB_MAX_OVERFLOW": "-1"}, "DB_MAX_OVERFLOW"),
+    ],
+)
+def test_bad_configuration_names_the_variable_and_hides_the_password(env, names):
+    with pytest.raises(ConfigError) as err:
+        DatabaseSettings.from_env(env=env)
+    assert names in str(err.value)
+    assert_no_leak(SECRET, str(err.value))
+
+
+def test_missing_driver_is_a_clear_start_up_error(tmp_path):
+    code = (
+        "import sys; sys.modules['asyncpg'] = None\n"
+        "from shared import Database, ConfigError\n"
+        "try:\n"
+        f"    Database.from_env(env={{'DATABASE_URL': 'postgresql+asyncpg://u:{SECRET}@h/db'}})\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "DATABASE_URL" in out and "not installed" in out and "asyncpg" in out
+    assert_no_leak(SECRET, out)
+
+
+def test_pool_arguments_only_where_the_driver_takes_them():
+    pg = Database.from_env(env={"DATABASE_URL": "postgresql+asyncpg://u@h/db"})
+    assert pg.engine.pool.size() == 2 and pg.engine.pool._max_overflow == 3 and pg.engine.pool._pre_ping
+    mem = Database.from_env(env={"DATABASE_URL": "sqlite+aiosqlite:///:memory:"})
+    assert isinstance(mem.engine.pool, StaticPool)
+
+
+# -- behaviour on both databases ----------------------------------------------
+async def _exercise(db: Database) -> None:
+    async with db.engine.begin() as conn:  # tests only: production schemas come from migrations
+        await conn.run_sync(NoteBase.metadata.create_all)
+    async with db.unit_of_work() as session:
+        session.add(Note(body="kept"))
+    with pytest.raises(RuntimeError):
+        async with db.unit_of_work() as session:
+            session.add(Note(body="rolled back"))
+            await session.flush()
+            raise RuntimeError("boom")
+    async with db.sessionmaker() as session:
+        notes = (await session.scalars(select(Note))).all()
+        assert [n.body for n in notes] == ["kept"]
+        assert isinstance(notes[0].created_at, datetime) and notes[0].updated_at is not None
+        assert (await session.scalar(select(func.count()).select_from(Tag))) == 0
+
+    # FastAPI dependency and aiogram middleware: one unit of work each.
+    dep = db.session_dependency()
+    session = await dep.__anext__()
+    session.add(Note(body="from a request"))
+    with pytest.raises(StopAsyncIteration):
+        await dep.__anext__()
+
+    async def handler(event, data):
+        data["session"].add(Note(body=f"from update {event}"))
+        return "handled"
+
+    assert await db.middleware()(handler, 42, {}) == "handled"
+    async with db.sessionmaker() as session:
+        bodies = sorted((await session.scalars(select(Note.body))).all())
+    assert bodies == ["from a request", "from update 42", "kept"]
+    assert await db.healthcheck() is True
+    await db.dispose()
+
+
+def test_sqlite_in_memory():
+    asyncio.run(_exercise(Database.from_env(env={"DATABASE_URL": "sqlite+aiosqlite:///:memory:"})))
+
+
+@pytest.fixture
+def bot_env(scram_fleet):
+    """A provisioned bot's own env file, pointed at the test cluster over TCP (SCRAM)."""
+    name = scram_fleet.name("shared")
+    port = str(scram_fleet.server.embedded.status().port)
+    scram_fleet.add(name, "--db-host", "127.0.0.1", "--db-port", port, "--pool-size", "1", "--max-overflow", "1")
+    from provisioning.files import read_env_file
+
+    return name, read_env_file(scram_fleet.env_file(name))
+
+
+def test_postgresql_as_the_bots_own_role(bot_env):
+    name, env = bot_env
+    db = Database.from_env(name, env=env)
+    assert db.settings.pool_size == 1 and db.settings.max_overflow == 1
+
+    async def owner_check():
+        await _exercise(db)
+        check = Database.from_env(name, env=env)
+        async with check.engine.connect() as conn:
+            owner = (await conn.exec_driver_sql("SELECT tableowner FROM pg_tables WHERE tablename = 'notes'")).scalar_one()
+            app = (await conn.exec_driver_sql("SELECT current_setting('application_name')")).scalar_one()
+        await check.dispose()
+        return owner, app
+
+    owner, app = asyncio.run(owner_check())
+    assert owner == name.replace("-", "_") + "_user" and app == name
+
+
+def test_pool_never_opens_more_than_its_maximum(bot_env):
+    name, env = bot_env
+    db = Database.from_env(name, env={**env, "DB_POOL_TIMEOUT": "1"})
+
+    async def hold_three():
+        held = [await db.engine.connect() for _ in range(2)]  # pool 1 + overflow 1
+        try:
+            with pytest.raises(PoolTimeout):
+                await db.engine.connect()
+        finally:
+            for conn in held:
+                await conn.close()
+            await db.dispose()
+
+    asyncio.run(hold_three())
+
+
+def test_healthcheck_reports_an_unreachable_server_without_raising():
+    db = Database.from_env(env={"DATABASE_URL": f"postgresql+asyncpg://u:{SECRET}@127.0.0.1:1/db"})
+    assert asyncio.run(db.healthcheck(timeout=3)) is False
+
+
+def test_health_module_for_container_healthchecks(bot_env):
+    name, env = bot_env
+    run_env = {**os.environ, **env}
+    ok = subprocess.run([sys.executable, "-m", "shared.health", name], capture_output=True, text=True, env=run_env)
+    assert ok.returncode == 0 and "database ok" in ok.stdout
+    password = env["DATABASE_URL"].split(":")[2].split("@")[0]
+    assert_no_leak(password, ok.stdout, ok.stderr)
+    bad = subprocess.run([sys.executable, "-m", "shared.health", name], capture_output=True, text=True,
+                         env={**run_env, "DATABASE_URL": "mysql://x"})
+    assert bad.returncode == 2 and "DATABASE_URL" in bad.stderr
