@@ -1,0 +1,1 @@
+"""hello-bot: a Telegram bot that remembers its users and greets them (design seed 002)."""

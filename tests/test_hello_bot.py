@@ -1,0 +1,100 @@
+"""hello-bot fed real aiogram updates (no network, no real token), on SQLite and on
+PostgreSQL as the bot's own provisioned role."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+from aiogram import Bot
+from aiogram.types import Chat, Message, Update
+from aiogram.types import User as TgUser
+from sqlalchemy import select
+
+from bots.hello_bot.handlers import build_dispatcher
+from bots.hello_bot.models import HelloBase, User
+from provisioning.files import read_env_file
+from shared import Database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_env(request):
+    if request.param == "sqlite":
+        return {"DATABASE_URL": "sqlite+aiosqlite:///:memory:"}
+    fleet = request.getfixturevalue("scram_fleet")
+    name = fleet.name("hello")
+    fleet.add(name, "--db-host", "127.0.0.1", "--db-port", str(fleet.server.embedded.status().port))
+    return read_env_file(fleet.env_file(name))
+
+
+def update(n: int, text: str, user_id: int = 1001, is_bot: bool = False, **user: str) -> Update:
+    sender = TgUser(id=user_id, is_bot=is_bot, first_name=user.get("first_name", "Ann"),
+                    last_name=user.get("last_name"), username=user.get("username"), language_code="en")
+    return Update(update_id=n, message=Message(
+        message_id=n, date=dt.datetime.now(dt.timezone.utc), chat=Chat(id=user_id, type="private"),
+        from_user=sender, text=text,
+    ))
+
+
+async def run(db_env, scenario):
+    db = Database.from_env("hello-bot", env=db_env)
+    async with db.engine.begin() as conn:  # tests only: production schemas come from migrations
+        await conn.run_sync(HelloBase.metadata.create_all)
+    bot = Bot("123456:TEST-TOKEN-NOT-REAL")
+    try:
+        return await scenario(db, build_dispatcher(db), bot)
+    finally:
+        await bot.session.close()
+        await db.dispose()
+
+
+def test_start_greets_by_display_name_and_stores_the_user(db_env):
+    async def scenario(db, dp, bot):
+        reply = await dp.feed_update(bot, update(1, "/start", first_name="Ann", last_name="Lee"))
+        assert reply.text == "Hello, Ann Lee! Nice to meet you."
+        reply = await dp.feed_update(bot, update(2, "/start", username="annlee"))
+        assert reply.text.startswith("Hello, annlee!")
+        async with db.sessionmaker() as s:
+            users = (await s.scalars(select(User))).all()
+        assert len(users) == 1
+        u = users[0]
+        assert (u.telegram_id, u.username, u.first_name, u.language_code, u.is_active) == (1001, "annlee", "Ann", "en", True)
+        assert u.created_at is not None and u.updated_at >= u.created_at
+
+    asyncio.run(run(db_env, scenario))
+
+
+def test_every_update_upserts_and_other_text_gets_a_count(db_env):
+    async def scenario(db, dp, bot):
+        await dp.feed_update(bot, update(1, "hi", user_id=1))
+        reply = await dp.feed_update(bot, update(2, "hello", user_id=2, first_name="Bob"))
+        assert reply.text == "Bob, I know 2 users. Send /start."
+
+    asyncio.run(run(db_env, scenario))
+
+
+def test_racing_updates_from_a_new_user_create_one_row(db_env):
+    async def scenario(db, dp, bot):
+        await asyncio.gather(*(dp.feed_update(bot, update(i, "/start", user_id=77)) for i in range(10)))
+        async with db.sessionmaker() as s:
+            rows = (await s.scalars(select(User).where(User.telegram_id == 77))).all()
+        assert len(rows) == 1
+
+    asyncio.run(run(db_env, scenario))
+
+
+def test_updates_without_a_human_sender_write_nothing(db_env):
+    async def scenario(db, dp, bot):
+        robot = update(1, "/start", user_id=9, is_bot=True)
+        assert await dp.feed_update(bot, robot) is None
+        async with db.sessionmaker() as s:
+            assert (await s.scalars(select(User))).all() == []
+
+    asyncio.run(run(db_env, scenario))
+
+
+def test_display_name_fallbacks():
+    assert User(telegram_id=5, first_name="John", last_name="Doe").display_name == "John Doe"
+    assert User(telegram_id=5, username="jd", first_name="John").display_name == "jd"
+    assert User(telegram_id=5).display_name == "User5"
