@@ -234,12 +234,16 @@ def list_cmd(
     if not rows:
         typer.echo("no bots yet: provision add-bot NAME")
         return
-    header = ("BOT", "STATUS", "DATABASE", "SIZE", "CONN", "LIMIT", "POOL")
-    table = [header] + [
+    print_table(("BOT", "STATUS", "DATABASE", "SIZE", "CONN", "LIMIT", "POOL"), [
         (r["bot"], r["status"], r["database"], _size(r["size_bytes"]), str(r["connections"]),
          "-" if r["connection_limit"] is None else str(r["connection_limit"]), r["pool"] or "-")
         for r in rows
-    ]
+    ])
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns on stdout, two spaces apart."""
+    table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -292,6 +296,11 @@ def server_stop(project: ProjectOpt = None) -> None:  # type: ignore[assignment]
     """
     stopped = _embedded(project).stop()
     typer.echo("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+
+
+# Command groups kept in their own modules register themselves on `app` when
+# imported (they import only typer at module level, so --help stays fast).
+from . import cli_compose, cli_migrate, cli_ops  # noqa: E402,F401
 
 
 def main() -> None:

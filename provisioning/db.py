@@ -83,6 +83,18 @@ def with_database(url: str, dbname: str) -> str:
     return make_conninfo(**params)
 
 
+def as_role(url: str, role: str, password: str, dbname: str, *, application_name: str | None = None) -> str:
+    """A libpq conninfo for ``role`` with its own password on the admin URL's server
+    (same host, port and TLS settings): how the provisioner acts *as a bot*.
+    The admin's own passfile is dropped: the bot's password is explicit."""
+    params = parse_url(url)
+    params.pop("passfile", None)
+    params.update(user=role, password=password, dbname=dbname)
+    if application_name:
+        params["application_name"] = application_name
+    return make_conninfo(**params)
+
+
 _REASONS = (
     ("connection refused", "connection refused (is the server running and listening there?)"),
     ("timeout expired", "connection timed out"),

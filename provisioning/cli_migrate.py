@@ -1,0 +1,3 @@
+"""`provision` commands for migrations: migrate, current, history, revision, downgrade, check, new-bot."""
+
+from __future__ import annotations
