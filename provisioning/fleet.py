@@ -168,6 +168,27 @@ def stored_password(path: Path, role: str) -> str | None:
     return params.get("password") or None
 
 
+def role_spec(entry: BotEntry) -> roles.RoleSpec:
+    """The role a registry entry converges to (add-bot creates it, doctor checks it)."""
+    return roles.RoleSpec(
+        name=entry.role,
+        connection_limit=entry.connection_limit,
+        settings={
+            "statement_timeout": entry.statement_timeout,
+            "idle_in_transaction_session_timeout": entry.idle_in_transaction_session_timeout,
+        },
+        comment=marker(entry.name),
+    )
+
+
+def database_spec(entry: BotEntry) -> databases.DatabaseSpec:
+    """The database a registry entry converges to (add-bot creates it, doctor checks it)."""
+    return databases.DatabaseSpec(
+        name=entry.database, owner=entry.role,
+        connection_limit=entry.connection_limit + DATABASE_ADMIN_MARGIN, comment=marker(entry.name),
+    )
+
+
 def _check_managed(kind: str, name: str, comment: str | None, bot: str, known: bool) -> None:
     if comment != marker(bot) and not known:
         raise NotManaged(
@@ -237,15 +258,7 @@ def add_bot(
             env_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             atomic_write(env_path, env_text, mode=0o600)
 
-        spec = roles.RoleSpec(
-            name=names.role,
-            connection_limit=entry.connection_limit,
-            settings={
-                "statement_timeout": entry.statement_timeout,
-                "idle_in_transaction_session_timeout": entry.idle_in_transaction_session_timeout,
-            },
-            comment=marker(name),
-        )
+        spec = role_spec(entry)
         verifier = passwords.scram_verifier(conn, password, names.role) if set_password else None
         if role_state is None:
             progress(f"creating role {names.role}")
@@ -255,10 +268,7 @@ def add_bot(
         if not admin.superuser:
             _grant_admin_membership(conn, admin, names.role)
 
-        db_spec = databases.DatabaseSpec(
-            name=names.database, owner=names.role,
-            connection_limit=entry.connection_limit + DATABASE_ADMIN_MARGIN, comment=marker(name),
-        )
+        db_spec = database_spec(entry)
         if db_state is None:
             progress(f"creating database {names.database}")
             databases.create(conn, db_spec)
