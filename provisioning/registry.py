@@ -39,6 +39,16 @@ class ServerSettings:
 
     bot_host: str = "postgres"
     bot_port: int = 5432
+    # The compose stack (`provision render`, `provision budget`; see provisioning/budget.py).
+    postgres_major: int = 17  # the official postgres image's major version, pinned
+    postgres_memory: str = "512M"  # the postgres container's memory limit; tuning derives from it
+    max_connections: int = 0  # 0: as many as the memory limit affords
+    bot_memory: str = "128M"  # each bot container's memory limit
+    publish: str = "127.0.0.1:5432"  # host address:port for the admin ("" = not published)
+    pgbouncer: bool = False  # bots connect through a PgBouncer in transaction mode
+    pgbouncer_pool_size: int = 2  # server connections PgBouncer keeps per bot
+    pgbouncer_image: str = "edoburu/pgbouncer:v1.24.1-p1"  # needs PgBouncer >= 1.21
+    bot_image: str = "botfleet-bot:latest"  # built from the repo's Dockerfile
 
 
 @dataclass

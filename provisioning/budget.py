@@ -1,0 +1,248 @@
+"""The shared PostgreSQL's tuning and the fleet's connection and memory budget.
+
+Everything here is pure arithmetic over the registry (no server, no files), so
+``provision budget``, ``provision render`` and ``add-bot`` agree to the byte.
+
+The model (documented in compose/README.md):
+
+- memory limit M of the postgres container (default 512M);
+- shared_buffers = M/4, effective_cache_size = M/2 (the page cache is charged to
+  the same cgroup), maintenance_work_mem = M/16, autovacuum_work_mem = M/64 for
+  each of 2 autovacuum workers, work_mem = M/256 (1-64 MB);
+- fixed memory = shared_buffers + maintenance_work_mem + the autovacuum workers'
+  + 24 MB for the background processes;
+- each connection costs work_mem + 3 MB (an idle backend that has run queries
+  holds ~2.5 MB of private memory; bench/bench_load.py measures it);
+- max_connections: the operator's number, or (M - fixed) / per-connection cost;
+- reserve: superuser_reserved_connections (3) + the provisioner's margin (2:
+  an admin session and a pg_dump);
+- each bot's share is its role's CONNECTION LIMIT, ``(pool_size +
+  max_overflow) x replicas + 1`` (the + 1 for migrations); behind PgBouncer a
+  bot holds at most ``pgbouncer_pool_size`` server connections (+ 1).
+
+The fleet fits when reserve + the sum of the shares <= max_connections and the
+memory estimate (fixed + max_connections x per-connection cost) <= M.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import InvalidInput
+from .registry import MIGRATION_MARGIN, BotEntry, Fleet, ServerSettings
+
+SUPERUSER_RESERVED = 3
+PROVISIONER_MARGIN = 2  # `provision` admin session + a pg_dump during remove-bot
+CONNECTION_OVERHEAD_MB = 3
+BACKGROUND_MB = 24
+AUTOVACUUM_WORKERS = 2
+MIN_CONNECTIONS = 20
+MAX_CONNECTIONS = 5000
+POSTGRES_MAJORS = range(13, 19)
+MEMORY_RE = re.compile(r"([1-9][0-9]{0,6})([MG])")
+IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._/:-]{0,199}(@sha256:[0-9a-f]{64})?")
+HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
+
+
+class BudgetExceeded(InvalidInput):
+    """The fleet would not fit the shared server's connections or memory (nothing was changed)."""
+
+
+def memory_mb(value: str, what: str) -> int:
+    """``512M`` / ``1G`` as megabytes (InvalidInput otherwise)."""
+    match = MEMORY_RE.fullmatch(str(value).strip().upper())
+    if match is None:
+        raise InvalidInput(f"{what} must look like 512M or 2G (got {value!r})")
+    number, unit = int(match.group(1)), match.group(2)
+    return number * 1024 if unit == "G" else number
+
+
+def canonical_memory(value: str, what: str) -> str:
+    mb = memory_mb(value, what)
+    return f"{mb // 1024}G" if mb % 1024 == 0 else f"{mb}M"
+
+
+def parse_publish(value: str) -> tuple[str, int] | None:
+    """``ADDRESS:PORT`` (IPv6 in brackets) or "" (not published)."""
+    value = value.strip()
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    try:
+        if not sep:
+            raise ValueError
+        ipaddress.ip_address(host.strip("[]"))
+        number = int(port)
+        if not 1 <= number <= 65535:
+            raise ValueError
+    except ValueError:
+        raise InvalidInput(f"publish must be ADDRESS:PORT such as 127.0.0.1:5432, or empty (got {value!r})") from None
+    return host, number
+
+
+def validate_server(server: ServerSettings) -> None:
+    """Refuse settings the stack cannot be rendered from (InvalidInput, one line)."""
+    if server.postgres_major not in POSTGRES_MAJORS:
+        raise InvalidInput(f"postgres_major must be {POSTGRES_MAJORS.start}-{POSTGRES_MAJORS.stop - 1} (got {server.postgres_major})")
+    if memory_mb(server.postgres_memory, "postgres_memory") < 128:
+        raise InvalidInput(f"postgres_memory must be at least 128M (got {server.postgres_memory})")
+    if memory_mb(server.bot_memory, "bot_memory") < 32:
+        raise InvalidInput(f"bot_memory must be at least 32M (got {server.bot_memory})")
+    if server.max_connections != 0 and not MIN_CONNECTIONS <= server.max_connections <= MAX_CONNECTIONS:
+        raise InvalidInput(f"max_connections must be 0 (derived from the memory) or {MIN_CONNECTIONS}-{MAX_CONNECTIONS} "
+                           f"(got {server.max_connections})")
+    if not 1 <= server.pgbouncer_pool_size <= 100:
+        raise InvalidInput(f"pgbouncer_pool_size must be 1-100 (got {server.pgbouncer_pool_size})")
+    for key in ("pgbouncer_image", "bot_image"):
+        if IMAGE_RE.fullmatch(getattr(server, key)) is None:
+            raise InvalidInput(f"{key} {getattr(server, key)!r} is not an image reference")
+    if HOST_RE.fullmatch(server.bot_host) is None or not 1 <= server.bot_port <= 65535:
+        raise InvalidInput("bot_host/bot_port in fleet.toml are not a host name and port")
+    parse_publish(server.publish)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """postgresql.conf numbers for one memory limit (all sizes in MB)."""
+
+    memory_mb: int
+    shared_buffers_mb: int
+    effective_cache_size_mb: int
+    maintenance_work_mem_mb: int
+    autovacuum_work_mem_mb: int
+    work_mem_mb: int
+    max_connections: int
+    max_connections_derived: bool
+    superuser_reserved_connections: int = SUPERUSER_RESERVED
+    autovacuum_max_workers: int = AUTOVACUUM_WORKERS
+
+    @property
+    def per_connection_mb(self) -> int:
+        return self.work_mem_mb + CONNECTION_OVERHEAD_MB
+
+    @property
+    def fixed_mb(self) -> int:
+        return (self.shared_buffers_mb + self.maintenance_work_mem_mb
+                + self.autovacuum_max_workers * self.autovacuum_work_mem_mb + BACKGROUND_MB)
+
+    @property
+    def memory_estimate_mb(self) -> int:
+        return self.fixed_mb + self.max_connections * self.per_connection_mb
+
+
+def tune(server: ServerSettings) -> Tuning:
+    """The postgres settings derived from the memory limit (and max_connections, if set)."""
+    validate_server(server)
+    mem = memory_mb(server.postgres_memory, "postgres_memory")
+    tuning = Tuning(
+        memory_mb=mem,
+        shared_buffers_mb=mem // 4,
+        effective_cache_size_mb=mem // 2,
+        maintenance_work_mem_mb=max(mem // 16, 8),
+        autovacuum_work_mem_mb=max(mem // 64, 2),
+        work_mem_mb=min(max(mem // 256, 1), 64),
+        max_connections=server.max_connections,
+        max_connections_derived=server.max_connections == 0,
+    )
+    if tuning.max_connections_derived:
+        afford = (mem - tuning.fixed_mb) // tuning.per_connection_mb
+        tuning = Tuning(**{**asdict(tuning), "max_connections": min(max(afford, MIN_CONNECTIONS), MAX_CONNECTIONS)})
+    return tuning
+
+
+@dataclass(frozen=True)
+class BotShare:
+    name: str
+    pool: str  # "pool_size+max_overflow"
+    pool_max: int
+    replicas: int
+    share: int  # server connections this bot may hold (its role limit, or its PgBouncer cap + 1)
+    client_connections: int  # what the bot's pools may open (to PgBouncer, when it is on)
+
+
+def bot_share(entry: BotEntry, server: ServerSettings) -> BotShare:
+    clients = entry.pool_max * entry.replicas
+    share = entry.connection_limit
+    if server.pgbouncer:
+        share = min(clients, server.pgbouncer_pool_size) + MIGRATION_MARGIN
+    return BotShare(entry.name, f"{entry.pool_size}+{entry.max_overflow}", entry.pool_max, entry.replicas, share, clients)
+
+
+@dataclass
+class Budget:
+    tuning: Tuning
+    pgbouncer: bool
+    bots: list[BotShare] = field(default_factory=list)
+
+    @property
+    def reserve(self) -> int:
+        return self.tuning.superuser_reserved_connections + PROVISIONER_MARGIN
+
+    @property
+    def total(self) -> int:
+        return sum(b.share for b in self.bots)
+
+    @property
+    def headroom(self) -> int:
+        return self.tuning.max_connections - self.reserve - self.total
+
+    @property
+    def memory_fits(self) -> bool:
+        return self.tuning.memory_estimate_mb <= self.tuning.memory_mb
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom >= 0 and self.memory_fits
+
+    def as_dict(self) -> dict[str, Any]:
+        t = self.tuning
+        return {
+            "max_connections": t.max_connections, "max_connections_derived": t.max_connections_derived,
+            "superuser_reserved_connections": t.superuser_reserved_connections,
+            "provisioner_margin": PROVISIONER_MARGIN, "reserve": self.reserve, "pgbouncer": self.pgbouncer,
+            "bots": [asdict(b) for b in self.bots], "total": self.total, "headroom": self.headroom,
+            "memory": {"limit_mb": t.memory_mb, "shared_buffers_mb": t.shared_buffers_mb, "fixed_mb": t.fixed_mb,
+                       "per_connection_mb": t.per_connection_mb, "estimate_mb": t.memory_estimate_mb},
+            "fits": self.fits,
+        }
+
+
+def compute(fleet: Fleet, extra: BotEntry | None = None) -> Budget:
+    """The budget of ``fleet``, with ``extra`` added (or replacing its namesake)."""
+    bots = dict(fleet.bots)
+    if extra is not None:
+        bots[extra.name] = extra
+    return Budget(tune(fleet.server), fleet.server.pgbouncer,
+                  [bot_share(bots[name], fleet.server) for name in sorted(bots)])
+
+
+def explain(budget: Budget, what: str) -> str:
+    """The one-line refusal: the numbers and the ways out."""
+    t = budget.tuning
+    if budget.headroom < 0:
+        need = budget.reserve + budget.total
+        problem = (f"{what} needs {need} connections ({budget.total} for {len(budget.bots)} bots + {budget.reserve} reserved) "
+                   f"but max_connections is {t.max_connections}: {-budget.headroom} too many")
+    else:
+        problem = (f"{what}: max_connections {t.max_connections} needs about {t.memory_estimate_mb}MB "
+                   f"({t.fixed_mb}MB fixed + {t.max_connections} x {t.per_connection_mb}MB) but postgres has {t.memory_mb}MB")
+    per_mb = t.per_connection_mb
+    more_mb = t.memory_mb + max(-budget.headroom, 0) * per_mb + max(t.memory_estimate_mb - t.memory_mb, 0)
+    options = [f"raise the memory (provision render --postgres-memory {-(-more_mb // 64) * 64}M)"]
+    if budget.headroom < 0:
+        options.append(f"raise max_connections (--max-connections {t.max_connections - budget.headroom}, if memory allows)")
+        options.append("shrink pools (provision add-bot NAME --pool-size 1 --max-overflow 1)")
+        if not budget.pgbouncer:
+            options.append("or put PgBouncer in front (provision render --pgbouncer)")
+    else:
+        options.append("or lower --max-connections (0 derives it from the memory)")
+    return f"{problem}; nothing was changed. Options: " + ", ".join(options)
+
+
+def check(budget: Budget, what: str) -> None:
+    """Raise BudgetExceeded with the numbers when the fleet does not fit."""
+    if not budget.fits:
+        raise BudgetExceeded(explain(budget, what))
