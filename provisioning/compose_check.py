@@ -1,0 +1,191 @@
+"""Validate rendered compose files without a Docker engine.
+
+1. The Compose Specification JSON schema (check-jsonschema's vendored
+   ``vendor.compose-spec``), for both files.
+2. Semantic checks the schema cannot express: every bot has its own
+   credentials and only those, depends on a healthy postgres (and on the
+   migrate service), has a memory limit, a restart policy, log rotation and a
+   health check through the shared data layer; postgres is pinned, healthy
+   over TCP, published on the configured address only, its password from a
+   secret; no secret appears anywhere in a rendered file.
+3. For ``compose.stack.yaml``, what ``docker stack deploy`` needs on top: a
+   ``version``, no ``depends_on`` / ``build`` / ``restart`` / ``env_file`` /
+   ``pull_policy`` / ``user``, no ``name`` at the top, ports never bound to a
+   host address (swarm ignores it), and named (immutable) secrets and configs.
+
+Every problem is collected; ``validate`` raises one StackInvalid listing them.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .compose import Plan
+    from .registry import Fleet
+
+STACK_FORBIDDEN = ("depends_on", "build", "restart", "env_file", "pull_policy", "user", "container_name")
+SECRET_ENV = re.compile(r"(PASSWORD|DATABASE_URL|SECRET|TOKEN)$")
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+    from check_jsonschema.builtin_schemas import get_builtin_schema
+
+    schema = get_builtin_schema("vendor.compose-spec")
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def load_yaml(text: str) -> Any:
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def schema_errors(doc: Any) -> list[str]:
+    """The compose-spec schema's complaints, one line each ('' path = the top)."""
+    out = []
+    for err in sorted(_validator().iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        where = ".".join(str(p) for p in err.absolute_path) or "(top)"
+        out.append(f"{where}: {err.message[:200]}")
+    return out
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, publish: str = "") -> list[str]:
+    """Problems with a parsed compose file, beyond the schema."""
+    errs: list[str] = []
+    services: dict = doc.get("services") or {}
+    top_secrets = doc.get("secrets") or {}
+    top_configs = doc.get("configs") or {}
+    networks = set((doc.get("networks") or {}).keys())
+    pg = services.get("postgres")
+    if not isinstance(pg, dict):
+        return ["no postgres service"]
+    major = fleet.server.postgres_major
+    if pg.get("image") != f"postgres:{major}":
+        errs.append(f"postgres: image must be the official postgres:{major} (got {pg.get('image')!r})")
+    test = _get(pg, "healthcheck", "test") or []
+    if "pg_isready" not in test or "-h" not in test or "127.0.0.1" not in test or not _get(pg, "healthcheck", "start_period"):
+        errs.append("postgres: the healthcheck must be pg_isready -h 127.0.0.1 with a start_period")
+    env = pg.get("environment") or {}
+    if "POSTGRES_PASSWORD" in env or "POSTGRES_PASSWORD_FILE" not in env or "postgres_password" not in _secret_sources(pg):
+        errs.append("postgres: its password must come from the postgres_password secret (POSTGRES_PASSWORD_FILE)")
+    volumes = pg.get("volumes") or []
+    if not any(isinstance(v, str) and v.startswith("pgdata:") for v in volumes) or "pgdata" not in (doc.get("volumes") or {}):
+        errs.append("postgres: its data must be on the named volume pgdata")
+    ports = pg.get("ports") or []
+    if stack and ports:
+        errs.append("postgres: a swarm cannot publish on the loopback only, so the stack publishes nothing")
+    if not stack:
+        want = [f"{publish}:5432"] if publish else []
+        if [str(p) for p in ports] != want:
+            errs.append(f"postgres: ports must be {want} (got {ports})")
+    for name, svc in services.items():
+        if not isinstance(svc, dict):
+            errs.append(f"{name}: not a mapping")
+            continue
+        if not _get(svc, "deploy", "resources", "limits", "memory"):
+            errs.append(f"{name}: no memory limit (deploy.resources.limits.memory)")
+        if not _get(svc, "logging", "options", "max-size"):
+            errs.append(f"{name}: no log rotation (logging.options.max-size)")
+        if stack:
+            if not _get(svc, "deploy", "restart_policy", "condition"):
+                errs.append(f"{name}: no deploy.restart_policy")
+            errs += [f"{name}: {key} is not for docker stack deploy" for key in STACK_FORBIDDEN if key in svc]
+            if any(isinstance(p, dict) and "host_ip" in p for p in svc.get("ports") or []):
+                errs.append(f"{name}: swarm ignores host_ip (the port would be public)")
+        elif not svc.get("restart"):
+            errs.append(f"{name}: no restart policy")
+        if name != "postgres" and "postgres_password" in _secret_sources(svc):
+            errs.append(f"{name}: only postgres may see the admin password")
+        for key, value in _env_items(svc):
+            if SECRET_ENV.search(key):
+                errs.append(f"{name}: environment {key} would hold a secret inline (use a secret file or env file)")
+        for net in svc.get("networks") or []:
+            if net not in networks:
+                errs.append(f"{name}: network {net} is not defined")
+        for src in _secret_sources(svc):
+            if src not in top_secrets:
+                errs.append(f"{name}: secret {src} is not defined")
+        for cfg in svc.get("configs") or []:
+            if (cfg.get("source") if isinstance(cfg, dict) else cfg) not in top_configs:
+                errs.append(f"{name}: config {cfg} is not defined")
+    migrate = services.get("migrate")
+    for bot in bots:
+        svc = services.get(bot)
+        if not isinstance(svc, dict):
+            errs.append(f"bot {bot}: no service")
+            continue
+        hc = _get(svc, "healthcheck", "test") or []
+        if "shared.health" not in hc or bot not in hc:
+            errs.append(f"bot {bot}: the healthcheck must be python -m shared.health {bot}")
+        own_env = f"./secrets/{bot}.env"
+        own_secret = f"{bot}_database_url"
+        if stack:
+            if _secret_sources(svc) != [own_secret] or dict(_env_items(svc)).get("DATABASE_URL_FILE") is None:
+                errs.append(f"bot {bot}: must get its own DATABASE_URL_FILE secret {own_secret} and nothing else")
+        else:
+            if svc.get("env_file") != [own_env] or _secret_sources(svc):
+                errs.append(f"bot {bot}: must read its own env file {own_env} and no other credentials")
+            deps = svc.get("depends_on") or {}
+            if _get(deps, "postgres", "condition") != "service_healthy":
+                errs.append(f"bot {bot}: must depend on postgres with condition service_healthy")
+            if migrate is not None and _get(deps, "migrate", "condition") != "service_completed_successfully":
+                errs.append(f"bot {bot}: must wait for migrate (service_completed_successfully)")
+    if stack:
+        if "name" in doc:
+            errs.append("the top-level name is not for docker stack deploy")
+        if not str(doc.get("version", "")).startswith("3."):
+            errs.append("docker stack deploy needs version: 3.x")
+        for kind, items in (("secret", top_secrets), ("config", top_configs)):
+            errs += [f"{kind} {k}: needs a name (swarm {kind}s are immutable)" for k, v in items.items() if not v.get("name")]
+    elif migrate is not None:
+        if _get(migrate, "depends_on", "postgres", "condition") != "service_healthy" or migrate.get("restart") != "no":
+            errs.append("migrate: must run once (restart: no) after postgres is healthy")
+    return errs
+
+
+def _secret_sources(svc: dict) -> list[str]:
+    return [s.get("source") if isinstance(s, dict) else s for s in svc.get("secrets") or []]
+
+
+def _env_items(svc: dict) -> list[tuple[str, Any]]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        return [tuple(item.split("=", 1)) if "=" in item else (item, None) for item in env]  # type: ignore[misc]
+    return list(env.items())
+
+
+def validate(plan: "Plan", fleet: "Fleet") -> None:
+    """Raise StackInvalid unless both compose files pass the schema and the semantic checks
+    and no rendered, non-secret file contains a password."""
+    from .budget import parse_publish
+    from .compose import COMPOSE_FILE, STACK_FILE
+
+    published = parse_publish(fleet.server.publish)
+    publish = f"{published[0]}:{published[1]}" if published else ""
+    problems: list[str] = []
+    for rel, stack in ((COMPOSE_FILE, False), (STACK_FILE, True)):
+        doc = load_yaml(plan.content(rel))
+        problems += [f"{rel}: {e}" for e in schema_errors(doc)]
+        problems += [f"{rel}: {e}" for e in semantic_errors(doc, fleet, plan.bots, stack=stack, publish=publish)]
+    for f in plan.files:
+        if not f.secret and any(pw and pw in f.content for pw in plan.passwords):
+            problems.append(f"{f.path}: contains a password")
+    if problems:
+        from .compose import StackInvalid
+
+        raise StackInvalid(f"the rendered stack is invalid ({len(problems)} problems): " + "; ".join(problems[:8]))
+
