@@ -218,6 +218,11 @@ def add_bot(
     current = registry.load()
     existing = current.bots.get(name)
     entry, has_code = plan_entry(project, names, existing, opts)
+    # --- compose stack (provisioning/compose.py): a bot that would not fit is refused here, before any change.
+    from .compose import check_add, rerender_if_present
+
+    check_add(project.root, current, entry)
+    # ---
     fleet_server = current.server
     host = entry.db_host or fleet_server.bot_host
     port = entry.db_port or fleet_server.bot_port
@@ -284,6 +289,11 @@ def add_bot(
         with registry.editing() as fleet:
             fleet.bots[name] = entry
 
+    # --- compose stack: keep a rendered stack in step with the registry (a warning, never a failure).
+    warning = rerender_if_present(project.root)
+    if warning:
+        progress(warning)
+    # ---
     if role_state is None and db_state is None:
         status = "created"
     elif changes:
@@ -374,6 +384,13 @@ def remove_bot(
         with registry.editing() as fleet:
             if fleet.bots.pop(name, None) is not None:
                 result.dropped.append("registry entry")
+    # --- compose stack (provisioning/compose.py): drop the bot's service from a rendered stack.
+    from .compose import rerender_if_present
+
+    warning = rerender_if_present(project.root)
+    if warning:
+        progress(warning)
+    # ---
     return result
 
 
