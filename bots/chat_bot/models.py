@@ -42,6 +42,10 @@ class ChatBase(Base):
     __abstract__ = True
 
 
+# The bot's schema, for its migrations (migrations/env.py and provision check).
+metadata = ChatBase.metadata
+
+
 class Conversation(ChatBase, TimestampMixin):
     __tablename__ = "conversations"
     __mapper_args__ = {"eager_defaults": True}

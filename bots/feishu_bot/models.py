@@ -29,6 +29,10 @@ class FeishuBase(Base):
     __abstract__ = True
 
 
+# The bot's schema, for its migrations (migrations/env.py and provision check).
+metadata = FeishuBase.metadata
+
+
 class Event(FeishuBase):
     """One webhook event, as received (the verification token removed from the payload)."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, String
+from sqlalchemy import BigInteger, String, true
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared import Base, TimestampMixin
@@ -12,6 +12,10 @@ class HelloBase(Base):
     """hello-bot's own declarative base (its own MetaData)."""
 
     __abstract__ = True
+
+
+# The bot's schema, for its migrations (migrations/env.py and provision check).
+metadata = HelloBase.metadata
 
 
 class User(HelloBase, TimestampMixin):
@@ -24,7 +28,7 @@ class User(HelloBase, TimestampMixin):
     username: Mapped[str | None] = mapped_column(String(255))
     first_name: Mapped[str | None] = mapped_column(String(255))
     last_name: Mapped[str | None] = mapped_column(String(255))
-    is_active: Mapped[bool] = mapped_column(default=True, server_default="true")
+    is_active: Mapped[bool] = mapped_column(default=True, server_default=true())
     language_code: Mapped[str | None] = mapped_column(String(10))
 
     @property

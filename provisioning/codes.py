@@ -1,0 +1,101 @@
+"""A bot's code in the project: its package under ``bots/``, its migrations, its metadata.
+
+A *code* is a package ``bots/<pkg>`` (``hello-bot`` and ``hello_bot`` name the
+same one); every instance of a bot deployed from it (``add-bot --code``) shares
+its models and its script directory ``migrations/<pkg>/versions``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidInput, ProvisionError
+
+CODE_RE = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+
+
+class NoMigrations(ProvisionError):
+    """A bot's code has no migrations directory."""
+
+
+@dataclass(frozen=True)
+class Code:
+    root: Path  # the project
+    package: str  # bots/<package>
+
+    @property
+    def migrations(self) -> Path:
+        return self.root / "migrations"
+
+    @property
+    def versions(self) -> Path:
+        return self.migrations / self.package / "versions"
+
+    @property
+    def module(self) -> str:
+        return f"bots.{self.package}"
+
+
+def find(root: Path, code: str) -> Code:
+    """The code ``code`` under ``root/bots`` (InvalidInput when there is none)."""
+    if CODE_RE.fullmatch(code) is None:
+        raise InvalidInput(f"{code!r} is not a bot code name (a-z, 0-9, '-' or '_', starting with a letter)")
+    for candidate in (code, code.replace("-", "_")):
+        if (root / "bots" / candidate).is_dir():
+            return Code(root, candidate)
+    raise InvalidInput(f"no bot code {code!r} under {root / 'bots'}")
+
+
+def with_migrations(root: Path, code: str) -> Code:
+    """Like :func:`find`, and the code must have ``migrations/<pkg>/versions`` and the shared env.py."""
+    found = find(root, code)
+    if not (found.migrations / "env.py").is_file():
+        raise NoMigrations(f"no {found.migrations / 'env.py'}: this project has no shared migration environment")
+    if not found.versions.is_dir():
+        raise NoMigrations(f"bot code {found.package!r} has no migrations ({found.versions} is missing)")
+    return found
+
+
+def migration_codes(root: Path) -> list[str]:
+    """Every code with a script directory under ``migrations/``."""
+    base = root / "migrations"
+    if not base.is_dir():
+        return []
+    return sorted(p.parent.name for p in base.glob("*/versions") if p.is_dir())
+
+
+def _use_project_bots(root: Path) -> None:
+    """Import ``bots.*`` from this project first.
+
+    ``bots`` may already be importable from the installed botfleet (its
+    example bots); the project's own ``bots/`` folder takes precedence so a
+    user's new bot is found beside them.
+    """
+    project_bots = str(root / "bots")
+    if "bots" not in sys.modules:
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+    import bots
+
+    path = bots.__path__  # a list for a regular package
+    if project_bots not in path:
+        path.insert(0, project_bots)
+    importlib.invalidate_caches()
+
+
+def load_metadata(root: Path, code: str):
+    """``bots/<code>/models.py``'s ``metadata``: the bot's own schema."""
+    found = find(root, code)
+    _use_project_bots(root)
+    try:
+        module = importlib.import_module(f"{found.module}.models")
+    except ImportError as err:
+        raise ProvisionError(f"cannot import {found.module}.models: {err}") from None
+    metadata = getattr(module, "metadata", None)
+    if metadata is None:
+        raise ProvisionError(f"{found.module}.models has no `metadata` (set metadata = YourBase.metadata)")
+    return metadata

@@ -1,0 +1,414 @@
+"""Run bots' Alembic migrations: as each bot's own role, many bots at once, safely.
+
+Why processes and not threads or tasks: Alembic's ``context`` and ``op`` are
+module-level proxies to *the* current migration context. Two upgrades in
+threads of one process (or interleaved asyncio tasks) would each install
+their context into the same global and run each other's operations against
+the wrong database. So each worker *process* migrates one bot at a time,
+and a small pool of them (``--jobs``) migrates many bots in turn. Workers are
+forked from the parent after alembic and SQLAlchemy are imported, so a
+worker costs milliseconds, not an interpreter start; each keeps its parsed
+script directories and imported models for every later bot of the same code.
+
+Per bot (``migrate_one``):
+1. connect as the bot's own role (so the bot owns everything it creates),
+   through psycopg's async driver and SQLAlchemy's ``run_sync``;
+2. take a session advisory lock keyed on the bot database: a second migrator
+   of the same bot waits (``lock_wait`` seconds) or reports that it is busy;
+3. read the current revision and refuse a database ahead of the scripts or
+   code with several heads;
+4. run the upgrade in ONE transaction (PostgreSQL has transactional DDL): a
+   failing revision rolls every step of this run back, so the schema and the
+   version table are exactly as before, and the error names the bot, the
+   revision and the cause.
+
+A bot's conninfo holds its password: it is passed to workers through a pipe
+(never argv), is excluded from ``repr`` and never appears in an Outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from . import codes
+from .db import LOCK_NAMESPACE, lock_key
+
+# Advisory locks are per database; this second key space keeps a migration
+# lock distinct from any other botfleet lock taken in the same database.
+MIGRATION_LOCK_SPACE = LOCK_NAMESPACE + 1
+DEFAULT_LOCK_WAIT = 60.0
+# Once it holds the migration lock, DDL waits at most this long for a table
+# lock (a running bot keeps working instead of queueing behind the ALTER).
+DDL_LOCK_TIMEOUT = "15s"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One bot to migrate. ``conninfo`` carries the password: never printed."""
+
+    bot: str
+    root: str
+    package: str
+    database: str
+    conninfo: str = field(repr=False)
+
+
+@dataclass
+class Outcome:
+    bot: str
+    status: str  # upgraded | downgraded | up to date | failed | skipped
+    from_rev: str | None = None
+    to_rev: str | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    applied: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MigrationFailed(Exception):
+    """Raised inside a worker; its message is one line that names bot, revision and cause."""
+
+
+def alembic_config(root: Path, package: str, *, output: io.TextIOBase | None = None) -> Config:
+    """A Config for one code's script directory with the shared env.py.
+
+    Paths go through ini options, so ``%`` is escaped for ConfigParser;
+    connections, URLs and metadata only ever go through ``attributes``.
+    """
+    cfg = Config(output_buffer=output) if output is not None else Config()
+    migrations = root / "migrations"
+    cfg.set_main_option("script_location", str(migrations).replace("%", "%%"))
+    cfg.set_main_option("version_locations", str(migrations / package / "versions").replace("%", "%%"))
+    cfg.set_main_option("path_separator", "os")
+    cfg.set_main_option("botfleet_code", package)
+    cfg.attributes["code"] = package
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def script_directory(root: str, package: str) -> ScriptDirectory:
+    """Parsed once per worker process and code (versions never change during a run)."""
+    return ScriptDirectory.from_config(alembic_config(Path(root), package))
+
+
+@functools.lru_cache(maxsize=None)
+def metadata_for(root: str, package: str):
+    return codes.load_metadata(Path(root), package)
+
+
+def one_line(err: BaseException) -> str:
+    """The cause of a failure in one line, from the driver's error when there is one."""
+    orig = getattr(err, "orig", None) if isinstance(err, DBAPIError) else None
+    source = orig if orig is not None else err
+    first = next((ln.strip() for ln in str(source).splitlines() if ln.strip()), "")
+    return f"{type(source).__name__}: {first}" if first else type(source).__name__
+
+
+def head_of(script: ScriptDirectory, package: str) -> str | None:
+    heads = script.get_heads()
+    if len(heads) > 1:
+        raise MigrationFailed(
+            f"code {package} has {len(heads)} heads ({', '.join(sorted(heads))}); "
+            "merge them (alembic merge) before migrating"
+        )
+    return heads[0] if heads else None
+
+
+def resolve(script: ScriptDirectory, package: str, rev: str) -> str | None:
+    """A revision name (head, base, a prefix, relative like -1 is not accepted) to its id."""
+    if rev in ("head", "heads"):
+        return head_of(script, package)
+    if rev == "base":
+        return None
+    try:
+        found = script.get_revision(rev)
+    except CommandError as err:
+        raise MigrationFailed(f"unknown revision {rev!r} for code {package}: {one_line(err)}") from None
+    if found is None:
+        raise MigrationFailed(f"unknown revision {rev!r} for code {package}")
+    return found.revision
+
+
+def _path(script: ScriptDirectory, current: str | None, dest: str | None, downgrade: bool) -> list[str]:
+    """The revisions a run applies, in the order it applies them."""
+    if downgrade:
+        revs = script.iterate_revisions(current, dest or "base")
+        return [r.revision for r in revs if r.revision != dest]
+    revs = list(script.iterate_revisions(dest or "base", current or "base"))
+    return [r.revision for r in reversed(revs)]
+
+
+async def _lock(conn, target: Target, lock_wait: float) -> None:
+    key = (MIGRATION_LOCK_SPACE, lock_key(target.database))
+    if lock_wait <= 0:
+        got = (await conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"), {"a": key[0], "b": key[1]})).scalar()
+        if not got:
+            raise MigrationFailed(f"{target.bot}: is being migrated by another process right now; try again later")
+        return
+    await conn.execute(text("SELECT set_config('lock_timeout', :t, false)"), {"t": f"{int(lock_wait * 1000)}ms"})
+    try:
+        await conn.execute(text("SELECT pg_advisory_lock(:a, :b)"), {"a": key[0], "b": key[1]})
+    except DBAPIError as err:
+        if isinstance(err.orig, psycopg.errors.LockNotAvailable):
+            raise MigrationFailed(
+                f"{target.bot}: another process has been migrating it for {lock_wait:g}s; gave up waiting"
+            ) from None
+        raise
+
+
+async def _run(target: Target, dest_name: str, outcome: Outcome, *, downgrade: bool, lock_wait: float) -> Outcome:
+    script = script_directory(target.root, target.package)
+    engine = create_async_engine(
+        "postgresql+psycopg://",
+        async_creator=functools.partial(psycopg.AsyncConnection.connect, target.conninfo),
+        poolclass=NullPool,
+    )
+    try:
+        async with engine.connect() as conn:
+            await _lock(conn, target, lock_wait)
+            await conn.execute(text("SELECT set_config('lock_timeout', :t, false)"), {"t": DDL_LOCK_TIMEOUT})
+            # Migrations may legitimately run longer than the bot role's default.
+            await conn.execute(text("SET statement_timeout = 0"))
+            current = await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
+            # Commit the lock/SET transaction: Alembic only manages (and commits)
+            # a transaction it begins itself.
+            await conn.commit()
+            outcome.from_rev = outcome.to_rev = current
+            if current is not None and _unknown(script, current):
+                raise MigrationFailed(
+                    f"{target.bot}: its database is at revision {current}, which code {target.package}'s "
+                    "migrations do not know (is the database ahead of this code?); nothing changed"
+                )
+            dest = resolve(script, target.package, dest_name)
+            try:
+                steps = _path(script, current, dest, downgrade)
+            except (CommandError, RevisionError) as err:
+                hint = "; use provision downgrade" if not downgrade else ""
+                raise MigrationFailed(f"{target.bot}: cannot go from {current or 'base'} to {dest_name}: {err}{hint}") from None
+            if not steps:
+                outcome.status = "up to date"
+                return outcome
+            applied: list[object] = []
+
+            def record(ctx, step, heads, run_args) -> None:  # on_version_apply: one call per step
+                applied.append(step)
+
+            def run(sync_conn) -> None:
+                cfg = alembic_config(Path(target.root), target.package)
+                cfg.attributes.update(
+                    connection=sync_conn, target_metadata=metadata_for(target.root, target.package),
+                    on_version_apply=record,
+                )
+                if downgrade:
+                    fn = lambda rev, ctx: script._downgrade_revs(dest or "base", rev)  # noqa: E731
+                else:
+                    fn = lambda rev, ctx: script._upgrade_revs(dest, rev)  # noqa: E731
+                with EnvironmentContext(cfg, script, fn=fn, destination_rev=dest or "base"):
+                    script.run_env()
+
+            try:
+                await conn.run_sync(run)
+            except MigrationFailed:
+                raise
+            except Exception as err:  # noqa: BLE001 - reported per bot
+                await conn.rollback()
+                failing = steps[len(applied)] if len(applied) < len(steps) else steps[-1]
+                doc = script.get_revision(failing).doc if not downgrade else None
+                what = f"revision {failing}" + (f" ({doc})" if doc else "")
+                raise MigrationFailed(
+                    f"{target.bot}: {'downgrade of ' if downgrade else ''}{what} failed: {one_line(err)}; "
+                    f"rolled back, still at {current or 'base'}"
+                ) from None
+            after = await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
+            await conn.commit()
+            outcome.to_rev = after
+            outcome.applied = steps
+            outcome.status = "downgraded" if downgrade else "upgraded"
+            return outcome
+    finally:
+        await engine.dispose()
+
+
+def _unknown(script: ScriptDirectory, rev: str) -> bool:
+    try:
+        return script.get_revision(rev) is None
+    except CommandError:
+        return True
+
+
+def migrate_one(target: Target, dest: str = "head", *, downgrade: bool = False, lock_wait: float = DEFAULT_LOCK_WAIT) -> Outcome:
+    """Upgrade (or downgrade) one bot; never raises: failures are in the Outcome."""
+    started = time.perf_counter()
+    # "?" until the bot's version table has been read.
+    outcome = Outcome(bot=target.bot, status="failed", from_rev="?", to_rev="?")
+    try:
+        asyncio.run(_run(target, dest, outcome, downgrade=downgrade, lock_wait=lock_wait))
+    except MigrationFailed as err:
+        outcome.status, outcome.error = "failed", str(err)
+    except Exception as err:  # noqa: BLE001 - one bot's failure never stops the others
+        cause = getattr(err, "orig", None) or err
+        connecting = isinstance(cause, psycopg.OperationalError) and outcome.from_rev == "?"
+        outcome.status = "failed"
+        outcome.error = f"{target.bot}: {'cannot connect as its role: ' if connecting else ''}{one_line(err)}"
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _init_worker() -> None:
+    # A forked worker must not reuse the parent's event loop policy state.
+    asyncio.set_event_loop_policy(None)
+
+
+def _context():
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def default_jobs(n: int) -> int:
+    return max(1, min(n, 2 * (os.cpu_count() or 1), 8))
+
+
+def migrate_many(
+    targets: list[Target],
+    dest: str = "head",
+    *,
+    jobs: int | None = None,
+    lock_wait: float = DEFAULT_LOCK_WAIT,
+    on_done: Callable[[Outcome], None] = lambda _o: None,
+) -> list[Outcome]:
+    """Migrate every target with at most ``jobs`` worker processes; results in input order.
+
+    Preconditions: the caller holds no open database connection it needs
+    afterwards across the fork (workers exit with ``os._exit`` and never
+    close inherited sockets, but keep it simple).
+    """
+    jobs = default_jobs(len(targets)) if jobs is None else max(1, min(jobs, len(targets) or 1))
+    results: dict[str, Outcome] = {}
+    if jobs == 1 or len(targets) <= 1:
+        for target in targets:
+            results[target.bot] = migrate_one(target, dest, lock_wait=lock_wait)
+            on_done(results[target.bot])
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_init_worker) as pool:
+            futures = {pool.submit(migrate_one, t, dest, lock_wait=lock_wait): t for t in targets}
+            for future in as_completed(futures):
+                target = futures[future]
+                try:
+                    outcome = future.result()
+                except Exception as err:  # noqa: BLE001 - a worker that died
+                    outcome = Outcome(bot=target.bot, status="failed", error=f"{target.bot}: worker failed: {one_line(err)}")
+                results[target.bot] = outcome
+                on_done(outcome)
+    return [results[t.bot] for t in targets]
+
+
+def offline_sql(target: Target, current: str | None, dest: str = "head", *, downgrade: bool = False) -> str:
+    """The SQL an upgrade from ``current`` would run, without running it."""
+    buf = io.StringIO()
+    script = script_directory(target.root, target.package)
+    cfg = alembic_config(Path(target.root), target.package, output=buf)
+    cfg.attributes["target_metadata"] = metadata_for(target.root, target.package)
+    dest_rev = resolve(script, target.package, dest)
+    if downgrade:
+        fn = lambda rev, ctx: script._downgrade_revs(dest_rev or "base", rev)  # noqa: E731
+    else:
+        fn = lambda rev, ctx: script._upgrade_revs(dest_rev, rev)  # noqa: E731
+    with EnvironmentContext(cfg, script, fn=fn, as_sql=True, starting_rev=current, destination_rev=dest_rev or "base"):
+        script.run_env()
+    return buf.getvalue()
+
+
+def current_revision(conninfo: str) -> str | None:
+    """The bot database's revision (None: never migrated), read with plain psycopg."""
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        exists = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        return row[0] if row else None
+
+
+def bot_conninfo_from_env(url: str, application_name: str = "botfleet-migrate") -> str:
+    """A bot's DATABASE_URL (SQLAlchemy style) as a libpq conninfo."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    for prefix in ("postgresql+asyncpg://", "postgresql+psycopg://", "postgres://"):
+        if url.startswith(prefix):
+            url = "postgresql://" + url[len(prefix):]
+    params = conninfo_to_dict(url)
+    params["application_name"] = application_name
+    return make_conninfo(**params)
+
+
+def plan_targets(
+    project, names: list[str], *, all_bots: bool, admin_url: str | None, skip_missing: bool | None = None
+) -> tuple[list[Target], list[Outcome]]:
+    """The bots to migrate, and the ones that cannot be (as failed/skipped outcomes).
+
+    ``admin_url``: connect to that server as each bot (same host and port);
+    None: connect through each bot's own DATABASE_URL from its env file (from
+    inside the compose network). Unknown names raise InvalidInput before
+    anything runs. Bots whose code has no migrations are "skipped" with
+    ``skip_missing`` (default: with ``all_bots``), else "failed".
+    """
+    from .db import as_role
+    from .errors import InvalidInput
+    from .fleet import stored_password
+    from .files import read_env_file
+
+    fleet = project.registry.load()
+    unknown = [n for n in names if n not in fleet.bots]
+    if unknown:
+        raise InvalidInput(f"not in the fleet registry: {', '.join(unknown)} (see provision list)")
+    chosen = sorted(fleet.bots) if all_bots else list(dict.fromkeys(names))
+    targets: list[Target] = []
+    skipped: list[Outcome] = []
+    for bot in chosen:
+        entry = fleet.bots[bot]
+        try:
+            found = codes.with_migrations(project.root, entry.code)
+        except (codes.NoMigrations, InvalidInput) as err:
+            status = "skipped" if (all_bots if skip_missing is None else skip_missing) else "failed"
+            skipped.append(Outcome(bot=bot, status=status, error=f"{bot}: {err}"))
+            continue
+        env_path = project.env_file(bot)
+        password = stored_password(env_path, entry.role)
+        if password is None:
+            skipped.append(Outcome(bot=bot, status="failed",
+                                   error=f"{bot}: no credentials in {env_path}; run provision add-bot {bot} to restore them"))
+            continue
+        if admin_url is None:
+            conninfo = bot_conninfo_from_env(read_env_file(env_path)["DATABASE_URL"])
+        else:
+            conninfo = as_role(admin_url, entry.role, password, entry.database, application_name="botfleet-migrate")
+        targets.append(Target(bot=bot, root=str(project.root), package=found.package,
+                              database=entry.database, conninfo=conninfo))
+    return targets, skipped
