@@ -116,6 +116,7 @@ def add_bot(
     db_host: Annotated[Optional[str], typer.Option(help="Host in the bot's DATABASE_URL.", show_default="the fleet's bot_host, 'postgres'")] = None,
     db_port: Annotated[Optional[int], typer.Option(help="Port in the bot's DATABASE_URL.", show_default="5432")] = None,
     rotate_password: Annotated[bool, typer.Option("--rotate-password", help="Give an existing bot a new password.")] = False,
+    no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not run the bot's migrations to head.")] = False,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -139,9 +140,31 @@ def add_bot(
     choice, conn, info = _connect(root, admin_url)
     with conn:
         result = core_add(conn, info, choice.url, Project(root), name, opts, progress=_say)
+    migration = None if no_migrate or not result.has_code else _migrate_new_bot(root, choice.url, name)
     if as_json:
-        typer.echo(json.dumps(result.as_dict(), indent=2))
-        return
+        typer.echo(json.dumps({**result.as_dict(), "migration": migration.as_dict() if migration else None}, indent=2))
+    else:
+        _print_added(result, migration)
+    if migration is not None and not migration.ok:
+        raise _fail(f"{name} is provisioned but its migrations failed: {migration.error}; "
+                    f"fix them and run: provision migrate {name}", 1)
+
+
+def _migrate_new_bot(root: Path, url: str, name: str):
+    """Bring a just-provisioned bot to head, as its own role (None: its code has no migrations)."""
+    from .fleet import Project
+    from .migrate import migrate_one, plan_targets
+
+    targets, early = plan_targets(Project(root), [name], all_bots=False, admin_url=url, skip_missing=True)
+    if not targets:
+        for outcome in early:
+            _say(f"migrations skipped: {outcome.error}")
+        return None
+    _say(f"migrating {name} to head")
+    return migrate_one(targets[0])
+
+
+def _print_added(result, migration) -> None:
     typer.secho(f"{result.bot}: {result.status}", fg=typer.colors.GREEN, bold=True)
     for change in result.changes:
         typer.echo(f"  repaired: {change}")
@@ -153,6 +176,8 @@ def add_bot(
         typer.echo(f"  code              none yet: database and role only (add bots/{result.code}/)")
     else:
         typer.echo(f"  code              bots/{result.code}")
+    if migration is not None and migration.ok:
+        typer.echo(f"  schema            {migration.status}: {migration.from_rev or 'base'} -> {migration.to_rev or 'base'}")
 
 
 @app.command("remove-bot")
