@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -156,9 +157,41 @@ def fleet(pg, tmp_path) -> Iterator[Fleet]:
     yield from _fleet(pg, tmp_path)
 
 
+def _with_code(fleets: Iterator[Fleet]) -> Iterator[Fleet]:
+    """The fleet's project gets its own copy of the repo's bots/ and migrations/
+    (tests may add revisions or change models there)."""
+    for fleet in fleets:
+        for folder in ("bots", "migrations"):
+            shutil.copytree(REPO / folder, fleet.root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        yield fleet
+
+
+@pytest.fixture
+def code_fleet(pg, tmp_path) -> Iterator[Fleet]:
+    yield from _with_code(_fleet(pg, tmp_path))
+
+
 @pytest.fixture
 def scram_fleet(scram_server, tmp_path) -> Iterator[Fleet]:
     yield from _fleet(scram_server, tmp_path)
+
+
+@pytest.fixture
+def scram_code_fleet(scram_server, tmp_path) -> Iterator[Fleet]:
+    yield from _with_code(_fleet(scram_server, tmp_path))
+
+
+def provisioned_bot_env(fleet: Fleet, stem: str, code: str) -> tuple[str, dict[str, str]]:
+    """A bot deployed from ``code`` as production does it: `provision add-bot --code`
+    creates its database and role and runs the code's migrations to head as that
+    role. Returns the bot's name and its env file (a DATABASE_URL over TCP to the
+    embedded SCRAM cluster)."""
+    from provisioning.files import read_env_file
+
+    name = fleet.name(stem)
+    proc = fleet.add(name, "--code", code, "--db-host", "127.0.0.1", "--db-port", str(fleet.server.embedded.status().port))
+    assert "schema            upgraded: base -> " in proc.stdout, proc.stdout
+    return name, read_env_file(fleet.env_file(name))
 
 
 @pytest.fixture
@@ -167,9 +200,10 @@ def admin(pg) -> Iterator[psycopg.Connection]:
         yield conn
 
 
-# Other test runs and benchmarks may share the server (names t<6 hex>... and
-# bench...): their objects come and go and are left out of snapshots.
-_OTHERS = re.compile(r"^(t[0-9a-f]{6}|bench[0-9a-z]*)[-_]")
+# Other test runs and benchmarks may share the server (names t<6 hex>...,
+# bench... and the scratch databases of `provision check`): their objects
+# come and go and are left out of snapshots.
+_OTHERS = re.compile(r"^(t[0-9a-f]{6}|bench[0-9a-z]*|botfleet_scratch)[-_]")
 
 
 def snapshot(conn: psycopg.Connection) -> tuple:

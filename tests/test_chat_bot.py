@@ -1,5 +1,6 @@
 """chat-bot: models, repository and HTTP API, each test on in-memory SQLite and
-on PostgreSQL as a provisioned bot's own role (over SCRAM)."""
+on PostgreSQL as a provisioned bot's own role (over SCRAM), in a database whose
+schema `provision add-bot --code chat-bot` migrated (migrations/chat_bot)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from bots.chat_bot.models import ChatBase, Conversation, FileMetadata, Message
 from bots.chat_bot.repository import ConversationNotFound, ConversationRepository, FileRepository
 from shared import Database
 
-# fastapi.testclient warns (on import) that starlette's TestClient prefers httpx2.
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+from .conftest import provisioned_bot_env
+
 
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
 
@@ -61,18 +62,14 @@ def backend(request) -> Iterator[Backend]:
     if request.param == "sqlite":
         name, env = "chat-bot", {"DATABASE_URL": "sqlite+aiosqlite:///:memory:"}
     else:
-        from provisioning.files import read_env_file
-
-        fleet = request.getfixturevalue("scram_fleet")
-        name = fleet.name("chat")
-        fleet.add(name, "--db-host", "127.0.0.1", "--db-port", str(fleet.server.embedded.status().port))
-        env = read_env_file(fleet.env_file(name))
+        # Its schema comes from migrations/chat_bot, run by add-bot as the bot's role.
+        name, env = provisioned_bot_env(request.getfixturevalue("scram_code_fleet"), "chat", "chat-bot")
     b = Backend(request.param, Database.from_env(name, env=env))
 
     async def create_schema(db: Database) -> str:
-        async with db.engine.begin() as conn:  # tests only: production schemas come from migrations
-            await conn.run_sync(ChatBase.metadata.create_all)
-            if b.sqlite:
+        async with db.engine.begin() as conn:
+            if b.sqlite:  # in-memory SQLite only: PostgreSQL was migrated by add-bot
+                await conn.run_sync(ChatBase.metadata.create_all)
                 return "sqlite"
             return (await conn.exec_driver_sql("SELECT current_user")).scalar_one()
 

@@ -1,8 +1,9 @@
 """feishu-bot: the webhook records every Feishu event exactly once, on in-memory
 SQLite and on PostgreSQL as a provisioned bot's own role (SCRAM over TCP).
 
-Every test runs on both databases (the ``backend`` fixture). Tables come from
-``FeishuBase.metadata.create_all`` here only: production schemas come from migrations.
+Every test runs on both databases (the ``backend`` fixture). On PostgreSQL the tables
+come from the bot's own migrations, run by `provision add-bot --code feishu-bot` as
+its role; ``create_all`` is for in-memory SQLite only.
 Database work for an app runs in the TestClient's own event loop (``client.portal``),
 where the app's pooled connections live; the app disposes of its pool on shutdown.
 """
@@ -29,7 +30,7 @@ from bots.feishu_bot.models import Event, FeishuBase, Message, UserSession
 from bots.feishu_bot.repository import record_event, touch_session
 from shared import NAMING_CONVENTION, Database
 
-from .conftest import assert_no_leak
+from .conftest import assert_no_leak, provisioned_bot_env
 
 TOKEN = "v3rification-t0ken-of-the-test-app"
 MAX_BODY = 4096
@@ -50,17 +51,16 @@ class Backend:
 def backend(request) -> Backend:
     if request.param == "sqlite":
         return Backend("sqlite", "feishu-bot", {"DATABASE_URL": "sqlite+aiosqlite:///:memory:"})
-    from provisioning.files import read_env_file
-
-    fleet = request.getfixturevalue("scram_fleet")
-    name = fleet.name("feishu")
-    fleet.add(name, "--db-host", "127.0.0.1", "--db-port", str(fleet.server.embedded.status().port))
-    return Backend("postgresql", name, read_env_file(fleet.env_file(name)))
+    # Its schema comes from migrations/feishu_bot, run by add-bot as the bot's role.
+    name, env = provisioned_bot_env(request.getfixturevalue("scram_code_fleet"), "feishu", "feishu-bot")
+    return Backend("postgresql", name, env)
 
 
 async def create_tables(db: Database) -> None:
-    async with db.engine.begin() as conn:  # tests only
-        await conn.run_sync(FeishuBase.metadata.create_all)
+    """In-memory SQLite only: on PostgreSQL add-bot already migrated the schema."""
+    if db.engine.dialect.name == "sqlite":
+        async with db.engine.begin() as conn:
+            await conn.run_sync(FeishuBase.metadata.create_all)
 
 
 async def _counts(db: Database) -> dict[str, int]:

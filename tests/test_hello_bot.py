@@ -14,18 +14,17 @@ from sqlalchemy import select
 
 from bots.hello_bot.handlers import build_dispatcher
 from bots.hello_bot.models import HelloBase, User
-from provisioning.files import read_env_file
 from shared import Database
+
+from .conftest import provisioned_bot_env
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_env(request):
     if request.param == "sqlite":
         return {"DATABASE_URL": "sqlite+aiosqlite:///:memory:"}
-    fleet = request.getfixturevalue("scram_fleet")
-    name = fleet.name("hello")
-    fleet.add(name, "--db-host", "127.0.0.1", "--db-port", str(fleet.server.embedded.status().port))
-    return read_env_file(fleet.env_file(name))
+    _name, env = provisioned_bot_env(request.getfixturevalue("scram_code_fleet"), "hello", "hello-bot")
+    return env  # its schema came from migrations/hello_bot, run by add-bot as the bot's role
 
 
 def update(n: int, text: str, user_id: int = 1001, is_bot: bool = False, **user: str) -> Update:
@@ -39,8 +38,9 @@ def update(n: int, text: str, user_id: int = 1001, is_bot: bool = False, **user:
 
 async def run(db_env, scenario):
     db = Database.from_env("hello-bot", env=db_env)
-    async with db.engine.begin() as conn:  # tests only: production schemas come from migrations
-        await conn.run_sync(HelloBase.metadata.create_all)
+    if db.engine.dialect.name == "sqlite":  # in-memory SQLite; PostgreSQL was migrated by add-bot
+        async with db.engine.begin() as conn:
+            await conn.run_sync(HelloBase.metadata.create_all)
     bot = Bot("123456:TEST-TOKEN-NOT-REAL")
     try:
         return await scenario(db, build_dispatcher(db), bot)
