@@ -1,0 +1,200 @@
+"""How fast does `provision migrate` bring a whole fleet to head?
+
+Run by hand from the repository root (it is a benchmark, not a test):
+
+    .venv/bin/python bench/bench_migrate.py [--bots N] [--admin-url URL] [--embedded]
+
+The server is --admin-url, else ADMIN_DATABASE_URL, else
+postgresql://postgres@127.0.0.1:5432/postgres; with --embedded a throw-away
+embedded server is started in a temporary folder and destroyed at the end.
+
+N bots (default 30) named bench<random6>-NN are provisioned (untimed) in a
+temporary project holding a copy of this repository's bots/ and migrations/,
+their codes cycling through hello-bot, chat-bot and feishu-bot. Every bot is
+then brought from base to head several ways, each from base again (the
+downgrade between modes is not timed):
+
+  (a) the naive shell loop: `alembic -c migrations/alembic.ini -n CODE upgrade head`,
+      one interpreter per bot, its DATABASE_URL in the environment;
+  (b) provisioning.migrate.migrate_many with --jobs 1: in this process, one bot after another;
+  (c) migrate_many with --jobs 2, 4 and 8: forked worker processes;
+  (d) `provision migrate --all` end to end (one process, its default --jobs).
+
+It prints the total, ms per bot and the speed-up over (a). Everything it
+creates on the server is dropped at the end, even on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+from bench_provision import DEFAULT_URL, PROVISION, drop_everything, progress
+from provisioning import db
+from provisioning.errors import ProvisionError
+from provisioning.fleet import BotOptions, Project, add_bot
+from provisioning.migrate import Target, migrate_many, migrate_one, plan_targets
+
+REPO = Path(__file__).resolve().parents[1]
+CODES = ("hello-bot", "chat-bot", "feishu-bot")
+ALEMBIC = str(Path(sys.executable).with_name("alembic"))
+
+
+def provision(url: str, root: Path, bots: list[str]) -> list[Target]:
+    for folder in ("bots", "migrations"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    with db.connect(url) as conn:
+        info = db.admin_info(conn)
+        for i, bot in enumerate(bots):
+            add_bot(conn, info, url, Project(root), bot, BotOptions(code=CODES[i % len(CODES)]))
+            progress("provisioning", i + 1, len(bots))
+    targets, early = plan_targets(Project(root), [], all_bots=True, admin_url=url)
+    if early:
+        raise RuntimeError(f"cannot migrate: {early[0].error}")
+    return targets
+
+
+def to_base(targets: list[Target]) -> None:
+    for target in targets:
+        outcome = migrate_one(target, "base", downgrade=True)
+        if not outcome.ok:
+            raise RuntimeError(outcome.error)
+
+
+def check(outcomes, mode: str) -> None:
+    failed = [o for o in outcomes if o.status != "upgraded"]
+    if failed:
+        raise RuntimeError(f"mode {mode}: {failed[0].bot}: {failed[0].status} {failed[0].error or ''}")
+
+
+def run_alembic_loop(targets: list[Target], url: str) -> float:
+    """(a) One `alembic upgrade head` interpreter per bot."""
+    params = db.parse_url(url)
+    host, port = params.get("host") or "127.0.0.1", params.get("port") or "5432"
+    start = time.perf_counter()
+    for i, t in enumerate(targets, 1):
+        info = psycopg.conninfo.conninfo_to_dict(t.conninfo)
+        env = {**os.environ, "DATABASE_URL": (
+            f"postgresql://{info['user']}:{info['password']}@{host}:{port}/{t.database}")}
+        done = subprocess.run([ALEMBIC, "-c", str(Path(t.root) / "migrations" / "alembic.ini"), "-n", t.package,
+                               "upgrade", "head"], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"alembic upgrade for {t.bot} failed (exit {done.returncode})")
+        progress("a", i, len(targets))
+    return time.perf_counter() - start
+
+
+def run_many(targets: list[Target], jobs: int, mode: str) -> float:
+    done = 0
+
+    def tick(_outcome) -> None:
+        nonlocal done
+        done += 1
+        progress(mode, done, len(targets))
+
+    start = time.perf_counter()
+    outcomes = migrate_many(targets, jobs=jobs, on_done=tick)
+    elapsed = time.perf_counter() - start
+    check(outcomes, mode)
+    return elapsed
+
+
+def run_cli(root: Path, url: str, n: int) -> float:
+    """(d) `provision migrate --all` as an operator runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "BOTFLEET_HOME"} | {"ADMIN_DATABASE_URL": url}
+    start = time.perf_counter()
+    done = subprocess.run([PROVISION, "migrate", "--all", "--project-dir", str(root)],
+                          env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"provision migrate --all failed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+    progress("d", n, n)
+    return elapsed
+
+
+def report(where: str, n: int, totals: dict[str, float]) -> None:
+    print(f"\n{n} bots from base to head on {where}")
+    print(f"{'mode':<44} | {'total s':>8} | {'ms/bot':>7} | speed-up over (a)")
+    print(f"{'-' * 44}-+-{'-' * 8}-+-{'-' * 7}-+------------------")
+    for label, total in totals.items():
+        print(f"{label:<44} | {total:8.2f} | {total / n * 1000:7.0f} | {totals[next(iter(totals))] / total:8.1f}x")
+
+
+def _sigterm(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bots", type=int, default=30, help="bots (default 30)")
+    parser.add_argument("--admin-url", default=os.environ.get("ADMIN_DATABASE_URL") or DEFAULT_URL,
+                        help=f"admin URL (default: ADMIN_DATABASE_URL, else {DEFAULT_URL})")
+    parser.add_argument("--embedded", action="store_true", help="use a throw-away embedded server instead")
+    args = parser.parse_args()
+    if args.bots < 1:
+        parser.error("--bots must be at least 1")
+    signal.signal(signal.SIGTERM, _sigterm)
+    prefix = "bench" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6))
+    bots = [f"{prefix}-{i:02d}" for i in range(1, args.bots + 1)]
+    url, server, status = None, None, 0
+    with tempfile.TemporaryDirectory(prefix="botfleet-bench-") as tmp:
+        root = Path(tmp) / "project"
+        root.mkdir(mode=0o700)
+        try:
+            if args.embedded:
+                from provisioning.embedded import EmbeddedServer
+
+                server = EmbeddedServer(Path(tmp) / ".botfleet")
+                print("starting the embedded server...", file=sys.stderr, flush=True)
+                server.start()
+                url = server.admin_url()
+            else:
+                url = args.admin_url
+            with db.connect(url) as conn:
+                where = f"{db.describe(url)} (PostgreSQL {conn.info.server_version // 10000}, {os.cpu_count()} CPUs)"
+            targets = provision(url, root, bots)
+            totals: dict[str, float] = {}
+            totals["(a) alembic upgrade head, a process per bot"] = run_alembic_loop(targets, url)
+            for jobs in (1, 2, 4, 8):
+                to_base(targets)
+                mode = "b" if jobs == 1 else f"c{jobs}"
+                label = "(b) migrate_many --jobs 1 (in-process)" if jobs == 1 else f"(c) migrate_many --jobs {jobs} (workers)"
+                totals[label] = run_many(targets, jobs, mode)
+            to_base(targets)
+            totals["(d) provision migrate --all (CLI)"] = run_cli(root, url, len(targets))
+            report(where, args.bots, totals)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            status = 130
+        except (ProvisionError, RuntimeError, psycopg.Error) as err:
+            print(f"error: {err}", file=sys.stderr)
+            status = 1
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not skip the cleanup
+                signal.signal(sig, signal.SIG_IGN)
+            print(f"cleaning up {prefix}_* ...", file=sys.stderr, flush=True)
+            try:
+                if url is not None:
+                    drop_everything(url, prefix)
+            except (ProvisionError, psycopg.Error) as err:
+                print(f"error: cleanup failed ({err}); drop {prefix}_* databases and roles by hand", file=sys.stderr)
+                status = 1
+            finally:
+                if server is not None:
+                    server.destroy()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
