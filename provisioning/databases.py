@@ -59,6 +59,22 @@ def _lock_down(conn: psycopg.Connection, spec: DatabaseSpec) -> None:
     conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(spec.comment)))
 
 
+def drift(spec: DatabaseSpec, state: DatabaseState) -> list[str]:
+    """What :func:`converge` would change on this database, in words; reads nothing."""
+    changes: list[str] = []
+    if state.owner != spec.owner:
+        changes.append(f"database owner {state.owner} -> {spec.owner}")
+    if state.connection_limit != spec.connection_limit:
+        changes.append(f"database connection limit {state.connection_limit} -> {spec.connection_limit}")
+    if not state.allow_connections:
+        changes.append("database accepts connections again")
+    if state.public_can_connect:
+        changes.append("revoke PUBLIC access to the database")
+    if state.comment != spec.comment:
+        changes.append("database marker comment")
+    return changes
+
+
 def converge(conn: psycopg.Connection, spec: DatabaseSpec, state: DatabaseState) -> list[str]:
     """Repair owner, connection limit, PUBLIC access and the marker comment."""
     changes: list[str] = []
@@ -80,16 +96,24 @@ def converge(conn: psycopg.Connection, spec: DatabaseSpec, state: DatabaseState)
     return changes
 
 
+_PUBLIC_ON_SCHEMA = (
+    "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a"
+    " WHERE n.nspname = 'public' AND a.grantee = 0)"
+)
+
+
+def public_schema_open(conn: psycopg.Connection) -> bool:
+    """Whether PUBLIC has any right on schema public (``conn`` is in the bot's database)."""
+    row = conn.execute(_PUBLIC_ON_SCHEMA).fetchone()
+    return bool(row and row[0])
+
+
 def lock_down_schema(conn: psycopg.Connection) -> list[str]:
     """Inside the bot's database: PUBLIC gets no rights on schema public.
 
     ``conn`` must be connected to the bot database itself (schema ACLs are per database).
     """
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a"
-        " WHERE n.nspname = 'public' AND a.grantee = 0)"
-    ).fetchone()
-    if row and row[0]:
+    if public_schema_open(conn):
         conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
         return ["revoked PUBLIC rights on schema public"]
     return []

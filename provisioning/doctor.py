@@ -86,10 +86,6 @@ LEFT JOIN pg_roles gr ON gr.oid = am.grantor
 WHERE m.rolname = %(role)s ORDER BY 1
 """
 _EVENT_TRIGGERS = "SELECT evtname, pg_get_userbyid(evtowner) FROM pg_event_trigger ORDER BY 1"
-_PUBLIC_ON_SCHEMA = (
-    "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a"
-    " WHERE n.nspname = 'public' AND a.grantee = 0)"
-)
 
 
 def audit(
@@ -238,7 +234,7 @@ def _check_inside(ctx: Context, entry: BotEntry) -> list[Finding]:
     out: list[Finding] = []
     try:
         with connect(with_database(ctx.admin_url, entry.database)) as db_conn:
-            public_open = db_conn.execute(_PUBLIC_ON_SCHEMA).fetchone()[0]  # type: ignore[index]
+            public_open = databases.public_schema_open(db_conn)
             foreign = objects.not_owned_by(objects.inventory(db_conn), entry.role)
             triggers = db_conn.execute(_EVENT_TRIGGERS).fetchall()
     except Exception as err:  # noqa: BLE001 - reported as a finding, the audit goes on
@@ -300,9 +296,15 @@ def _ignored(bot: str, ignore: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(bot, pattern) for pattern in ignore)
 
 
-def _strays(ctx: Context, server_dbs: dict, server_roles: dict, ignore: tuple[str, ...]) -> list[Finding]:
-    """botfleet-marked databases and roles whose bot the registry does not know, one finding per bot."""
-    known = {e.database for e in ctx.fleet.bots.values()} | {e.role for e in ctx.fleet.bots.values()}
+def stray_bots(conn: psycopg.Connection, fleet: Fleet, ignore: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """botfleet-marked databases and roles on the server whose bot the registry does not
+    know: bot -> ["database x_db", "role x_user"]. Reads only."""
+    return _stray_objects(dict(conn.execute(_SERVER_DATABASES).fetchall()),
+                          dict(conn.execute(_SERVER_ROLES).fetchall()), fleet, ignore)
+
+
+def _stray_objects(server_dbs: dict, server_roles: dict, fleet: Fleet, ignore: tuple[str, ...]) -> dict[str, list[str]]:
+    known = {e.database for e in fleet.bots.values()} | {e.role for e in fleet.bots.values()}
     strays: dict[str, list[str]] = {}
     for kind, found in (("database", server_dbs), ("role", server_roles)):
         for obj, comment in sorted(found.items()):
@@ -310,11 +312,16 @@ def _strays(ctx: Context, server_dbs: dict, server_roles: dict, ignore: tuple[st
                 bot = comment.removeprefix(MARKER_PREFIX)
                 if not _ignored(bot, ignore):
                     strays.setdefault(bot, []).append(f"{kind} {obj}")
+    return dict(sorted(strays.items()))
+
+
+def _strays(ctx: Context, server_dbs: dict, server_roles: dict, ignore: tuple[str, ...]) -> list[Finding]:
+    """botfleet-marked databases and roles whose bot the registry does not know, one finding per bot."""
     return [
         Finding("stray", bot, f"{' and '.join(objs)} (botfleet bot {bot}) not in the registry",
                 f"provision add-bot {bot}  (adopt it)  or  provision remove-bot {bot} --yes  (backs it up, then drops it)",
                 False)
-        for bot, objs in sorted(strays.items())
+        for bot, objs in _stray_objects(server_dbs, server_roles, ctx.fleet, ignore).items()
     ]
 
 

@@ -93,6 +93,22 @@ def create(conn: psycopg.Connection, spec: RoleSpec, verifier: str) -> None:
         conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(spec.name), sql.Literal(spec.comment)))
 
 
+def drift(spec: RoleSpec, state: RoleState) -> list[str]:
+    """What :func:`converge` would change on this role (besides a password), in words; reads nothing."""
+    changes: list[str] = []
+    wrong = [f for f, want in REQUIRED_FLAGS.items() if state.flags[f] != want]
+    if wrong:
+        changes.append("role attributes (" + " ".join(FLAG_SQL[f] for f in wrong) + ")")
+    if state.connection_limit != spec.connection_limit:
+        changes.append(f"role connection limit {state.connection_limit} -> {spec.connection_limit}")
+    for key, value in spec.settings.items():
+        if state.settings.get(key) != value:
+            changes.append(f"role {key} {state.settings.get(key, 'unset')} -> {value}")
+    if state.comment != spec.comment:
+        changes.append("role marker comment")
+    return changes
+
+
 def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifier: str | None) -> list[str]:
     """Bring an existing role to ``spec``; returns what was repaired (empty when nothing drifted).
 
