@@ -83,6 +83,11 @@ class BotEntry:
         return data
 
 
+# Field annotations are strings here (from __future__ import annotations).
+_TYPES: dict[str, type] = {"int": int, "str": str, "bool": bool}
+_TYPE_WORDS = {int: "a whole number", str: "a string", bool: "true or false"}
+
+
 @dataclass
 class Fleet:
     server: ServerSettings
@@ -103,16 +108,43 @@ class Registry:
             data = tomllib.loads(self.path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise InvalidInput(f"{self.path} is not valid TOML: {err}") from None
-        server_keys = {f.name for f in fields(ServerSettings)}
-        server = ServerSettings(**{k: v for k, v in data.get("server", {}).items() if k in server_keys})
-        bot_keys = {f.name for f in fields(BotEntry)}
+        unknown = set(data) - {"version", "server", "bots"}
+        if unknown:
+            raise InvalidInput(f"{self.path}: unknown table or key {', '.join(sorted(unknown))}")
+        server = ServerSettings(**self._checked(ServerSettings, data.get("server", {}), "[server]"))
         bots = {}
         for name, raw in data.get("bots", {}).items():
-            try:
-                bots[name] = BotEntry(name=name, **{k: v for k, v in raw.items() if k in bot_keys})
-            except TypeError as err:
-                raise InvalidInput(f"{self.path}: bot {name!r} is incomplete ({err})") from None
+            if not isinstance(raw, dict):
+                raise InvalidInput(f"{self.path}: bots.{name} must be a table")
+            values = self._checked(BotEntry, raw, f"[bots.{name}]", derived=("connection_limit",))
+            # A bot added by hand needs only its table: the rest derives from its name
+            # (names.validate checks the name itself before anything uses it).
+            stem = name.replace("-", "_")
+            values.setdefault("code", name)
+            values.setdefault("database", f"{stem}_db")
+            values.setdefault("role", f"{stem}_user")
+            values.setdefault("env_file", f"secrets/{name}.env")
+            bots[name] = BotEntry(name=name, **values)
         return Fleet(server, bots)
+
+    def _checked(self, cls: type, raw: Any, where: str, derived: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``raw``'s keys and value types checked against ``cls``'s fields: a typo in a
+        hand-edited file is an error, never silently ignored."""
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"{self.path}: {where} must be a table")
+        types = {f.name: _TYPES[f.type] for f in fields(cls) if f.name != "name"}
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in derived:
+                continue
+            if key not in types:
+                raise InvalidInput(f"{self.path}: {where} has an unknown key {key!r} "
+                                   f"(known: {', '.join(sorted(types))})")
+            want = types[key]
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise InvalidInput(f"{self.path}: {where} {key} must be {_TYPE_WORDS[want]}, not {value!r}")
+            out[key] = value
+        return out
 
     def _dump(self, fleet: Fleet) -> str:
         data = {
