@@ -325,7 +325,7 @@ def server_stop(project: ProjectOpt = None) -> None:  # type: ignore[assignment]
 
 # Command groups kept in their own modules register themselves on `app` when
 # imported (they import only typer at module level, so --help stays fast).
-from . import cli_compose, cli_migrate, cli_ops  # noqa: E402,F401
+from . import cli_compose, cli_fleet, cli_migrate, cli_ops  # noqa: E402,F401
 
 
 def main() -> None:

@@ -205,6 +205,8 @@ def add_bot(
     name: str,
     opts: BotOptions,
     progress: Progress = _quiet,
+    *,
+    rerender: bool = True,
 ) -> AddResult:
     """Create or converge one bot: role, database, lock-down, env file, registry entry.
 
@@ -290,7 +292,7 @@ def add_bot(
             fleet.bots[name] = entry
 
     # --- compose stack: keep a rendered stack in step with the registry (a warning, never a failure).
-    warning = rerender_if_present(project.root)
+    warning = rerender_if_present(project.root) if rerender else None
     if warning:
         progress(warning)
     # ---
@@ -342,6 +344,7 @@ def remove_bot(
     *,
     backup: bool = True,
     progress: Progress = _quiet,
+    rerender: bool = True,
 ) -> RemoveResult:
     """Back up, then drop one bot's database and role, its env file and registry entry.
 
@@ -387,7 +390,7 @@ def remove_bot(
     # --- compose stack (provisioning/compose.py): drop the bot's service from a rendered stack.
     from .compose import rerender_if_present
 
-    warning = rerender_if_present(project.root)
+    warning = rerender_if_present(project.root) if rerender else None
     if warning:
         progress(warning)
     # ---
