@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import InvalidInput
-from .registry import MIGRATION_MARGIN, BotEntry, Fleet, ServerSettings
+from .registry import DEFAULT_SERVER, MIGRATION_MARGIN, BotEntry, Fleet, ServerSettings
 
 SUPERUSER_RESERVED = 3
 PROVISIONER_MARGIN = 2  # `provision` admin session + a pg_dump during remove-bot
@@ -191,7 +191,8 @@ class Budget:
 
     @property
     def memory_fits(self) -> bool:
-        return self.tuning.memory_estimate_mb <= self.tuning.memory_mb
+        # memory_mb 0: a [servers.NAME] botfleet does not run; its memory is not ours to budget.
+        return self.tuning.memory_mb == 0 or self.tuning.memory_estimate_mb <= self.tuning.memory_mb
 
     @property
     def fits(self) -> bool:
@@ -211,12 +212,35 @@ class Budget:
 
 
 def compute(fleet: Fleet, extra: BotEntry | None = None) -> Budget:
-    """The budget of ``fleet``, with ``extra`` added (or replacing its namesake)."""
-    bots = dict(fleet.bots)
+    """The default server's budget (the compose stack's postgres): its bots, with
+    ``extra`` added (or replacing its namesake) when it goes there."""
+    return server_budget(fleet, DEFAULT_SERVER, extra)
+
+
+def server_budget(fleet: Fleet, server: str, extra: BotEntry | None = None) -> Budget:
+    """One server's budget: the bots placed on it, with ``extra`` added (or replacing its
+    namesake) when ``extra`` is placed there.
+
+    The default server's numbers derive from ``[server]`` (the stack's memory);
+    a ``[servers.NAME]`` has its declared max_connections and no memory model.
+    """
+    bots = fleet.on(server)
     if extra is not None:
-        bots[extra.name] = extra
-    return Budget(tune(fleet.server), fleet.server.pgbouncer,
-                  [bot_share(bots[name], fleet.server) for name in sorted(bots)])
+        bots.pop(extra.name, None)
+        if fleet.server_of(extra) == server:
+            bots[extra.name] = extra
+    if server == DEFAULT_SERVER:
+        return Budget(tune(fleet.server), fleet.server.pgbouncer,
+                      [bot_share(bots[name], fleet.server) for name in sorted(bots)])
+    spec = fleet.servers[server]
+    if not MIN_CONNECTIONS <= spec.max_connections <= MAX_CONNECTIONS or not 0 <= spec.superuser_reserved_connections < spec.max_connections:
+        raise InvalidInput(f"[servers.{server}] max_connections must be {MIN_CONNECTIONS}-{MAX_CONNECTIONS} and "
+                           "superuser_reserved_connections below it")
+    tuning = Tuning(memory_mb=0, shared_buffers_mb=0, effective_cache_size_mb=0, maintenance_work_mem_mb=0,
+                    autovacuum_work_mem_mb=0, work_mem_mb=0, max_connections=spec.max_connections,
+                    max_connections_derived=False, superuser_reserved_connections=spec.superuser_reserved_connections)
+    direct = ServerSettings(pgbouncer=False)
+    return Budget(tuning, False, [bot_share(bots[name], direct) for name in sorted(bots)])
 
 
 def explain(budget: Budget, what: str) -> str:
@@ -229,6 +253,10 @@ def explain(budget: Budget, what: str) -> str:
     else:
         problem = (f"{what}: max_connections {t.max_connections} needs about {t.memory_estimate_mb}MB "
                    f"({t.fixed_mb}MB fixed + {t.max_connections} x {t.per_connection_mb}MB) but postgres has {t.memory_mb}MB")
+    if t.memory_mb == 0:  # a [servers.NAME]: its numbers are declared in fleet.toml
+        return (f"{problem}; nothing was changed. Options: raise that server's max_connections in fleet.toml "
+                "(if the server really allows that many), shrink pools (--pool-size 1 --max-overflow 1), "
+                "or place the bot on another server (--server NAME)")
     per_mb = t.per_connection_mb
     more_mb = t.memory_mb + max(-budget.headroom, 0) * per_mb + max(t.memory_estimate_mb - t.memory_mb, 0)
     options = [f"raise the memory (provision render --postgres-memory {-(-more_mb // 64) * 64}M)"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import tomllib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,35 @@ class ServerSettings:
     bot_image: str = "botfleet-bot:latest"  # built from the repo's Dockerfile
 
 
+DEFAULT_SERVER = "default"
+SERVER_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,39}")
+
+
+@dataclass
+class ExtraServer:
+    """A further PostgreSQL server the fleet places bots on: ``[servers.NAME]``.
+
+    The default server (no name) is ``--admin-url`` / ``ADMIN_DATABASE_URL`` /
+    the embedded one, and the compose stack's postgres; these are servers
+    botfleet does not run, each with its own admin URL and connection budget.
+    """
+
+    admin_url: str  # without a password: PGPASSWORD, ~/.pgpass or ?passfile=... hold it
+    bot_host: str = ""  # the host in its bots' DATABASE_URL; "" = admin_url's host
+    bot_port: int = 0  # 0 = admin_url's port
+    max_connections: int = 100  # its max_connections: the budget its bots must fit in
+    superuser_reserved_connections: int = 3
+
+    def endpoint(self) -> tuple[str, int]:
+        from .db import parse_url
+
+        params = parse_url(self.admin_url)
+        host = self.bot_host or params.get("host") or "127.0.0.1"
+        if host.startswith("/"):  # a socket directory is no address for a bot
+            host = "127.0.0.1"
+        return host, self.bot_port or int(params.get("port") or 5432)
+
+
 @dataclass
 class BotEntry:
     name: str
@@ -65,6 +95,7 @@ class BotEntry:
     env_file: str = ""
     db_host: str = ""  # how this bot reaches the server; "" = the fleet's [server] bot_host
     db_port: int = 0
+    server: str = ""  # the [servers.NAME] it lives on; "" = the default server
 
     @property
     def pool_max(self) -> int:
@@ -79,6 +110,8 @@ class BotEntry:
     def to_toml(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("name")
+        if not data["server"]:
+            data.pop("server")  # a one-server fleet's file stays as it always was
         data["connection_limit"] = self.connection_limit  # informative; derived on load
         return data
 
@@ -92,6 +125,25 @@ _TYPE_WORDS = {int: "a whole number", str: "a string", bool: "true or false"}
 class Fleet:
     server: ServerSettings
     bots: dict[str, BotEntry]
+    servers: dict[str, ExtraServer] = field(default_factory=dict)
+
+    def server_of(self, entry: BotEntry) -> str:
+        return entry.server or DEFAULT_SERVER
+
+    def server_names(self) -> list[str]:
+        return [DEFAULT_SERVER, *sorted(self.servers)]
+
+    def on(self, server: str) -> dict[str, BotEntry]:
+        """The bots placed on ``server`` (a name, or DEFAULT_SERVER)."""
+        return {n: e for n, e in self.bots.items() if self.server_of(e) == server}
+
+    def endpoint(self, entry: BotEntry) -> tuple[str, int]:
+        """Where the bot's DATABASE_URL points: its own override, else its server's."""
+        if entry.server and entry.server in self.servers:
+            host, port = self.servers[entry.server].endpoint()
+        else:
+            host, port = self.server.bot_host, self.server.bot_port
+        return entry.db_host or host, entry.db_port or port
 
 
 class Registry:
@@ -108,7 +160,7 @@ class Registry:
             data = tomllib.loads(self.path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise InvalidInput(f"{self.path} is not valid TOML: {err}") from None
-        unknown = set(data) - {"version", "server", "bots"}
+        unknown = set(data) - {"version", "server", "servers", "bots"}
         if unknown:
             raise InvalidInput(f"{self.path}: unknown table or key {', '.join(sorted(unknown))}")
         server = ServerSettings(**self._checked(ServerSettings, data.get("server", {}), "[server]"))
@@ -125,7 +177,28 @@ class Registry:
             values.setdefault("role", f"{stem}_user")
             values.setdefault("env_file", f"secrets/{name}.env")
             bots[name] = BotEntry(name=name, **values)
-        return Fleet(server, bots)
+        servers = {}
+        raw_servers = data.get("servers", {})
+        if not isinstance(raw_servers, dict):
+            raise InvalidInput(f"{self.path}: servers must be a table of [servers.NAME] tables")
+        for name, raw in raw_servers.items():
+            where = f"[servers.{name}]"
+            if SERVER_NAME_RE.fullmatch(name) is None or name == DEFAULT_SERVER:
+                raise InvalidInput(f"{self.path}: {where}: a server name is 1-40 of a-z 0-9 '-' starting with a "
+                                   f"letter, and not {DEFAULT_SERVER!r}")
+            values = self._checked(ExtraServer, raw, where)
+            if "admin_url" not in values:
+                raise InvalidInput(f"{self.path}: {where} needs admin_url")
+            from .db import parse_url
+
+            if parse_url(values["admin_url"]).get("password"):
+                raise InvalidInput(f"{self.path}: {where} admin_url must not contain a password (fleet.toml is "
+                                   "committed): use PGPASSWORD, ~/.pgpass or ?passfile=PATH")
+            servers[name] = ExtraServer(**values)
+        for name, entry in bots.items():
+            if entry.server and entry.server not in servers:
+                raise InvalidInput(f"{self.path}: [bots.{name}] server {entry.server!r} is not a [servers.NAME] table")
+        return Fleet(server, bots, servers)
 
     def _checked(self, cls: type, raw: Any, where: str, derived: tuple[str, ...] = ()) -> dict[str, Any]:
         """``raw``'s keys and value types checked against ``cls``'s fields: a typo in a
@@ -147,11 +220,10 @@ class Registry:
         return out
 
     def _dump(self, fleet: Fleet) -> str:
-        data = {
-            "version": 1,
-            "server": asdict(fleet.server),
-            "bots": {name: fleet.bots[name].to_toml() for name in sorted(fleet.bots)},
-        }
+        data: dict[str, Any] = {"version": 1, "server": asdict(fleet.server)}
+        if fleet.servers:
+            data["servers"] = {name: asdict(fleet.servers[name]) for name in sorted(fleet.servers)}
+        data["bots"] = {name: fleet.bots[name].to_toml() for name in sorted(fleet.bots)}
         return HEADER + tomli_w.dumps(data)
 
     @contextlib.contextmanager
