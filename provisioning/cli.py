@@ -6,6 +6,7 @@ Heavy modules (psycopg, the core) are imported inside the commands so that
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -92,15 +93,66 @@ def _project(path: Path | None) -> Path:
     return (path or Path.cwd()).resolve()
 
 
-def _connect(project: Path, admin_url: str | None, quiet: bool = False):
-    from . import db
-    from .server import choose
+ServerOpt = Annotated[
+    Optional[str],
+    typer.Option("--server", help="A server of the fleet: 'default' or a [servers.NAME] of fleet.toml.",
+                 show_default=False),
+]
 
-    choice = choose(project, admin_url)
+
+def _connect(project: Path, admin_url: str | None, quiet: bool = False, *, server: str = "default", fleet=None):
+    """Open an admin connection to one of the fleet's servers (the default one unless named)."""
+    from . import db
+    from .server import choose_named
+
+    if fleet is None and server != "default":
+        from .registry import Registry
+
+        fleet = Registry(project).load()
+    choice = choose_named(project, fleet, server, admin_url)
     _say(choice.banner())
     conn = db.connect(choice.url)
     info = db.admin_info(conn)
     return choice, conn, info
+
+
+def _servers_to_visit(project: Path, fleet, admin_url: str | None, server: str | None = None) -> list[str]:
+    """The servers a fleet-wide command looks at: ``server`` alone when given; else every
+    [servers.NAME], and the default one unless the fleet lives entirely on
+    [servers.NAME] (then it is visited only when named by --admin-url /
+    ADMIN_DATABASE_URL, or when the embedded server is already running)."""
+    import os
+
+    from .registry import DEFAULT_SERVER
+    from .server import ENV_ADMIN_URL
+
+    if server is not None:
+        if server != DEFAULT_SERVER and server not in fleet.servers:
+            from .errors import InvalidInput
+
+            raise InvalidInput(f"no server {server!r} in fleet.toml (known: {', '.join(fleet.server_names())})")
+        return [server]
+    names = sorted(fleet.servers)  # even without bots: a bot removed from fleet.toml may be left there
+    default_needed = (not fleet.servers or fleet.on(DEFAULT_SERVER) or admin_url or os.environ.get(ENV_ADMIN_URL))
+    if not default_needed:
+        from .embedded import EmbeddedServer
+
+        default_needed = EmbeddedServer(project / ".botfleet").status().running
+    return ([DEFAULT_SERVER] if default_needed else []) + names
+
+
+@contextlib.contextmanager
+def _each_server(project: Path, fleet, admin_url: str | None, names: list[str]):
+    """Admin connections to several of the fleet's servers: [(name, choice, conn, info)]."""
+    opened = []
+    try:
+        for name in names:
+            choice, conn, info = _connect(project, admin_url, server=name, fleet=fleet)
+            opened.append((name, choice, conn, info))
+        yield opened
+    finally:
+        for _name, _choice, conn, _info in opened:
+            conn.close()
 
 
 @app.command("add-bot")
@@ -117,6 +169,9 @@ def add_bot(
     db_port: Annotated[Optional[int], typer.Option(help="Port in the bot's DATABASE_URL.", show_default="5432")] = None,
     rotate_password: Annotated[bool, typer.Option("--rotate-password", help="Give an existing bot a new password.")] = False,
     no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not run the bot's migrations to head.")] = False,
+    server: Annotated[Optional[str], typer.Option("--server", help="Place a new bot on this server: 'default' or a "
+                                                  "[servers.NAME] of fleet.toml.",
+                                                  show_default="the one with the most headroom")] = None,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -124,20 +179,31 @@ def add_bot(
     """Create (or converge) one bot: an isolated database and login role, its 0600 env file, its registry entry.
 
     Running it again repairs drift and keeps the password unless --rotate-password.
+    In a fleet with several servers a new bot goes to --server, or to the one with
+    the most connection headroom; an existing bot stays where it is.
 
     Example: provision add-bot hello-bot --pool-size 2 --max-overflow 3
     """
-    from .fleet import BotOptions, Project, add_bot as core_add, check_options
+    from .fleet import BotOptions, Project, add_bot as core_add, check_options, plan_entry
     from .names import validate
+    from .registry import DEFAULT_SERVER
+    from .server import place
 
     opts = BotOptions(
         pool_size=pool_size, max_overflow=max_overflow, replicas=replicas, statement_timeout=statement_timeout,
         idle_timeout=idle_timeout, code=code, db_host=db_host, db_port=db_port, rotate_password=rotate_password,
+        server=server,
     )
-    validate(name)  # bad input fails before any server is started or touched
+    names = validate(name)  # bad input fails before any server is started or touched
     check_options(opts)
     root = _project(project)
-    choice, conn, info = _connect(root, admin_url)
+    fleet = Project(root).registry.load()
+    entry, _has_code = plan_entry(Project(root), names, fleet.bots.get(name), opts)
+    if server is None and name not in fleet.bots and fleet.servers:
+        opts.server = place(fleet, entry)
+        _say(f"placing {name} on server {opts.server} (the most headroom)")
+    target = opts.server if opts.server is not None else fleet.server_of(entry)
+    choice, conn, info = _connect(root, admin_url, server=target or DEFAULT_SERVER, fleet=fleet)
     with conn:
         result = core_add(conn, info, choice.url, Project(root), name, opts, progress=_say)
     migration = None if no_migrate or not result.has_code else _migrate_new_bot(root, choice.url, name)
@@ -186,6 +252,8 @@ def remove_bot(
     name: Annotated[str, typer.Argument(help="The bot to remove.", show_default=False)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     no_backup: Annotated[bool, typer.Option("--no-backup", help="Drop without a pg_dump backup first (data is lost).")] = False,
+    server: Annotated[Optional[str], typer.Option("--server", help="For a bot not in fleet.toml: the server it is on.",
+                                                  show_default="its registry entry's, else 'default'")] = None,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -208,7 +276,12 @@ def remove_bot(
         if not typer.confirm(f"Drop bot {name!r} (database, role, credentials) {what}?", default=False):
             raise _fail("aborted; nothing was changed", 1)
     root = _project(project)
-    choice, conn, info = _connect(root, admin_url)
+    fleet = Project(root).registry.load()
+    entry = fleet.bots.get(name)
+    where = fleet.server_of(entry) if entry is not None else (server or "default")
+    if entry is not None and server is not None and server != where:
+        raise InvalidInput(f"{name} lives on server {where}, not {server}")
+    choice, conn, info = _connect(root, admin_url, server=where, fleet=fleet)
     with conn:
         result = core_remove(conn, info, choice.url, Project(root), name, backup=not no_backup, progress=_say)
     if as_json:
@@ -244,24 +317,29 @@ def list_cmd(
     """Every bot in the registry with live facts: exists, size, connections in use / limit.
 
     Bot databases on the server that the registry does not know are flagged.
+    A fleet with several servers is listed across all of them (a SERVER column).
 
     Example: provision list --json
     """
     from .fleet import Project, list_bots
 
     root = _project(project)
-    _choice, conn, _info = _connect(root, admin_url)
-    with conn:
-        rows = list_bots(conn, Project(root))
+    fleet = Project(root).registry.load()
+    rows = []
+    with _each_server(root, fleet, admin_url, _servers_to_visit(root, fleet, admin_url)) as servers:
+        for name, _choice, conn, _info in servers:
+            rows += list_bots(conn, Project(root), server=name)
+    rows.sort(key=lambda r: (r["bot"], r["server"]))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
         typer.echo("no bots yet: provision add-bot NAME")
         return
-    print_table(("BOT", "STATUS", "DATABASE", "SIZE", "CONN", "LIMIT", "POOL"), [
-        (r["bot"], r["status"], r["database"], _size(r["size_bytes"]), str(r["connections"]),
-         "-" if r["connection_limit"] is None else str(r["connection_limit"]), r["pool"] or "-")
+    many = bool(fleet.servers)
+    print_table(("BOT", *(("SERVER",) if many else ()), "STATUS", "DATABASE", "SIZE", "CONN", "LIMIT", "POOL"), [
+        (r["bot"], *((r["server"],) if many else ()), r["status"], r["database"], _size(r["size_bytes"]),
+         str(r["connections"]), "-" if r["connection_limit"] is None else str(r["connection_limit"]), r["pool"] or "-")
         for r in rows
     ])
 

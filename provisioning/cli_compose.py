@@ -50,7 +50,10 @@ def _print_budget(b) -> None:
     t = b.tuning
     how = "derived from the memory" if t.max_connections_derived else "set in fleet.toml"
     mode = "through PgBouncer (transaction pooling)" if b.pgbouncer else "direct (no PgBouncer)"
-    typer.echo(f"postgres {t.memory_mb}MB, max_connections {t.max_connections} ({how}); bots connect {mode}")
+    if t.memory_mb:
+        typer.echo(f"postgres {t.memory_mb}MB, max_connections {t.max_connections} ({how}); bots connect {mode}")
+    else:
+        typer.echo(f"max_connections {t.max_connections} ({how}); bots connect directly")
     typer.echo("")
     if b.bots:
         print_table(("BOT", "POOL", "REPLICAS", "CLIENTS", "SERVER SHARE"), [
@@ -63,10 +66,13 @@ def _print_budget(b) -> None:
         ("bots", f"{b.total} ({share})"),
         ("total", f"{b.reserve + b.total} of max_connections {t.max_connections}"),
         ("headroom", str(b.headroom)),
-        ("memory", f"{t.memory_estimate_mb}MB of {t.memory_mb}MB: shared_buffers {t.shared_buffers_mb}MB + other fixed "
-                   f"{t.fixed_mb - t.shared_buffers_mb}MB + {t.max_connections} connections x {t.per_connection_mb}MB "
-                   f"(work_mem {t.work_mem_mb}MB + backend)"),
     ]
+    if t.memory_mb:
+        rows.append(("memory", f"{t.memory_estimate_mb}MB of {t.memory_mb}MB: shared_buffers {t.shared_buffers_mb}MB + "
+                               f"other fixed {t.fixed_mb - t.shared_buffers_mb}MB + {t.max_connections} connections x "
+                               f"{t.per_connection_mb}MB (work_mem {t.work_mem_mb}MB + backend)"))
+    else:
+        rows.append(("memory", "not botfleet's to budget (a server it does not run)"))
     for label, value in rows:
         typer.echo(f"{label:<10}{value}")
     typer.secho("fits" if b.fits else "does NOT fit", fg=typer.colors.GREEN if b.fits else typer.colors.RED, bold=True)
@@ -85,21 +91,34 @@ def budget_cmd(
     """The shared PostgreSQL's connection and memory budget: max_connections, the reserve, each bot's share, the sum and the headroom, and the memory estimate against the container limit.
 
     Options preview a change without saving it. Exit code 2 when the fleet does not fit.
+    A fleet with several servers gets one budget per server.
 
     Example: provision budget --postgres-memory 1G
     """
-    from .budget import check, compute
+    from .budget import check, explain, server_budget
+    from .db import describe
+    from .errors import InvalidInput
     from .fleet import Project
 
     fleet = Project(_project(project)).registry.load()
     fleet.server = _settings(fleet.server, postgres_memory=postgres_memory, max_connections=max_connections,
                              pgbouncer=pgbouncer, pgbouncer_pool_size=pgbouncer_pool_size)
-    b = compute(fleet)
+    budgets = {name: server_budget(fleet, name) for name in fleet.server_names()}
     if as_json:
-        typer.echo(json.dumps(b.as_dict(), indent=2))
+        data = (budgets["default"].as_dict() if not fleet.servers
+                else {"servers": {name: b.as_dict() for name, b in budgets.items()}})
+        typer.echo(json.dumps(data, indent=2))
     else:
-        _print_budget(b)
-    check(b, "the fleet")
+        for i, (name, b) in enumerate(budgets.items()):
+            if fleet.servers:
+                typer.secho(("\n" if i else "") + f"== server {name}" + (" (the compose stack's postgres)"
+                            if name == "default" else f" ({describe(fleet.servers[name].admin_url)})"), bold=True)
+            _print_budget(b)
+    over = [(name, b) for name, b in budgets.items() if not b.fits]
+    if len(over) == 1 and not fleet.servers:
+        check(over[0][1], "the fleet")
+    elif over:
+        raise InvalidInput("; ".join(explain(b, f"server {name}") for name, b in over))
 
 
 @app.command("render")

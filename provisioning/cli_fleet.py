@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import AdminUrlOpt, JsonOpt, ProjectOpt, _connect, _fail, _project, _say, app, command
+from .cli import AdminUrlOpt, JsonOpt, ProjectOpt, _each_server, _fail, _project, _say, _servers_to_visit, app, command
 
 PruneOpt = Annotated[bool, typer.Option("--prune", help="Also remove bots this project created (it holds their "
                                         "secrets/NAME.env) that fleet.toml no longer names, each after a pg_dump backup.")]
@@ -32,21 +32,27 @@ def _print_plan(fleet_plan) -> None:
               "*": typer.colors.BLUE, "=": typer.colors.BRIGHT_BLACK}
     for step in fleet_plan.steps:
         sym = SYMBOL[step.action]
-        typer.secho(f"{sym} {step.action:<8}{step.subject}", fg=colors[sym], bold=step.action != "keep")
+        where = "" if step.server == "default" or step.action == "file" else f"  (server {step.server})"
+        typer.secho(f"{sym} {step.action:<8}{step.subject}{where}", fg=colors[sym], bold=step.action != "keep")
         for detail in step.details:
             typer.echo(f"    {detail}")
     typer.echo(f"plan: {fleet_plan.summary()}")
 
 
-def _make_plan(conn, choice, info, root, prune: bool, ignore, no_migrate: bool):
+def _make_plan(links, root, prune: bool, ignore, no_migrate: bool):
     from .declarative import plan
     from .fleet import Project
 
-    return plan(conn, info, choice.url, Project(root), prune=prune, ignore=tuple(ignore or ()),
-                migrations=not no_migrate, progress=_say)
+    return plan(links, Project(root), prune=prune, ignore=tuple(ignore or ()), migrations=not no_migrate, progress=_say)
 
 
-def _migrate(project, url: str, fleet_plan, jobs: int | None, quiet: bool):
+def _links(servers):
+    from .declarative import ServerLink
+
+    return [ServerLink(name, conn, info, choice.url) for name, choice, conn, info in servers]
+
+
+def _migrate(project, url: str | None, fleet_plan, jobs: int | None, quiet: bool):
     """The plan's migrate steps: each bot to head as its own role, with migrate's progress bar."""
     from .cli_migrate import run_migrations
     from .declarative import MIGRATE, migration_results
@@ -81,10 +87,12 @@ def plan_cmd(
 
     Example: provision plan --prune
     """
+    from .fleet import Project
+
     root = _project(project)
-    choice, conn, info = _connect(root, admin_url)
-    with conn:
-        fleet_plan = _make_plan(conn, choice, info, root, prune, ignore_stray, no_migrate)
+    fleet = Project(root).registry.load()
+    with _each_server(root, fleet, admin_url, _servers_to_visit(root, fleet, admin_url)) as servers:
+        fleet_plan = _make_plan(_links(servers), root, prune, ignore_stray, no_migrate)
     if as_json:
         typer.echo(json.dumps(fleet_plan.as_dict(), indent=2))
     elif not fleet_plan.problems:
@@ -125,9 +133,12 @@ def apply_cmd(
     if jobs is not None and not 1 <= jobs <= 64:
         raise InvalidInput("--jobs must be between 1 and 64")
     root = _project(project)
-    choice, conn, info = _connect(root, admin_url)
-    with conn:
-        fleet_plan = _make_plan(conn, choice, info, root, prune, ignore_stray, no_migrate)
+    fleet = Project(root).registry.load()
+    default_url = None
+    with _each_server(root, fleet, admin_url, _servers_to_visit(root, fleet, admin_url)) as servers:
+        links = _links(servers)
+        default_url = next((link.url for link in links if link.name == "default"), None)
+        fleet_plan = _make_plan(links, root, prune, ignore_stray, no_migrate)
         if fleet_plan.problems:
             raise _fail("; ".join(fleet_plan.problems) + "; nothing was changed", 2)
         removals = [s.subject for s in fleet_plan.of("remove")]
@@ -139,9 +150,9 @@ def apply_cmd(
                 _print_plan(fleet_plan)
             if not typer.confirm(f"Remove {', '.join(removals)} (each backed up first)?", default=False):
                 raise _fail("aborted; nothing was changed", 1)
-        results = apply_server(conn, info, choice.url, Project(root), fleet_plan, progress=_say)
-    # Migrations run in forked workers: after the admin connection is closed.
-    results += _migrate(Project(root), choice.url, fleet_plan, jobs, quiet=as_json)
+        results = apply_server(links, Project(root), fleet_plan, progress=_say)
+    # Migrations run in forked workers: after the admin connections are closed.
+    results += _migrate(Project(root), default_url, fleet_plan, jobs, quiet=as_json)
     results += apply_files(Project(root))
     if as_json:
         typer.echo(json.dumps({"plan": fleet_plan.as_dict(), "results": [r.as_dict() for r in results]}, indent=2))

@@ -17,10 +17,18 @@ LockWaitOpt = Annotated[
 ]
 
 
-def _server_url(root: Path, admin_url: str | None) -> str:
-    """The server to reach bots on, announced; no admin connection is opened."""
+def _server_url(root: Path, admin_url: str | None, bots: list[str] | None = None) -> str | None:
+    """The default server's URL, to reach its bots on, announced; no admin connection is
+    opened. None when none of ``bots`` (None: the whole registry) lives there, so a fleet
+    living on [servers.NAME] only never starts the embedded server for nothing."""
+    from .registry import DEFAULT_SERVER, Registry
     from .server import choose
 
+    fleet = Registry(root).load()
+    if fleet.servers:
+        chosen = [fleet.bots[b] for b in (bots or fleet.bots) if b in fleet.bots]
+        if not any(fleet.server_of(e) == DEFAULT_SERVER for e in chosen):
+            return None
     choice = choose(root, admin_url)
     _say(choice.banner())
     return choice.url
@@ -68,7 +76,8 @@ def migrate_cmd(
     to: Annotated[str, typer.Option("--to", help="Target revision.")] = "head",
     sql_only: Annotated[bool, typer.Option("--sql", help="Print the SQL instead of running it.")] = False,
     bot_urls: Annotated[bool, typer.Option("--bot-urls", help="Connect with each bot's own DATABASE_URL from its env "
-                                           "file (inside the compose network) instead of via the admin server's address.")] = False,
+                                           "file (inside the compose network) instead of via its server's admin address; "
+                                           "with --admin-url, the default server's bots still go there (behind PgBouncer).")] = False,
     lock_wait: LockWaitOpt = 60.0,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
@@ -90,8 +99,8 @@ def migrate_cmd(
     if jobs is not None and not 1 <= jobs <= 64:
         raise InvalidInput("--jobs must be between 1 and 64")
     root = _project(project)
-    url = None if bot_urls else _server_url(root, admin_url)
-    targets, early = plan_targets(Project(root), bots or [], all_bots=all_bots, admin_url=url)
+    url = admin_url if bot_urls else _server_url(root, admin_url, None if all_bots else bots)
+    targets, early = plan_targets(Project(root), bots or [], all_bots=all_bots, admin_url=url, bot_urls=bot_urls)
     if sql_only:
         for target in targets:
             current = current_revision(target.conninfo)
@@ -132,7 +141,7 @@ def current_cmd(
     from .migrate import current_revision, head_of, plan_targets, script_directory, one_line
 
     root = _project(project)
-    url = _server_url(root, admin_url)
+    url = _server_url(root, admin_url, bots or None)
     targets, early = plan_targets(Project(root), bots or [], all_bots=not bots, admin_url=url)
     rows = []
     for t in targets:
@@ -188,7 +197,8 @@ def history_cmd(
     current = "?"
     if name in fleet.bots:
         found = codes.with_migrations(root, fleet.bots[name].code)
-        targets, early = plan_targets(Project(root), [name], all_bots=False, admin_url=_server_url(root, admin_url))
+        targets, early = plan_targets(Project(root), [name], all_bots=False,
+                                      admin_url=_server_url(root, admin_url, [name]))
         if targets:
             current = current_revision(targets[0].conninfo)
     else:
@@ -270,7 +280,7 @@ def downgrade_cmd(
             raise InvalidInput(f"downgrade {name} {revision} may drop data: pass --yes to confirm")
         if not typer.confirm(f"Downgrade {name!r} to {revision} (after a backup: {not no_backup})?", default=False):
             raise _fail("aborted; nothing was changed", 1)
-    choice, conn, info = _connect(root, admin_url)
+    choice, conn, info = _connect(root, admin_url, server=fleet.server_of(fleet.bots[name]), fleet=fleet)
     with conn:
         targets, early = plan_targets(Project(root), [name], all_bots=False, admin_url=choice.url)
         if early:

@@ -9,7 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import AdminUrlOpt, JsonOpt, ProjectOpt, _connect, _fail, _project, _say, _size, app, command, print_table
+from .cli import (
+    AdminUrlOpt, JsonOpt, ProjectOpt, _connect, _each_server, _fail, _project, _say, _servers_to_visit, _size, app, command,
+    print_table,
+)
 
 BotsArg = Annotated[Optional[list[str]], typer.Argument(help="Bots (names in fleet.toml).", show_default=False)]
 AllOpt = Annotated[bool, typer.Option("--all", help="Every bot in the registry.")]
@@ -65,14 +68,18 @@ def backup_cmd(
         typer.echo("no bots in the registry: provision add-bot NAME")
         return
     fleet = Project(root).registry.load()
-    choice, conn, info = _connect(root, admin_url)
-    conn.close()  # pg_dump opens its own connections
+    servers: dict[str, tuple[str, int]] = {}  # server -> (admin URL, major), opened on first use
     results = []
     for i, bot in enumerate(chosen, 1):
         entry = fleet.bots[bot]
+        where = fleet.server_of(entry)
+        if where not in servers:
+            choice, conn, info = _connect(root, admin_url, server=where, fleet=fleet)
+            conn.close()  # pg_dump opens its own connections
+            servers[where] = (choice.url, info.major)
+        url, major = servers[where]
         _say(f"[{i}/{len(chosen)}] {bot}: pg_dump of {entry.database}")
-        result = backup_bot(choice.url, entry.database, Project(root).backups(bot), bot,
-                            server_major=info.major, keep=keep)
+        result = backup_bot(url, entry.database, Project(root).backups(bot), bot, server_major=major, keep=keep)
         results.append(result)
         if result.ok:
             _say(f"[{i}/{len(chosen)}] {bot}: {_size(result.size_bytes)} in {result.seconds:.1f}s"
@@ -136,7 +143,8 @@ def restore_cmd(
             raise _fail("aborted; nothing was changed", 1)
         return True
 
-    choice, conn, info = _connect(root, admin_url)
+    fleet = Project(root).registry.load()
+    choice, conn, info = _connect(root, admin_url, server=fleet.server_of(fleet.bots[name]), fleet=fleet)
     with conn:
         result = restore(conn, info, choice.url, Project(root), name, path, confirm=confirm,
                          require_checksum=not no_checksum, progress=_say)
@@ -177,15 +185,18 @@ def rotate_cmd(
     if not chosen:
         typer.echo("no bots in the registry: provision add-bot NAME")
         return
-    choice, conn, info = _connect(root, admin_url)
+    fleet = Project(root).registry.load()
     done, failed = [], []
-    with conn:
-        for i, bot in enumerate(chosen, 1):
-            _say(f"[{i}/{len(chosen)}] {bot}")
-            try:
-                done.append(rotate(conn, info, choice.url, Project(root), bot, progress=_say))
-            except ProvisionError as err:
-                failed.append((bot, str(err)))
+    order = {bot: i for i, bot in enumerate(chosen, 1)}
+    where = {bot: fleet.server_of(fleet.bots[bot]) for bot in chosen}
+    with _each_server(root, fleet, admin_url, list(dict.fromkeys(where[b] for b in chosen))) as servers:
+        for name, choice, conn, info in servers:
+            for bot in (b for b in chosen if where[b] == name):
+                _say(f"[{order[bot]}/{len(chosen)}] {bot}")
+                try:
+                    done.append(rotate(conn, info, choice.url, Project(root), bot, progress=_say))
+                except ProvisionError as err:
+                    failed.append((bot, str(err)))
     recreate = recreate_command([r.bot for r in done]) if done else None
     if as_json:
         typer.echo(json.dumps({"rotated": [r.as_dict() for r in done], "failed": [{"bot": b, "error": e} for b, e in failed],
@@ -204,6 +215,11 @@ def rotate_cmd(
         typer.secho(f"error: {bot}: {error}", err=True, fg=typer.colors.RED)
     if failed:
         raise typer.Exit(1)
+
+
+def _who(finding) -> str:
+    who = finding.bot or "fleet"
+    return who if finding.server == "default" else f"{who} (server {finding.server})"
 
 
 @app.command("doctor")
@@ -229,13 +245,18 @@ def doctor_cmd(
 
     Example: provision doctor --fix
     """
-    from .doctor import run
+    from .doctor import Report, run
     from .fleet import Project
 
     root = _project(project)
-    choice, conn, info = _connect(root, admin_url)
-    with conn:
-        report = run(conn, info, choice.url, Project(root), repair=fix, ignore=tuple(ignore_stray or ()), progress=_say)
+    fleet = Project(root).registry.load()
+    reports = []
+    with _each_server(root, fleet, admin_url, _servers_to_visit(root, fleet, admin_url)) as servers:
+        for i, (name, choice, conn, info) in enumerate(servers):
+            reports.append(run(conn, info, choice.url, Project(root), repair=fix, ignore=tuple(ignore_stray or ()),
+                               progress=_say, server=name, files=i == 0))
+    report = Report([f for r in reports for f in r.found], [f for r in reports for f in r.tried],
+                    [f for r in reports for f in r.remaining])
     if as_json:
         typer.echo(json.dumps({"ok": report.ok, "found": [f.as_dict() for f in report.found],
                                "fixed": [f.as_dict() for f in report.tried],
@@ -243,10 +264,10 @@ def doctor_cmd(
     else:
         for f in report.tried:
             colour = typer.colors.GREEN if f.status == "fixed" else typer.colors.RED
-            typer.secho(f"{f.status}: {f.bot or 'fleet'}: {f.message}", fg=colour)
+            typer.secho(f"{f.status}: {_who(f)}: {f.message}", fg=colour)
             typer.echo(f"    {f.fix}" + (f"  -> {f.error}" if f.error else ""))
         for f in report.remaining:
-            typer.secho(f"finding: {f.bot or 'fleet'}: {f.message}", fg=typer.colors.YELLOW)
+            typer.secho(f"finding: {_who(f)}: {f.message}", fg=typer.colors.YELLOW)
             typer.echo(f"    fix: {f.fix}" + ("  (provision doctor --fix does this)" if f.fixable and not fix else ""))
         fixed = sum(1 for f in report.tried if f.status == "fixed")
         if report.ok:

@@ -140,8 +140,12 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
             if svc.get("env_file") != [own_env] or _secret_sources(svc):
                 errs.append(f"bot {bot}: must read its own env file {own_env} and no other credentials")
             deps = svc.get("depends_on") or {}
-            if _get(deps, "postgres", "condition") != "service_healthy":
+            entry = fleet.bots.get(bot)
+            local = entry is None or fleet.server_of(entry) == "default"
+            if local and _get(deps, "postgres", "condition") != "service_healthy":
                 errs.append(f"bot {bot}: must depend on postgres with condition service_healthy")
+            if not local and "postgres" in deps:
+                errs.append(f"bot {bot}: lives on server {entry.server}, not on the stack's postgres")
             if migrate is not None and _get(deps, "migrate", "condition") != "service_completed_successfully":
                 errs.append(f"bot {bot}: must wait for migrate (service_completed_successfully)")
     if stack:

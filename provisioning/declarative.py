@@ -26,6 +26,7 @@ refused as a whole before any change.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +42,7 @@ from .fleet import (
 )
 from .files import read_env_file
 from .names import validate
-from .registry import BotEntry, Fleet
+from .registry import DEFAULT_SERVER, BotEntry, Fleet
 
 Progress = Callable[[str], None]
 
@@ -59,6 +60,7 @@ class Step:
     action: str  # create | update | remove | migrate | file | keep (keep: nothing will be done)
     subject: str  # a bot name, or a file path for "file"
     details: list[str] = field(default_factory=list)
+    server: str = DEFAULT_SERVER  # where a bot step happens
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,8 +183,7 @@ def _bot_steps(conn: psycopg.Connection, admin: AdminInfo, admin_url: str, proje
         details.append(f"{rel}: {'missing' if not env_path.exists() else 'no usable DATABASE_URL'}; "
                        "written with a new password (set on the server)")
     else:
-        host = entry.db_host or fleet.server.bot_host
-        port = entry.db_port or fleet.server.bot_port
+        host, port = fleet.endpoint(entry)
         expected = render_env(entry, database_url(entry, host, port, password))
         if env_path.read_text(encoding="utf-8") != expected:
             details += [f"{rel}: {d}" for d in _env_diff(env_path, entry, expected)]
@@ -247,10 +248,18 @@ def _file_steps(root: Path, fleet: Fleet) -> list[Step]:
     return steps
 
 
+@dataclass
+class ServerLink:
+    """An open admin connection to one of the fleet's servers."""
+
+    name: str  # DEFAULT_SERVER or a [servers.NAME]
+    conn: psycopg.Connection
+    admin: AdminInfo
+    url: str = field(repr=False)
+
+
 def plan(
-    conn: psycopg.Connection,
-    admin: AdminInfo,
-    admin_url: str,
+    servers: list[ServerLink],
     project: Project,
     *,
     prune: bool = False,
@@ -258,19 +267,29 @@ def plan(
     migrations: bool = True,
     progress: Progress = _quiet,
 ) -> FleetPlan:
-    """Every step apply would take to make the server and the files match fleet.toml. Reads only."""
+    """Every step apply would take to make the servers and the files match fleet.toml.
+    Reads only. ``servers`` must include every server that has registry bots."""
     from . import budget as budgets
     from . import compose
     from .doctor import stray_bots
 
     fleet = project.registry.load()
     problems: list[str] = []
+    links = {link.name: link for link in servers}
     for entry in fleet.bots.values():
-        problems += _entry_problems(project, admin, entry)
-    if compose.stack_present(project.root):
+        link = links.get(fleet.server_of(entry))
+        if link is None:
+            problems.append(f"bot {entry.name}: its server {fleet.server_of(entry)} was not reached")
+            continue
+        problems += _entry_problems(project, link.admin, entry)
+    for server in fleet.server_names():
+        if server == DEFAULT_SERVER and not compose.stack_present(project.root):
+            continue  # the default server's size is known only for a rendered stack
         try:
-            budgets.validate_server(fleet.server)
-            budgets.check(budgets.compute(fleet), "fleet.toml")
+            if server == DEFAULT_SERVER:
+                budgets.validate_server(fleet.server)
+            budgets.check(budgets.server_budget(fleet, server),
+                          "fleet.toml" + ("" if server == DEFAULT_SERVER else f" on server {server}"))
         except InvalidInput as err:
             problems.append(str(err))
     if problems:
@@ -282,24 +301,33 @@ def plan(
     for i, name in enumerate(names, 1):
         progress(f"comparing {name} ({i}/{len(names)})")
         entry = fleet.bots[name]
-        step, db_exists = _bot_steps(conn, admin, admin_url, project, fleet, entry, problems)
+        link = links[fleet.server_of(entry)]
+        step, db_exists = _bot_steps(link.conn, link.admin, link.url, project, fleet, entry, problems)
         if step is not None:
-            steps.append(step)
+            steps.append(dataclasses.replace(step, server=link.name))
         if migrations:
-            m = _migration_step(project, admin_url, entry, db_exists)
+            m = _migration_step(project, link.url, entry, db_exists)
             if m is not None:
-                migrate.append(m)
+                migrate.append(dataclasses.replace(m, server=link.name))
     others: list[str] = []
-    for bot, objects in stray_bots(conn, fleet, ignore).items():
-        if not project.env_file(bot).exists():
-            # Not this project's (it holds no credentials for it): another fleet on the
-            # same server, or a bot set up elsewhere. Never pruned, only counted.
-            others.append(bot)
-        elif prune:
-            steps.append(Step(REMOVE, bot, ["pg_dump backup into " + str(Path("backups") / bot), *objects,
-                                            f"secrets/{bot}.env"]))
-        else:
-            steps.append(Step(KEEP, bot, [*objects, "not in fleet.toml (apply --prune backs it up, then removes it)"]))
+    for link in servers:
+        here = Fleet(fleet.server, fleet.on(link.name), fleet.servers)
+        for bot, objects in stray_bots(link.conn, here, ignore).items():
+            if bot in fleet.bots:
+                # Left over where a registry bot no longer lives: never pruned (remove-bot
+                # would also delete the live bot's env file and registry entry).
+                steps.append(Step(KEEP, bot, [*objects, f"left over here; {bot} lives on server "
+                                              f"{fleet.server_of(fleet.bots[bot])} (never pruned)"], link.name))
+            elif not project.env_file(bot).exists():
+                # Not this project's (it holds no credentials for it): another fleet on the
+                # same server, or a bot set up elsewhere. Never pruned, only counted.
+                others.append(bot)
+            elif prune:
+                steps.append(Step(REMOVE, bot, ["pg_dump backup into " + str(Path("backups") / bot), *objects,
+                                                f"secrets/{bot}.env"], link.name))
+            else:
+                steps.append(Step(KEEP, bot, [*objects, "not in fleet.toml (apply --prune backs it up, then removes it)"],
+                                  link.name))
     steps += migrate
     steps += _file_steps(project.root, fleet)
     return FleetPlan(steps, problems, others)
@@ -320,9 +348,7 @@ class StepResult:
 
 
 def apply_server(
-    conn: psycopg.Connection,
-    admin: AdminInfo,
-    admin_url: str,
+    servers: list[ServerLink],
     project: Project,
     fleet_plan: FleetPlan,
     *,
@@ -335,17 +361,19 @@ def apply_server(
         raise InvalidInput(fleet_plan.problems[0] + (f" (and {len(fleet_plan.problems) - 1} more problem(s))"
                                                     if len(fleet_plan.problems) > 1 else "") + "; nothing was changed")
     results: list[StepResult] = []
+    links = {link.name: link for link in servers}
     for step in fleet_plan.steps:
         if step.action not in (CREATE, UPDATE, REMOVE):
             continue
-        progress(f"{step.action} {step.subject}")
+        link = links[step.server]
+        progress(f"{step.action} {step.subject}" + ("" if step.server == DEFAULT_SERVER else f" on server {step.server}"))
         try:
             if step.action == REMOVE:
-                removed = remove_bot(conn, admin, admin_url, project, step.subject, backup=True, progress=progress,
-                                     rerender=False)
+                removed = remove_bot(link.conn, link.admin, link.url, project, step.subject, backup=True,
+                                     progress=progress, rerender=False)
                 results.append(StepResult(REMOVE, step.subject, True, f"backup {removed.backup}" if removed.backup else ""))
             else:
-                added = add_bot(conn, admin, admin_url, project, step.subject, BotOptions(), progress=progress,
+                added = add_bot(link.conn, link.admin, link.url, project, step.subject, BotOptions(), progress=progress,
                                 rerender=False)
                 results.append(StepResult(step.action, step.subject, True, added.status))
         except ProvisionError as err:

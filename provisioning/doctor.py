@@ -26,7 +26,7 @@ from .db import AdminInfo, advisory_lock, connect, parse_url, with_database
 from .files import read_env_file
 from .fleet import Project, database_spec, role_spec, stored_password
 from .passwords import verifier_matches
-from .registry import BotEntry, Fleet
+from .registry import DEFAULT_SERVER, BotEntry, Fleet
 
 Progress = Callable[[str], None]
 MARKER_PREFIX = "botfleet bot "
@@ -46,9 +46,10 @@ class Finding:
     status: str = "found"  # found | fixed | not fixed
     error: str | None = None
     repair: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
+    server: str = DEFAULT_SERVER
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("check", "bot", "message", "fix", "fixable", "status", "error")}
+        return {k: getattr(self, k) for k in ("check", "bot", "message", "fix", "fixable", "status", "error", "server")}
 
 
 @dataclass
@@ -96,13 +97,19 @@ def audit(
     *,
     ignore: tuple[str, ...] = (),
     progress: Progress = _quiet,
+    server: str = DEFAULT_SERVER,
+    files: bool = True,
 ) -> list[Finding]:
     """Every finding, registry bot by registry bot, then strays. Reads only.
 
+    ``conn`` is the fleet's server ``server``: its bots are audited, and the
+    botfleet objects on it that the registry does not place there are strays.
+    ``files``: also check the project's secrets folder (once per run).
     ``ignore``: glob patterns of bot names that belong to another fleet on the same
     server; their databases, roles and env files are not reported as strays.
     """
-    fleet = project.registry.load()
+    full = project.registry.load()
+    fleet = Fleet(full.server, full.on(server), full.servers)
     server_dbs = dict(conn.execute(_SERVER_DATABASES).fetchall())
     server_roles = dict(conn.execute(_SERVER_ROLES).fetchall())
     bot_roles = {e.role for e in fleet.bots.values()}
@@ -114,7 +121,11 @@ def audit(
         progress(f"checking {name} ({i}/{len(names)})")
         findings += _check_bot(ctx, fleet.bots[name])
     findings += _strays(ctx, server_dbs, server_roles, ignore)
-    findings += _files(ctx, ignore)
+    if files:
+        findings += _files(ctx, full, ignore)
+    if server != DEFAULT_SERVER:
+        for f in findings:
+            f.server = server
     return findings
 
 
@@ -276,8 +287,9 @@ def _check_env_file(ctx: Context, entry: BotEntry, role_state: roles.RoleState |
         return out
     values = read_env_file(path)
     url = parse_url(values.get("DATABASE_URL", ""))
+    host, port = ctx.fleet.endpoint(entry)
     want = {
-        "host": entry.db_host or ctx.fleet.server.bot_host, "port": str(entry.db_port or ctx.fleet.server.bot_port),
+        "host": host, "port": str(port),
         "dbname": entry.database, "DB_POOL_SIZE": str(entry.pool_size), "DB_MAX_OVERFLOW": str(entry.max_overflow),
     }
     have = {"host": url.get("host"), "port": url.get("port") or "5432", "dbname": url.get("dbname"),
@@ -325,7 +337,7 @@ def _strays(ctx: Context, server_dbs: dict, server_roles: dict, ignore: tuple[st
     ]
 
 
-def _files(ctx: Context, ignore: tuple[str, ...]) -> list[Finding]:
+def _files(ctx: Context, full: Fleet, ignore: tuple[str, ...]) -> list[Finding]:
     out: list[Finding] = []
     secrets = ctx.project.root / "secrets"
     if not secrets.is_dir():
@@ -335,7 +347,7 @@ def _files(ctx: Context, ignore: tuple[str, ...]) -> list[Finding]:
         out.append(Finding("env-file", None, f"{secrets} has mode {mode:04o}, not 0700", f"chmod 700 {secrets}",
                            True, repair=lambda: secrets.chmod(0o700)))
     for path in sorted(secrets.glob("*.env")):
-        if path.stem not in ctx.fleet.bots and not _ignored(path.stem, ignore):
+        if path.stem not in full.bots and not _ignored(path.stem, ignore):
             out.append(Finding("stray", path.stem, f"{path} belongs to no bot in the registry",
                                f"rm {path}  (once nothing uses these credentials)", False))
     return out
@@ -399,10 +411,12 @@ def run(
     repair: bool = False,
     ignore: tuple[str, ...] = (),
     progress: Progress = _quiet,
+    server: str = DEFAULT_SERVER,
+    files: bool = True,
 ) -> Report:
     """Audit; with ``repair``, fix and audit again (a repair can reveal more, e.g. a
     database that accepts connections again can be looked inside), a few rounds at most."""
-    found = audit(conn, admin, admin_url, project, ignore=ignore, progress=progress)
+    found = audit(conn, admin, admin_url, project, ignore=ignore, progress=progress, server=server, files=files)
     if not repair:
         return Report(found, [], found)
     tried: dict[tuple, Finding] = {}
@@ -410,7 +424,7 @@ def run(
     for _ in range(3):
         attempt = fix(conn, current, progress)
         tried.update(((f.bot, f.message), f) for f in attempt)
-        current = audit(conn, admin, admin_url, project, ignore=ignore)
+        current = audit(conn, admin, admin_url, project, ignore=ignore, server=server, files=files)
         if not any(f.status == "fixed" for f in attempt) or not any(f.fixable for f in current):
             break
     return Report(found, list(tried.values()), current)

@@ -19,7 +19,7 @@ from .db import AdminInfo, advisory_lock, connect, with_database
 from .errors import InvalidInput, NotManaged
 from .files import atomic_write, read_env_file
 from .names import BotNames, validate
-from .registry import BotEntry, Registry
+from .registry import DEFAULT_SERVER, BotEntry, Registry
 
 TIMEOUT_RE = re.compile(r"\d{1,9}(ms|s|min|h)?")
 MAX_POOL = 1000
@@ -76,6 +76,7 @@ class BotOptions:
     db_host: str | None = None
     db_port: int | None = None
     rotate_password: bool = False
+    server: str | None = None  # a [servers.NAME]; "" = the default server; None = keep (new bots: default)
 
 
 @dataclass
@@ -119,6 +120,14 @@ def plan_entry(project: Project, names: BotNames, existing: BotEntry | None, opt
     """
     code = opts.code or (existing.code if existing else names.bot)
     has_code = project.code_dir(code) is not None
+    server = existing.server if existing else ""
+    if opts.server is not None:
+        wanted = "" if opts.server == DEFAULT_SERVER else opts.server
+        if existing is not None and wanted != existing.server:
+            raise InvalidInput(
+                f"{names.bot} lives on server {existing.server or DEFAULT_SERVER}; botfleet does not move bots between "
+                f"servers (provision backup {names.bot}, remove-bot, add-bot --server {opts.server}, restore)")
+        server = wanted
     if opts.code is not None and not has_code:
         raise InvalidInput(f"--code {opts.code!r}: no such bot code under {project.root / 'bots'}")
     base = existing or BotEntry(name=names.bot, code=code, database=names.database, role=names.role)
@@ -135,6 +144,7 @@ def plan_entry(project: Project, names: BotNames, existing: BotEntry | None, opt
         env_file=str(project.env_file(names.bot).relative_to(project.root)),
         db_host=opts.db_host if opts.db_host is not None else base.db_host,
         db_port=opts.db_port if opts.db_port is not None else base.db_port,
+        server=server,
     )
     return entry, has_code
 
@@ -220,14 +230,14 @@ def add_bot(
     current = registry.load()
     existing = current.bots.get(name)
     entry, has_code = plan_entry(project, names, existing, opts)
+    if entry.server and entry.server not in current.servers:
+        raise InvalidInput(f"no server {entry.server!r} in fleet.toml ([servers.NAME] tables)")
     # --- compose stack (provisioning/compose.py): a bot that would not fit is refused here, before any change.
     from .compose import check_add, rerender_if_present
 
     check_add(project.root, current, entry)
     # ---
-    fleet_server = current.server
-    host = entry.db_host or fleet_server.bot_host
-    port = entry.db_port or fleet_server.bot_port
+    host, port = current.endpoint(entry)
     env_path = project.env_file(name)
     changes: list[str] = []
 
@@ -409,19 +419,21 @@ FROM pg_database d WHERE NOT d.datistemplate
 _LIVE_ROLES = "SELECT rolname, rolconnlimit, shobj_description(oid, 'pg_authid') FROM pg_roles"
 
 
-def list_bots(conn: psycopg.Connection, project: Project) -> list[dict[str, Any]]:
-    """Every registry bot joined with live facts from the server, then every
-    botfleet-marked database the registry does not know (flagged ``unknown``)."""
-    fleet = project.registry.load()
+def list_bots(conn: psycopg.Connection, project: Project, server: str = DEFAULT_SERVER) -> list[dict[str, Any]]:
+    """Every registry bot placed on ``server`` (``conn``'s) joined with live facts from it,
+    then every botfleet-marked database there that the registry does not place there
+    (flagged ``unknown``)."""
+    full = project.registry.load()
+    on_server = full.on(server)
     dbs = {r[0]: r for r in conn.execute(_LIVE_DATABASES).fetchall()}
     role_rows = {r[0]: r for r in conn.execute(_LIVE_ROLES).fetchall()}
     rows: list[dict[str, Any]] = []
-    for name in sorted(fleet.bots):
-        entry = fleet.bots[name]
+    for name in sorted(on_server):
+        entry = on_server[name]
         db = dbs.get(entry.database)
         role = role_rows.get(entry.role)
         rows.append({
-            "bot": name, "code": entry.code, "database": entry.database, "role": entry.role,
+            "bot": name, "server": server, "code": entry.code, "database": entry.database, "role": entry.role,
             "status": "ok" if db and role else ("missing" if not db and not role else "incomplete"),
             "size_bytes": db[1] if db else None,
             "connections": db[2] if db else 0,
@@ -429,14 +441,14 @@ def list_bots(conn: psycopg.Connection, project: Project) -> list[dict[str, Any]
             "registry_connection_limit": entry.connection_limit,
             "pool": f"{entry.pool_size}+{entry.max_overflow}" + (f" x{entry.replicas}" if entry.replicas > 1 else ""),
         })
-    registered = {e.database for e in fleet.bots.values()}
+    registered = {e.database for e in on_server.values()}
     for datname, row in sorted(dbs.items()):
         comment = row[4] or ""
         if datname not in registered and comment.startswith("botfleet bot "):
             bot = comment.removeprefix("botfleet bot ")
             role = role_rows.get(f"{bot.replace('-', '_')}_user")
             rows.append({
-                "bot": bot, "code": None, "database": datname, "role": role[0] if role else None,
+                "bot": bot, "server": server, "code": None, "database": datname, "role": role[0] if role else None,
                 "status": "unknown (not in the registry)", "size_bytes": row[1], "connections": row[2],
                 "connection_limit": role[1] if role else None, "registry_connection_limit": None, "pool": None,
             })

@@ -369,15 +369,18 @@ def bot_conninfo_from_env(url: str, application_name: str = "botfleet-migrate") 
 
 
 def plan_targets(
-    project, names: list[str], *, all_bots: bool, admin_url: str | None, skip_missing: bool | None = None
+    project, names: list[str], *, all_bots: bool, admin_url: str | None, skip_missing: bool | None = None,
+    bot_urls: bool = False,
 ) -> tuple[list[Target], list[Outcome]]:
     """The bots to migrate, and the ones that cannot be (as failed/skipped outcomes).
 
-    ``admin_url``: connect to that server as each bot (same host and port);
-    None: connect through each bot's own DATABASE_URL from its env file (from
-    inside the compose network). Unknown names raise InvalidInput before
-    anything runs. Bots whose code has no migrations are "skipped" with
-    ``skip_missing`` (default: with ``all_bots``), else "failed".
+    Where each bot is reached: a bot on the default server through ``admin_url``'s
+    host and port (as itself), or through its own DATABASE_URL from its env file
+    when ``admin_url`` is None (from inside the compose network); a bot on a
+    ``[servers.NAME]`` through that server's admin URL, or its own DATABASE_URL
+    with ``bot_urls``. Unknown names raise InvalidInput before anything runs.
+    Bots whose code has no migrations are "skipped" with ``skip_missing``
+    (default: with ``all_bots``), else "failed".
     """
     from .db import as_role
     from .errors import InvalidInput
@@ -405,10 +408,11 @@ def plan_targets(
             skipped.append(Outcome(bot=bot, status="failed",
                                    error=f"{bot}: no credentials in {env_path}; run provision add-bot {bot} to restore them"))
             continue
-        if admin_url is None:
+        url = admin_url if not entry.server else (None if bot_urls else fleet.servers[entry.server].admin_url)
+        if url is None:
             conninfo = bot_conninfo_from_env(read_env_file(env_path)["DATABASE_URL"])
         else:
-            conninfo = as_role(admin_url, entry.role, password, entry.database, application_name="botfleet-migrate")
+            conninfo = as_role(url, entry.role, password, entry.database, application_name="botfleet-migrate")
         targets.append(Target(bot=bot, root=str(project.root), package=found.package,
                               database=entry.database, conninfo=conninfo))
     return targets, skipped
