@@ -44,6 +44,8 @@ def _docker_answers() -> bool:
 
 @dataclass
 class TestServer:
+    __test__ = False  # a fixture's value, not a test class
+
     url: str
     kind: str
     embedded: EmbeddedServer | None = None
@@ -86,6 +88,36 @@ def scram_server(request, pg) -> TestServer:
         return pg
     emb = request.getfixturevalue("_embedded")
     return TestServer(emb.admin_url(), "embedded", emb)
+
+
+@pytest.fixture(scope="session")
+def other_server(request, pg, tmp_path_factory) -> Iterator[TestServer]:
+    """A second real server, for fleets that span two: the embedded cluster when the main
+    server is a DSN (the local one); else the local PostgreSQL on 127.0.0.1:5432 when it
+    answers; else a second embedded cluster."""
+    if pg.embedded is None:
+        emb = request.getfixturevalue("_embedded")
+        yield TestServer(emb.admin_url(), "embedded", emb)
+        return
+    local = "postgresql://postgres@127.0.0.1:5432/postgres"
+    try:
+        psycopg.connect(local, connect_timeout=3).close()
+        yield TestServer(local, "dsn")
+        return
+    except psycopg.Error:
+        pass
+    second = EmbeddedServer(tmp_path_factory.mktemp("embedded2") / ".botfleet")
+    second.start()
+    try:
+        yield TestServer(second.admin_url(), "embedded", second)
+    finally:
+        second.destroy()
+
+
+def other_fleets() -> list[str]:
+    """--ignore-stray globs matching every bot name on a shared server except this run's (t<RUN_ID>-...)."""
+    mine = f"t{RUN_ID}-"
+    return ["--ignore-stray", "[!t]*"] + [x for i in range(1, len(mine)) for x in ("--ignore-stray", f"{mine[:i]}[!{mine[i]}]*")]
 
 
 def pytest_report_header(config):

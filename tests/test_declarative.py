@@ -203,7 +203,7 @@ def test_the_rendered_stack_follows_fleet_toml_and_the_budget_is_enforced(code_f
     name = code_fleet.name("stack")
     code_fleet.add(name, "--code", "hello-bot", "--no-migrate")
     assert code_fleet.run("render").returncode == 0
-    assert plan(code_fleet)["steps"] == [{"action": "migrate", "subject": name,
+    assert plan(code_fleet)["steps"] == [{"action": "migrate", "subject": name, "server": "default",
                                           "details": ["base -> def31b97a6a7 (code hello_bot)"]}]
     assert code_fleet.run("apply").returncode == 0
 

@@ -15,7 +15,7 @@ from psycopg import sql
 from provisioning import objects
 from provisioning.backup import find_tool
 
-from .conftest import RUN_ID, assert_matches_server, assert_no_leak, assert_same_secret, snapshot
+from .conftest import RUN_ID, assert_matches_server, assert_no_leak, assert_same_secret, other_fleets, snapshot
 
 
 def stem(name: str) -> str:
@@ -351,12 +351,6 @@ def test_rotate_all_and_refusals(fleet, admin):
 
 
 # --- doctor ------------------------------------------------------------------------------------
-
-def other_fleets() -> list[str]:
-    """--ignore-stray globs matching every bot name on a shared server except this run's (t<RUN_ID>-...)."""
-    mine = f"t{RUN_ID}-"
-    return ["--ignore-stray", "[!t]*"] + [x for i in range(1, len(mine)) for x in ("--ignore-stray", f"{mine[:i]}[!{mine[i]}]*")]
-
 
 def doctor(fleet, *args: str) -> tuple[int, dict, subprocess.CompletedProcess]:
     proc = fleet.run("doctor", *other_fleets(), *args, "--json")
