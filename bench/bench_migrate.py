@@ -28,21 +28,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
-import signal
-import string
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psycopg
 
-from bench_provision import DEFAULT_URL, PROVISION, drop_everything, progress
+from bench_provision import PROVISION, new_prefix, on_server, progress, server_args
 from provisioning import db
-from provisioning.errors import ProvisionError
 from provisioning.fleet import BotOptions, Project, add_bot
 from provisioning.migrate import Target, migrate_many, migrate_one, plan_targets
 
@@ -131,69 +126,34 @@ def report(where: str, n: int, totals: dict[str, float]) -> None:
         print(f"{label:<44} | {total:8.2f} | {total / n * 1000:7.0f} | {totals[next(iter(totals))] / total:8.1f}x")
 
 
-def _sigterm(_signum, _frame):
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bots", type=int, default=30, help="bots (default 30)")
-    parser.add_argument("--admin-url", default=os.environ.get("ADMIN_DATABASE_URL") or DEFAULT_URL,
-                        help=f"admin URL (default: ADMIN_DATABASE_URL, else {DEFAULT_URL})")
-    parser.add_argument("--embedded", action="store_true", help="use a throw-away embedded server instead")
+    server_args(parser)
     args = parser.parse_args()
     if args.bots < 1:
         parser.error("--bots must be at least 1")
-    signal.signal(signal.SIGTERM, _sigterm)
-    prefix = "bench" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6))
+    prefix = new_prefix()
     bots = [f"{prefix}-{i:02d}" for i in range(1, args.bots + 1)]
-    url, server, status = None, None, 0
-    with tempfile.TemporaryDirectory(prefix="botfleet-bench-") as tmp:
-        root = Path(tmp) / "project"
-        root.mkdir(mode=0o700)
-        try:
-            if args.embedded:
-                from provisioning.embedded import EmbeddedServer
 
-                server = EmbeddedServer(Path(tmp) / ".botfleet")
-                print("starting the embedded server...", file=sys.stderr, flush=True)
-                server.start()
-                url = server.admin_url()
-            else:
-                url = args.admin_url
-            with db.connect(url) as conn:
-                where = f"{db.describe(url)} (PostgreSQL {conn.info.server_version // 10000}, {os.cpu_count()} CPUs)"
-            targets = provision(url, root, bots)
-            totals: dict[str, float] = {}
-            totals["(a) alembic upgrade head, a process per bot"] = run_alembic_loop(targets, url)
-            for jobs in (1, 2, 4, 8):
-                to_base(targets)
-                mode = "b" if jobs == 1 else f"c{jobs}"
-                label = "(b) migrate_many --jobs 1 (in-process)" if jobs == 1 else f"(c) migrate_many --jobs {jobs} (workers)"
-                totals[label] = run_many(targets, jobs, mode)
+    def body(url: str, tmp: Path) -> None:
+        root = tmp / "project"
+        root.mkdir(mode=0o700)
+        with db.connect(url) as conn:
+            where = f"{db.describe(url)} (PostgreSQL {conn.info.server_version // 10000}, {os.cpu_count()} CPUs)"
+        targets = provision(url, root, bots)
+        totals: dict[str, float] = {}
+        totals["(a) alembic upgrade head, a process per bot"] = run_alembic_loop(targets, url)
+        for jobs in (1, 2, 4, 8):
             to_base(targets)
-            totals["(d) provision migrate --all (CLI)"] = run_cli(root, url, len(targets))
-            report(where, args.bots, totals)
-        except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-            status = 130
-        except (ProvisionError, RuntimeError, psycopg.Error) as err:
-            print(f"error: {err}", file=sys.stderr)
-            status = 1
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not skip the cleanup
-                signal.signal(sig, signal.SIG_IGN)
-            print(f"cleaning up {prefix}_* ...", file=sys.stderr, flush=True)
-            try:
-                if url is not None:
-                    drop_everything(url, prefix)
-            except (ProvisionError, psycopg.Error) as err:
-                print(f"error: cleanup failed ({err}); drop {prefix}_* databases and roles by hand", file=sys.stderr)
-                status = 1
-            finally:
-                if server is not None:
-                    server.destroy()
-    return status
+            mode = "b" if jobs == 1 else f"c{jobs}"
+            label = "(b) migrate_many --jobs 1 (in-process)" if jobs == 1 else f"(c) migrate_many --jobs {jobs} (workers)"
+            totals[label] = run_many(targets, jobs, mode)
+        to_base(targets)
+        totals["(d) provision migrate --all (CLI)"] = run_cli(root, url, len(targets))
+        report(where, args.bots, totals)
+
+    return on_server(args, prefix, body)
 
 
 if __name__ == "__main__":

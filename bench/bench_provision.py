@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -180,18 +181,12 @@ def _sigterm(_signum, _frame):
     raise KeyboardInterrupt
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bots", type=int, default=50, help="bots per mode (default 50)")
-    parser.add_argument("--admin-url", default=os.environ.get("ADMIN_DATABASE_URL") or DEFAULT_URL,
-                        help=f"admin URL (default: ADMIN_DATABASE_URL, else {DEFAULT_URL})")
-    parser.add_argument("--embedded", action="store_true", help="use a throw-away embedded server instead")
-    args = parser.parse_args()
-    if args.bots < 1:
-        parser.error("--bots must be at least 1")
+def on_server(args, prefix: str, body: Callable[[str, Path], None]) -> int:
+    """Run ``body(admin_url, tmp_folder)`` on the benchmark's server: --admin-url, or a
+    throw-away embedded one with --embedded. Whatever happens (an error, Ctrl-C,
+    SIGTERM), every database and role named ``prefix``_* is dropped at the end and an
+    embedded server destroyed. Returns the exit status."""
     signal.signal(signal.SIGTERM, _sigterm)
-    prefix = "bench" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6))
-    bots = [f"{prefix}-{i:02d}" for i in range(1, args.bots + 1)]
     url, server, status = None, None, 0
     with tempfile.TemporaryDirectory(prefix="botfleet-bench-") as tmp:
         try:
@@ -204,14 +199,7 @@ def main() -> int:
                 url = server.admin_url()
             else:
                 url = args.admin_url
-            with db.connect(url) as conn:  # untimed warm-up: template0 and the catalogs into the caches
-                where = f"{db.describe(url)} (PostgreSQL {conn.info.server_version // 10000}, prefix {prefix})"
-                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(f"{prefix}_warmup")))
-            totals = {}
-            for mode, run in (("a", run_floor), ("b", run_in_process), ("c", run_cli)):
-                drop_everything(url, prefix, checkpoint=True)
-                totals[mode] = run(url, bots, Path(tmp) / mode)
-            report(where, args.bots, totals, time_help())
+            body(url, Path(tmp))
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             status = 130
@@ -232,6 +220,39 @@ def main() -> int:
                 if server is not None:
                     server.destroy()
     return status
+
+
+def server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin-url", default=os.environ.get("ADMIN_DATABASE_URL") or DEFAULT_URL,
+                        help=f"admin URL (default: ADMIN_DATABASE_URL, else {DEFAULT_URL})")
+    parser.add_argument("--embedded", action="store_true", help="use a throw-away embedded server instead")
+
+
+def new_prefix() -> str:
+    return "bench" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bots", type=int, default=50, help="bots per mode (default 50)")
+    server_args(parser)
+    args = parser.parse_args()
+    if args.bots < 1:
+        parser.error("--bots must be at least 1")
+    prefix = new_prefix()
+    bots = [f"{prefix}-{i:02d}" for i in range(1, args.bots + 1)]
+
+    def body(url: str, tmp: Path) -> None:
+        with db.connect(url) as conn:  # untimed warm-up: template0 and the catalogs into the caches
+            where = f"{db.describe(url)} (PostgreSQL {conn.info.server_version // 10000}, prefix {prefix})"
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(f"{prefix}_warmup")))
+        totals = {}
+        for mode, run in (("a", run_floor), ("b", run_in_process), ("c", run_cli)):
+            drop_everything(url, prefix, checkpoint=True)
+            totals[mode] = run(url, bots, tmp / mode)
+        report(where, args.bots, totals, time_help())
+
+    return on_server(args, prefix, body)
 
 
 if __name__ == "__main__":
