@@ -26,7 +26,6 @@ creates on the server is dropped at the end, even on error or Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench_provision import PROVISION, new_prefix, on_server, progress, server_args
+from bench_provision import PROVISION, on_server, parse_args, progress
 from provisioning import db
 from provisioning.fleet import BotOptions, Project, add_bot
 from provisioning.migrate import Target, migrate_many, migrate_one, plan_targets
@@ -127,14 +126,7 @@ def report(where: str, n: int, totals: dict[str, float]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bots", type=int, default=30, help="bots (default 30)")
-    server_args(parser)
-    args = parser.parse_args()
-    if args.bots < 1:
-        parser.error("--bots must be at least 1")
-    prefix = new_prefix()
-    bots = [f"{prefix}-{i:02d}" for i in range(1, args.bots + 1)]
+    args, prefix, bots = parse_args(__doc__, 30)
 
     def body(url: str, tmp: Path) -> None:
         root = tmp / "project"

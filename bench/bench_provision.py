@@ -222,25 +222,22 @@ def on_server(args, prefix: str, body: Callable[[str, Path], None]) -> int:
     return status
 
 
-def server_args(parser: argparse.ArgumentParser) -> None:
+def parse_args(doc: str, default_bots: int) -> tuple[argparse.Namespace, str, list[str]]:
+    """--bots, --admin-url, --embedded; a fresh name prefix and the bots' names."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--bots", type=int, default=default_bots, help=f"bots (default {default_bots})")
     parser.add_argument("--admin-url", default=os.environ.get("ADMIN_DATABASE_URL") or DEFAULT_URL,
                         help=f"admin URL (default: ADMIN_DATABASE_URL, else {DEFAULT_URL})")
     parser.add_argument("--embedded", action="store_true", help="use a throw-away embedded server instead")
-
-
-def new_prefix() -> str:
-    return "bench" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6))
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bots", type=int, default=50, help="bots per mode (default 50)")
-    server_args(parser)
     args = parser.parse_args()
     if args.bots < 1:
         parser.error("--bots must be at least 1")
-    prefix = new_prefix()
-    bots = [f"{prefix}-{i:02d}" for i in range(1, args.bots + 1)]
+    prefix = "bench" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(6))
+    return args, prefix, [f"{prefix}-{i:02d}" for i in range(1, args.bots + 1)]
+
+
+def main() -> int:
+    args, prefix, bots = parse_args(__doc__, 50)
 
     def body(url: str, tmp: Path) -> None:
         with db.connect(url) as conn:  # untimed warm-up: template0 and the catalogs into the caches
