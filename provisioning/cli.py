@@ -65,6 +65,11 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except ProvisionError as err:
             raise _fail(str(err), err.exit_code) from None
+        except BrokenPipeError:
+            # stdout closed early (`provision list | head`): not an error worth a word.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(1) from None
         except OSError as err:
             raise _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err), 1) from None
         except KeyboardInterrupt:
