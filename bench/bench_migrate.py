@@ -76,6 +76,8 @@ def run_alembic_loop(targets: list[Target], url: str) -> float:
     """(a) One `alembic upgrade head` interpreter per bot."""
     params = db.parse_url(url)
     host, port = params.get("host") or "127.0.0.1", params.get("port") or "5432"
+    if host.startswith("/"):  # the embedded server's admin URL is a socket folder: bots use TCP
+        host = "127.0.0.1"
     start = time.perf_counter()
     for i, t in enumerate(targets, 1):
         info = psycopg.conninfo.conninfo_to_dict(t.conninfo)
