@@ -59,41 +59,46 @@ def _lock_down(conn: psycopg.Connection, spec: DatabaseSpec) -> None:
     conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(spec.comment)))
 
 
+def _differences(spec: DatabaseSpec, state: DatabaseState) -> dict[str, str]:
+    """How an existing database differs from its spec, key -> words: the one comparison
+    behind both :func:`drift` and :func:`converge`."""
+    out: dict[str, str] = {}
+    if state.owner != spec.owner:
+        out["owner"] = f"database owner {state.owner} -> {spec.owner}"
+    if state.connection_limit != spec.connection_limit:
+        out["limit"] = f"database connection limit {state.connection_limit} -> {spec.connection_limit}"
+    if not state.allow_connections:
+        out["allow"] = "database accepts connections again"
+    if state.public_can_connect:
+        out["public"] = "revoke PUBLIC access to the database"
+    if state.comment != spec.comment:
+        out["marker"] = "database marker comment"
+    return out
+
+
 def drift(spec: DatabaseSpec, state: DatabaseState) -> list[str]:
     """What :func:`converge` would change on this database, in words; reads nothing."""
-    changes: list[str] = []
-    if state.owner != spec.owner:
-        changes.append(f"database owner {state.owner} -> {spec.owner}")
-    if state.connection_limit != spec.connection_limit:
-        changes.append(f"database connection limit {state.connection_limit} -> {spec.connection_limit}")
-    if not state.allow_connections:
-        changes.append("database accepts connections again")
-    if state.public_can_connect:
-        changes.append("revoke PUBLIC access to the database")
-    if state.comment != spec.comment:
-        changes.append("database marker comment")
-    return changes
+    return list(_differences(spec, state).values())
 
 
 def converge(conn: psycopg.Connection, spec: DatabaseSpec, state: DatabaseState) -> list[str]:
-    """Repair owner, connection limit, PUBLIC access and the marker comment."""
-    changes: list[str] = []
+    """Repair owner, connection limit, PUBLIC access and the marker comment; returns what was
+    repaired (a restored marker comment is not reported)."""
+    d = _differences(spec, state)
     ident = sql.Identifier(spec.name)
     with conn.transaction():
-        if state.owner != spec.owner:
-            changes.append(f"database owner {state.owner} -> {spec.owner}")
+        if "owner" in d:
             conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident, sql.Identifier(spec.owner)))
-        if state.connection_limit != spec.connection_limit:
-            changes.append(f"database connection limit {state.connection_limit} -> {spec.connection_limit}")
+        if "limit" in d:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {}").format(ident, sql.Literal(spec.connection_limit)))
-        if not state.allow_connections:
-            changes.append("database accepts connections again")
+        if "allow" in d:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident))
-        if state.public_can_connect:
-            changes.append("revoked PUBLIC access to the database")
-        if state.public_can_connect or state.comment != spec.comment:
+        if "public" in d or "marker" in d:
             _lock_down(conn, spec)
-    return changes
+    d.pop("marker", None)
+    if "public" in d:
+        d["public"] = "revoked PUBLIC access to the database"
+    return list(d.values())
 
 
 _PUBLIC_ON_SCHEMA = (

@@ -93,47 +93,55 @@ def create(conn: psycopg.Connection, spec: RoleSpec, verifier: str) -> None:
         conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(spec.name), sql.Literal(spec.comment)))
 
 
-def drift(spec: RoleSpec, state: RoleState) -> list[str]:
-    """What :func:`converge` would change on this role (besides a password), in words; reads nothing."""
-    changes: list[str] = []
-    wrong = [f for f, want in REQUIRED_FLAGS.items() if state.flags[f] != want]
-    if wrong:
-        changes.append("role attributes (" + " ".join(FLAG_SQL[f] for f in wrong) + ")")
-    if state.connection_limit != spec.connection_limit:
-        changes.append(f"role connection limit {state.connection_limit} -> {spec.connection_limit}")
-    for key, value in spec.settings.items():
-        if state.settings.get(key) != value:
-            changes.append(f"role {key} {state.settings.get(key, 'unset')} -> {value}")
-    if state.comment != spec.comment:
-        changes.append("role marker comment")
-    return changes
+@dataclass(frozen=True)
+class RoleDiff:
+    """How an existing role differs from its spec (the password aside): the one
+    comparison behind both :func:`drift` (words) and :func:`converge` (SQL)."""
+
+    wrong_flags: list[str]
+    connection_limit: int | None  # the spec's limit, when the role's differs
+    settings: dict[str, str]  # key -> wanted value, for the ones that differ
+    comment: bool  # the marker comment differs
+    words: list[str]  # one line per change, the marker included
 
 
-def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifier: str | None) -> list[str]:
-    """Bring an existing role to ``spec``; returns what was repaired (empty when nothing drifted).
-
-    ``verifier`` is set only when the password must change (rotation or drift).
-    """
-    changes: list[str] = []
+def diff(spec: RoleSpec, state: RoleState) -> RoleDiff:
     # Only what is wrong is altered: a non-superuser admin may not even
     # mention SUPERUSER, REPLICATION or BYPASSRLS.
     wrong = [f for f, want in REQUIRED_FLAGS.items() if state.flags[f] != want]
-    if wrong:
-        changes.append("role attributes (" + " ".join(FLAG_SQL[f] for f in wrong) + ")")
     limit = spec.connection_limit if state.connection_limit != spec.connection_limit else None
+    settings = {k: v for k, v in spec.settings.items() if state.settings.get(k) != v}
+    words = ["role attributes (" + " ".join(FLAG_SQL[f] for f in wrong) + ")"] if wrong else []
     if limit is not None:
-        changes.append(f"role connection limit {state.connection_limit} -> {spec.connection_limit}")
+        words.append(f"role connection limit {state.connection_limit} -> {limit}")
+    words += [f"role {k} {state.settings.get(k, 'unset')} -> {v}" for k, v in settings.items()]
+    comment = state.comment != spec.comment
+    if comment:
+        words.append("role marker comment")
+    return RoleDiff(wrong, limit, settings, comment, words)
+
+
+def drift(spec: RoleSpec, state: RoleState) -> list[str]:
+    """What :func:`converge` would change on this role (besides a password), in words; reads nothing."""
+    return diff(spec, state).words
+
+
+def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifier: str | None) -> list[str]:
+    """Bring an existing role to ``spec``; returns what was repaired (empty when nothing drifted;
+    a restored marker comment is not reported).
+
+    ``verifier`` is set only when the password must change (rotation or drift).
+    """
+    d = diff(spec, state)
     ident = sql.Identifier(spec.name)
     with conn.transaction():
-        if wrong or limit is not None or verifier is not None:
-            conn.execute(sql.SQL("ALTER ROLE {} WITH {}").format(ident, _options(wrong, limit, verifier)))
-        for key, value in spec.settings.items():
-            if state.settings.get(key) != value:
-                changes.append(f"role {key} {state.settings.get(key, 'unset')} -> {value}")
-                conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(value)))
-        if state.comment != spec.comment:
+        if d.wrong_flags or d.connection_limit is not None or verifier is not None:
+            conn.execute(sql.SQL("ALTER ROLE {} WITH {}").format(ident, _options(d.wrong_flags, d.connection_limit, verifier)))
+        for key, value in d.settings.items():
+            conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(value)))
+        if d.comment:
             conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(spec.comment)))
-    return changes
+    return [w for w in d.words if w != "role marker comment"]
 
 
 def drop(conn: psycopg.Connection, name: str) -> bool:
