@@ -232,10 +232,7 @@ def server_budget(fleet: Fleet, server: str, extra: BotEntry | None = None) -> B
     if server == DEFAULT_SERVER:
         return Budget(tune(fleet.server), fleet.server.pgbouncer,
                       [bot_share(bots[name], fleet.server) for name in sorted(bots)])
-    spec = fleet.servers[server]
-    if not MIN_CONNECTIONS <= spec.max_connections <= MAX_CONNECTIONS or not 0 <= spec.superuser_reserved_connections < spec.max_connections:
-        raise InvalidInput(f"[servers.{server}] max_connections must be {MIN_CONNECTIONS}-{MAX_CONNECTIONS} and "
-                           "superuser_reserved_connections below it")
+    spec = fleet.servers[server]  # its numbers were range-checked when fleet.toml was loaded
     tuning = Tuning(memory_mb=0, shared_buffers_mb=0, effective_cache_size_mb=0, maintenance_work_mem_mb=0,
                     autovacuum_work_mem_mb=0, work_mem_mb=0, max_connections=spec.max_connections,
                     max_connections_derived=False, superuser_reserved_connections=spec.superuser_reserved_connections)

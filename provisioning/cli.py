@@ -98,13 +98,6 @@ def _project(path: Path | None) -> Path:
     return (path or Path.cwd()).resolve()
 
 
-ServerOpt = Annotated[
-    Optional[str],
-    typer.Option("--server", help="A server of the fleet: 'default' or a [servers.NAME] of fleet.toml.",
-                 show_default=False),
-]
-
-
 def _connect(project: Path, admin_url: str | None, quiet: bool = False, *, server: str = "default", fleet=None):
     """Open an admin connection to one of the fleet's servers (the default one unless named)."""
     from . import db
@@ -121,22 +114,14 @@ def _connect(project: Path, admin_url: str | None, quiet: bool = False, *, serve
     return choice, conn, info
 
 
-def _servers_to_visit(project: Path, fleet, admin_url: str | None, server: str | None = None) -> list[str]:
-    """The servers a fleet-wide command looks at: ``server`` alone when given; else every
-    [servers.NAME], and the default one unless the fleet lives entirely on
-    [servers.NAME] (then it is visited only when named by --admin-url /
-    ADMIN_DATABASE_URL, or when the embedded server is already running)."""
-    import os
-
+def _servers_to_visit(project: Path, fleet, admin_url: str | None) -> list[str]:
+    """The servers a fleet-wide command looks at: every [servers.NAME], and the default
+    one unless the fleet lives entirely on [servers.NAME] (then it is visited only when
+    named by --admin-url / ADMIN_DATABASE_URL, or when the embedded server is already
+    running)."""
     from .registry import DEFAULT_SERVER
     from .server import ENV_ADMIN_URL
 
-    if server is not None:
-        if server != DEFAULT_SERVER and server not in fleet.servers:
-            from .errors import InvalidInput
-
-            raise InvalidInput(f"no server {server!r} in fleet.toml (known: {', '.join(fleet.server_names())})")
-        return [server]
     names = sorted(fleet.servers)  # even without bots: a bot removed from fleet.toml may be left there
     default_needed = (not fleet.servers or fleet.on(DEFAULT_SERVER) or admin_url or os.environ.get(ENV_ADMIN_URL))
     if not default_needed:

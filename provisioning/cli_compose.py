@@ -95,9 +95,8 @@ def budget_cmd(
 
     Example: provision budget --postgres-memory 1G
     """
-    from .budget import check, explain, server_budget
+    from .budget import BudgetExceeded, explain, server_budget
     from .db import describe
-    from .errors import InvalidInput
     from .fleet import Project
 
     fleet = Project(_project(project)).registry.load()
@@ -114,11 +113,9 @@ def budget_cmd(
                 typer.secho(("\n" if i else "") + f"== server {name}" + (" (the compose stack's postgres)"
                             if name == "default" else f" ({describe(fleet.servers[name].admin_url)})"), bold=True)
             _print_budget(b)
-    over = [(name, b) for name, b in budgets.items() if not b.fits]
-    if len(over) == 1 and not fleet.servers:
-        check(over[0][1], "the fleet")
-    elif over:
-        raise InvalidInput("; ".join(explain(b, f"server {name}") for name, b in over))
+    over = [explain(b, f"server {name}" if fleet.servers else "the fleet") for name, b in budgets.items() if not b.fits]
+    if over:
+        raise BudgetExceeded("; ".join(over))
 
 
 @app.command("render")

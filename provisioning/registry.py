@@ -194,7 +194,16 @@ class Registry:
             if parse_url(values["admin_url"]).get("password"):
                 raise InvalidInput(f"{self.path}: {where} admin_url must not contain a password (fleet.toml is "
                                    "committed): use PGPASSWORD, ~/.pgpass or ?passfile=PATH")
-            servers[name] = ExtraServer(**values)
+            extra = ExtraServer(**values)
+            from .budget import MAX_CONNECTIONS, MIN_CONNECTIONS  # budget imports this module
+
+            if not (MIN_CONNECTIONS <= extra.max_connections <= MAX_CONNECTIONS
+                    and 0 <= extra.superuser_reserved_connections < extra.max_connections):
+                raise InvalidInput(f"{self.path}: {where} max_connections must be {MIN_CONNECTIONS}-{MAX_CONNECTIONS} "
+                                   "and superuser_reserved_connections below it")
+            if not 0 <= extra.bot_port <= 65535:
+                raise InvalidInput(f"{self.path}: {where} bot_port must be 1-65535 (0: admin_url's port)")
+            servers[name] = extra
         for name, entry in bots.items():
             if entry.server and entry.server not in servers:
                 raise InvalidInput(f"{self.path}: [bots.{name}] server {entry.server!r} is not a [servers.NAME] table")

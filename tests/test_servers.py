@@ -155,6 +155,8 @@ def test_plan_and_apply_span_both_servers(two, pg):
     ('[servers.second]\nadmin_url = "postgresql://postgres:secret@127.0.0.1/postgres"\n', "must not contain a password"),
     ("[servers.default]\nadmin_url = \"postgresql://postgres@127.0.0.1/postgres\"\n", "not 'default'"),
     ("[servers.x]\nmax_connections = 40\n", "needs admin_url"),
+    ('[servers.x]\nadmin_url = "postgresql://postgres@127.0.0.1/postgres"\nmax_connections = 5\n',
+     "max_connections must be 20-5000"),
     ('[bots.some-bot]\nserver = "nowhere"\n', "server 'nowhere' is not a [servers.NAME] table"),
 ])
 def test_bad_server_tables_are_refused_in_one_line(fleet, admin, table, why):
