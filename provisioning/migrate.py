@@ -346,26 +346,28 @@ def offline_sql(target: Target, current: str | None, dest: str = "head", *, down
     return buf.getvalue()
 
 
+def revision_of(conn: psycopg.Connection) -> str | None:
+    """The revision of the database ``conn`` is in (None: never migrated)."""
+    exists = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    return row[0] if row else None
+
+
 def current_revision(conninfo: str) -> str | None:
     """The bot database's revision (None: never migrated), read with plain psycopg."""
     with psycopg.connect(conninfo, connect_timeout=10) as conn:
-        exists = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
-        if not exists or not exists[0]:
-            return None
-        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-        return row[0] if row else None
+        return revision_of(conn)
 
 
 def bot_conninfo_from_env(url: str, application_name: str = "botfleet-migrate") -> str:
     """A bot's DATABASE_URL (SQLAlchemy style) as a libpq conninfo."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from psycopg.conninfo import make_conninfo
 
-    for prefix in ("postgresql+asyncpg://", "postgresql+psycopg://", "postgres://"):
-        if url.startswith(prefix):
-            url = "postgresql://" + url[len(prefix):]
-    params = conninfo_to_dict(url)
-    params["application_name"] = application_name
-    return make_conninfo(**params)
+    from .db import parse_url
+
+    return make_conninfo(**{**parse_url(url), "application_name": application_name})
 
 
 def plan_targets(
