@@ -331,6 +331,24 @@ def stack_present(root: Path) -> bool:
         return False
 
 
+def _pending(root: Path, result_plan: Plan, manifest: set[str]) -> tuple[list[PlannedFile], list[str]]:
+    """The planned files whose content on disk differs (or that are missing), and the
+    files the previous render wrote that this one no longer plans and may delete."""
+    changed = []
+    for f in result_plan.files:
+        path = root / f.path
+        if not (path.exists() and (f.create_only or path.read_text(encoding="utf-8") == f.content)):
+            changed.append(f)
+    keep = {f.path for f in result_plan.files}
+    gone = [rel for rel in sorted(manifest - keep) if (root / rel).exists() and _owned(root, rel, manifest)]
+    return changed, gone
+
+
+def pending(root: Path, result_plan: Plan) -> tuple[list[PlannedFile], list[str]]:
+    """What :func:`write` would write and delete for ``result_plan``; changes nothing."""
+    return _pending(root, result_plan, _manifest(root))
+
+
 def write(root: Path, result_plan: Plan) -> RenderResult:
     """Write a validated plan: refuse first if any target is not botfleet's, then
     write what changed, then delete what the previous render wrote and this one does not."""
@@ -342,26 +360,24 @@ def write(root: Path, result_plan: Plan) -> RenderResult:
             raise InvalidInput(f"{', '.join(foreign)} exist(s) and were not written by botfleet: move them away, "
                                "then provision render (nothing was changed)")
         (root / "secrets").mkdir(mode=0o700, parents=True, exist_ok=True)
+        changed, gone = _pending(root, result_plan, manifest)
+        to_write = {f.path for f in changed}
         for f in result_plan.files:
             path = root / f.path
-            if path.exists() and (f.create_only or path.read_text(encoding="utf-8") == f.content):
+            if f.path not in to_write:
                 result.unchanged.append(f.path)
-                if not f.secret or path.stat().st_mode & 0o077 == 0:
-                    continue
-                path.chmod(0o600)
+                if f.secret and path.stat().st_mode & 0o077:
+                    path.chmod(0o600)
                 continue
             owner = path.stat() if path.exists() else None
             atomic_write(path, f.content, mode=f.mode)
             if owner is not None and os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
                 os.chown(path, owner.st_uid, owner.st_gid)  # keep an operator's chown (e.g. for PgBouncer)
             result.written.append(f.path)
-        keep = {f.path for f in result_plan.files}
-        for rel in sorted(manifest - keep):
-            path = root / rel
-            if path.exists() and _owned(root, rel, manifest):
-                path.unlink()
-                result.removed.append(rel)
-        atomic_write(root / MANIFEST, json.dumps({"files": sorted(keep)}, indent=1) + "\n")
+        for rel in gone:
+            (root / rel).unlink()
+            result.removed.append(rel)
+        atomic_write(root / MANIFEST, json.dumps({"files": sorted(f.path for f in result_plan.files)}, indent=1) + "\n")
     return result
 
 
