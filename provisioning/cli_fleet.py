@@ -98,7 +98,7 @@ def plan_cmd(
     elif not fleet_plan.problems:
         _print_plan(fleet_plan)
     if fleet_plan.problems:
-        raise _fail("; ".join(fleet_plan.problems), 2)
+        raise _fail(fleet_plan.refusal(), 2)
     if detailed_exitcode and fleet_plan.changes:
         raise typer.Exit(3)
 
@@ -140,7 +140,7 @@ def apply_cmd(
         default_url = next((link.url for link in links if link.name == "default"), None)
         fleet_plan = _make_plan(links, root, prune, ignore_stray, no_migrate)
         if fleet_plan.problems:
-            raise _fail("; ".join(fleet_plan.problems) + "; nothing was changed", 2)
+            raise _fail(fleet_plan.refusal(), 2)
         removals = [s.subject for s in fleet_plan.of("remove")]
         if removals and not yes:
             if not sys.stdin.isatty():

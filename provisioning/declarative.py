@@ -40,6 +40,7 @@ from .fleet import (
     BotOptions, Project, add_bot, check_options, database_spec, database_url, marker, remove_bot, render_env,
     role_spec, stored_password,
 )
+from .passwords import verifier_matches
 from .files import read_env_file
 from .names import validate
 from .registry import DEFAULT_SERVER, BotEntry, Fleet
@@ -77,6 +78,10 @@ class FleetPlan:
     @property
     def changes(self) -> list[Step]:
         return [s for s in self.steps if s.action != KEEP]
+
+    def refusal(self) -> str:
+        """Why this plan cannot be applied, in one line ("" when it can)."""
+        return "; ".join(self.problems) + "; nothing was changed" if self.problems else ""
 
     def of(self, action: str) -> list[Step]:
         return [s for s in self.steps if s.action == action]
@@ -126,7 +131,7 @@ def _entry_problems(project: Project, admin: AdminInfo, entry: BotEntry) -> list
     return out
 
 
-def _env_diff(path: Path, entry: BotEntry, expected: str) -> list[str]:
+def _env_diff(path: Path, expected: str) -> list[str]:
     """How the env file differs from what add-bot would write (never showing the password)."""
     from .db import parse_url
 
@@ -143,11 +148,31 @@ def _env_diff(path: Path, entry: BotEntry, expected: str) -> list[str]:
     return out or ["rewritten in add-bot's format"]
 
 
-def _bot_steps(conn: psycopg.Connection, admin: AdminInfo, admin_url: str, project: Project, fleet: Fleet,
-               entry: BotEntry, problems: list[str]) -> tuple[Step | None, bool]:
-    """The create/update step of one registry bot (None: nothing to do), and whether its database exists."""
-    role_state = roles.inspect(conn, entry.role, read_verifier=admin.superuser)
-    db_state = databases.inspect(conn, entry.database)
+@dataclass
+class _Inside:
+    """What plan reads inside one bot database, over one connection."""
+
+    public_schema_open: bool = False
+    revision: str | None = None
+    error: str | None = None  # could not look inside
+
+
+def _look_inside(admin_url: str, state: databases.DatabaseState | None, database: str) -> _Inside | None:
+    """None when there is no database, or it refuses connections (apply re-allows them first)."""
+    from .migrate import revision_of
+
+    if state is None or not state.allow_connections:
+        return None
+    try:
+        with connect(with_database(admin_url, database)) as db_conn:
+            return _Inside(databases.public_schema_open(db_conn), revision_of(db_conn))
+    except (ProvisionError, psycopg.Error) as err:
+        return _Inside(error=str(err).splitlines()[0])
+
+
+def _bot_step(project: Project, fleet: Fleet, entry: BotEntry, role_state: roles.RoleState | None,
+              db_state: databases.DatabaseState | None, inside: _Inside | None, problems: list[str]) -> Step | None:
+    """The create/update step of one registry bot (None: nothing to do)."""
     for kind, name, state in (("role", entry.role, role_state), ("database", entry.database, db_state)):
         if state is not None and state.comment != marker(entry.name):
             # apply never adopts what it did not create; an operator who knows it is this
@@ -156,47 +181,37 @@ def _bot_steps(conn: psycopg.Connection, admin: AdminInfo, admin_url: str, proje
                             f"not take it over (if it is this bot's: provision add-bot {entry.name})")
     env_path = project.env_file(entry.name)
     rel = env_path.relative_to(project.root)
-    password = stored_password(env_path, entry.role)
     if role_state is None and db_state is None:
-        details = [f"role {entry.role} (connection limit {entry.connection_limit})",
-                   f"database {entry.database}", f"{rel} (new password)"]
-        return Step(CREATE, entry.name, details), False
+        return Step(CREATE, entry.name, [f"role {entry.role} (connection limit {entry.connection_limit})",
+                                         f"database {entry.database}", f"{rel} (new password)"])
     details: list[str] = []
-    if role_state is None:
-        details.append(f"create the missing role {entry.role}; {rel} gets a new password")
-    else:
-        details += roles.drift(role_spec(entry), role_state)
     if db_state is None:
         details.append(f"create the missing database {entry.database} (empty)")
     else:
         details += databases.drift(database_spec(entry), db_state)
-        if db_state.allow_connections:
-            try:
-                with connect(with_database(admin_url, entry.database)) as db_conn:
-                    if databases.public_schema_open(db_conn):
-                        details.append("revoke PUBLIC rights on schema public")
-            except ProvisionError as err:
-                details.append(f"cannot look inside {entry.database}: {err}")
+    if inside is not None and inside.error:
+        details.append(f"cannot look inside {entry.database}: {inside.error}")
+    elif inside is not None and inside.public_schema_open:
+        details.append("revoke PUBLIC rights on schema public")
     if role_state is None:
-        pass
-    elif password is None:
+        details.append(f"create the missing role {entry.role}; {rel} gets a new password")
+        return Step(UPDATE, entry.name, details)
+    details[:0] = roles.drift(role_spec(entry), role_state)
+    password = stored_password(env_path, entry.role)
+    if password is None:
         details.append(f"{rel}: {'missing' if not env_path.exists() else 'no usable DATABASE_URL'}; "
                        "written with a new password (set on the server)")
     else:
         host, port = fleet.endpoint(entry)
         expected = render_env(entry, database_url(entry, host, port, password))
         if env_path.read_text(encoding="utf-8") != expected:
-            details += [f"{rel}: {d}" for d in _env_diff(env_path, entry, expected)]
-        verifier = role_state.verifier if role_state is not None else None
-        if verifier is not None:
-            from .passwords import verifier_matches
-
-            if not verifier_matches(password, verifier):
-                details.append(f"server password reset to the one in {rel}")
-    return (Step(UPDATE, entry.name, details) if details else None), db_state is not None
+            details += [f"{rel}: {d}" for d in _env_diff(env_path, expected)]
+        if role_state.verifier is not None and not verifier_matches(password, role_state.verifier):
+            details.append(f"server password reset to the one in {rel}")
+    return Step(UPDATE, entry.name, details) if details else None
 
 
-def _migration_step(project: Project, admin_url: str, entry: BotEntry, db_exists: bool) -> Step | None:
+def _migration_step(project: Project, entry: BotEntry, db_exists: bool, inside: _Inside | None) -> Step | None:
     """A step when the bot's code has migrations and its database is not at head."""
     from . import codes
     from .migrate import MigrationFailed, head_of, script_directory
@@ -209,15 +224,10 @@ def _migration_step(project: Project, admin_url: str, entry: BotEntry, db_exists
         head = head_of(script_directory(str(project.root), found.package), found.package)
     except MigrationFailed as err:
         return Step(MIGRATE, entry.name, [f"will fail: {err}"])
-    current: str | None = None
-    if db_exists:
-        try:
-            with connect(with_database(admin_url, entry.database)) as db_conn:
-                if db_conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
-                    row = db_conn.execute("SELECT version_num FROM alembic_version").fetchone()
-                    current = row[0] if row else None
-        except (ProvisionError, psycopg.Error) as err:
-            return Step(MIGRATE, entry.name, [f"revision unknown ({str(err).splitlines()[0]}); to {head or 'base'}"])
+    if db_exists and (inside is None or inside.error):
+        why = inside.error if inside is not None else "the database refuses connections"
+        return Step(MIGRATE, entry.name, [f"revision unknown ({why}); to {head or 'base'}"])
+    current = inside.revision if inside is not None else None
     if current == head:
         return None
     return Step(MIGRATE, entry.name, [f"{current or 'base'} -> {head or 'base'} (code {found.package})"])
@@ -234,18 +244,9 @@ def _file_steps(root: Path, fleet: Fleet) -> list[Step]:
     except compose.StackInvalid:
         # Some bots' env files are about to be (re)written: the stack follows them.
         return [Step(FILE, compose.COMPOSE_FILE, ["re-rendered after the bots' env files are written"])]
-    steps = []
-    for f in planned.files:
-        path = root / f.path
-        if not path.exists():
-            steps.append(Step(FILE, f.path, ["new"]))
-        elif not f.create_only and path.read_text(encoding="utf-8") != f.content:
-            steps.append(Step(FILE, f.path, ["changed"]))
-    keep = {f.path for f in planned.files}
-    for rel in sorted(compose._manifest(root) - keep):
-        if (root / rel).exists():
-            steps.append(Step(FILE, rel, ["deleted (no longer part of the stack)"]))
-    return steps
+    changed, gone = compose.pending(root, planned)
+    return ([Step(FILE, f.path, ["new" if not (root / f.path).exists() else "changed"]) for f in changed]
+            + [Step(FILE, rel, ["deleted (no longer part of the stack)"]) for rel in gone])
 
 
 @dataclass
@@ -302,11 +303,14 @@ def plan(
         progress(f"comparing {name} ({i}/{len(names)})")
         entry = fleet.bots[name]
         link = links[fleet.server_of(entry)]
-        step, db_exists = _bot_steps(link.conn, link.admin, link.url, project, fleet, entry, problems)
+        role_state = roles.inspect(link.conn, entry.role, read_verifier=link.admin.superuser)
+        db_state = databases.inspect(link.conn, entry.database)
+        inside = _look_inside(link.url, db_state, entry.database)  # one connection per bot database
+        step = _bot_step(project, fleet, entry, role_state, db_state, inside, problems)
         if step is not None:
             steps.append(dataclasses.replace(step, server=link.name))
         if migrations:
-            m = _migration_step(project, link.url, entry, db_exists)
+            m = _migration_step(project, entry, db_state is not None, inside)
             if m is not None:
                 migrate.append(dataclasses.replace(m, server=link.name))
     others: list[str] = []
@@ -358,8 +362,7 @@ def apply_server(
     not stop the others. Refuses (InvalidInput) a plan with problems, before any change.
     The stack is re-rendered once, afterwards (:func:`apply_files`), not after each bot."""
     if fleet_plan.problems:
-        raise InvalidInput(fleet_plan.problems[0] + (f" (and {len(fleet_plan.problems) - 1} more problem(s))"
-                                                    if len(fleet_plan.problems) > 1 else "") + "; nothing was changed")
+        raise InvalidInput(fleet_plan.refusal())
     results: list[StepResult] = []
     links = {link.name: link for link in servers}
     for step in fleet_plan.steps:
