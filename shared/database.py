@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import StaticPool
@@ -45,6 +46,16 @@ def make_engine(settings: DatabaseSettings, *, application_name: str | None = No
             f"{settings.source}: the driver for {settings.url.drivername!r} is not installed ({missing}); "
             "pip install asyncpg (PostgreSQL) or aiosqlite (SQLite)"
         ) from None
+
+
+def dialect_insert(session: AsyncSession, model: type) -> Any:
+    """``INSERT INTO model`` in the dialect of ``session``'s database (PostgreSQL or SQLite).
+
+    Both dialects' inserts have ``on_conflict_do_nothing`` / ``on_conflict_do_update``, so a
+    repository writes one race-free upsert that runs on both.
+    """
+    dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
+    return dialect.insert(model)
 
 
 async def healthcheck(engine: AsyncEngine, timeout: float = 5.0) -> bool:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from sqlalchemy import DateTime, MetaData, func
+from sqlalchemy import DateTime, MetaData, func, orm
 from sqlalchemy.ext.asyncio import AsyncAttrs
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, registry
+from sqlalchemy.orm import Mapped, mapped_column
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Mapper
+    from sqlalchemy.sql import FromClause
 
 # Named constraints make Alembic autogenerate stable (and downgrades possible):
 # without names, PostgreSQL invents them and SQLite has none to drop.
@@ -19,22 +24,48 @@ NAMING_CONVENTION = {
 }
 
 
-class Base(AsyncAttrs, DeclarativeBase):
-    """Base class for a bot's models. Each bot subclasses it once, so each bot
-    has its own MetaData (its own schema history), with the shared naming convention."""
+class Base(AsyncAttrs):
+    """Base class for a bot's models. Each bot subclasses it once, abstract::
 
+        class HelloBase(Base):
+            __abstract__ = True
+
+        metadata = HelloBase.metadata   # the bot's schema, for its migrations
+
+        class User(HelloBase, TimestampMixin):
+            __tablename__ = "users"
+
+    That class is the bot's declarative base, with its own ``registry`` and ``MetaData``
+    (the shared naming convention); every non-abstract class below it is mapped by that
+    registry. A direct subclass that is not abstract raises TypeError.
+    """
+
+    # Not a DeclarativeBase: all subclasses of one share its registry, and bots that share a
+    # process (the fleet migrator, the tests) must not see each other's tables, nor clash on
+    # class names (two bots have a ``Message``) in relationship strings. So each bot's base
+    # gets its own registry here, and its classes are mapped with the registry's public
+    # ``map_declaratively`` (what the ``@registry.mapped`` decorator does).
     __abstract__ = True
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
-    def __init_subclass__(cls, **kwargs):
-        # A bot's own abstract base (``class HelloBase(Base): __abstract__ = True``)
-        # gets its own registry and MetaData, so bots that share a process (the
-        # fleet migrator) never see each other's tables in their schema.
-        if cls.__dict__.get("__abstract__") and Base in cls.__bases__:
-            own = registry(metadata=MetaData(naming_convention=NAMING_CONVENTION))
-            cls._sa_registry = own
-            cls.registry = own
-            cls.metadata = own.metadata
+    if TYPE_CHECKING:  # what mapping adds, for type checkers
+        registry: ClassVar[orm.registry]
+        metadata: ClassVar[MetaData]
+        __table__: ClassVar[FromClause]
+        __mapper__: ClassVar[Mapper[Any]]
+
+        def __init__(self, **kwargs: Any) -> None: ...
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        if Base in cls.__bases__:
+            if not cls.__dict__.get("__abstract__", False):
+                raise TypeError(
+                    f"{cls.__name__}: subclass shared.Base once per bot with __abstract__ = True, "
+                    "and map your tables on that class"
+                )
+            cls.registry = orm.registry(metadata=MetaData(naming_convention=NAMING_CONVENTION))
+            cls.metadata = cls.registry.metadata
+        elif not cls.__dict__.get("__abstract__", False):
+            cls.registry.map_declaratively(cls)
         super().__init_subclass__(**kwargs)
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import func, inspect, select
 from bots.feishu_bot.api import EventStore, create_app
 from bots.feishu_bot.events import parse
 from bots.feishu_bot.models import Event, FeishuBase, Message, UserSession
-from bots.feishu_bot.repository import record_event, touch_session
+from bots.feishu_bot.repository import EventRepository
 from shared import NAMING_CONVENTION, Database
 
 from .conftest import assert_no_leak, provisioned_bot_env
@@ -288,13 +288,14 @@ def test_repository_keeps_the_bots_session_state(backend):
         try:
             await create_tables(db)
             async with db.unit_of_work() as session:
-                assert await record_event(session, "ev-a", "t", {"k": [1, "two", None]}) is True
-                assert await record_event(session, "ev-a", "t", {"other": True}) is False
-                created = await touch_session(session, "ou_carol", "ev-a", "t")
+                repo = EventRepository(session)
+                assert await repo.record_event("ev-a", "t", {"k": [1, "two", None]}) is True
+                assert await repo.record_event("ev-a", "t", {"other": True}) is False
+                created = await repo.touch_session("ou_carol", "ev-a", "t")
                 assert created.event_count == 1 and created.state == {}
                 created.state = {"step": 2, "lang": "zh"}
             async with db.unit_of_work() as session:
-                touched = await touch_session(session, "ou_carol", "ev-b", "t2")
+                touched = await EventRepository(session).touch_session("ou_carol", "ev-b", "t2")
                 assert (touched.event_count, touched.last_event_id) == (2, "ev-b")
                 assert touched.state == {"step": 2, "lang": "zh"}
             events = await _all(db, Event)

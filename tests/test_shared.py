@@ -12,10 +12,10 @@ from datetime import datetime
 import pytest
 from sqlalchemy import ForeignKey, String, func, select
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, configure_mappers, mapped_column
 from sqlalchemy.pool import StaticPool
 
-from shared import Base, ConfigError, Database, DatabaseSettings, TimestampMixin
+from shared import NAMING_CONVENTION, Base, ConfigError, Database, DatabaseSettings, TimestampMixin
 
 from .conftest import assert_no_leak
 
@@ -37,6 +37,31 @@ class Tag(NoteBase):
 
 
 SECRET = "pa55-word-never-shown"
+
+
+# -- models -------------------------------------------------------------------
+def test_each_bots_base_has_its_own_registry_and_metadata():
+    from bots.chat_bot import models as chat
+    from bots.feishu_bot import models as feishu
+    from bots.hello_bot import models as hello
+
+    bases = (chat.ChatBase, feishu.FeishuBase, hello.HelloBase, NoteBase)
+    assert len({id(b.registry) for b in bases}) == len({id(b.metadata) for b in bases}) == len(bases)
+    for module, base in ((chat, chat.ChatBase), (feishu, feishu.FeishuBase), (hello, hello.HelloBase)):
+        assert module.metadata is base.metadata and base.registry.metadata is base.metadata
+        assert module.metadata.naming_convention == NAMING_CONVENTION
+    assert set(NoteBase.metadata.tables) == {"notes", "tags"}
+    assert not hasattr(Base, "metadata")  # no shared schema for a table to land in by mistake
+    # chat-bot and feishu-bot both have a Message: chat-bot's relationship strings still resolve.
+    configure_mappers()
+    assert chat.Conversation.messages.property.mapper.class_ is chat.Message
+
+
+def test_a_table_needs_a_bots_abstract_base():
+    with pytest.raises(TypeError, match="__abstract__"):
+        class Stray(Base):
+            __tablename__ = "stray"
+            id: Mapped[int] = mapped_column(primary_key=True)
 
 
 # -- settings -----------------------------------------------------------------
@@ -147,9 +172,9 @@ def bot_env(scram_fleet):
     name = scram_fleet.name("shared")
     port = str(scram_fleet.server.embedded.status().port)
     scram_fleet.add(name, "--db-host", "127.0.0.1", "--db-port", port, "--pool-size", "1", "--max-overflow", "1")
-    from provisioning.files import read_env_file
+    from provisioning.envfile import EnvFile
 
-    return name, read_env_file(scram_fleet.env_file(name))
+    return name, EnvFile.read(scram_fleet.env_file(name)).values
 
 
 def test_postgresql_as_the_bots_own_role(bot_env):

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from shared import Database
 
 from .events import BadEvent, FeishuEvent, load_body, parse
-from .repository import record_event, record_message, touch_session
+from .repository import EventRepository
 
 
 class _TooLarge(Exception):
@@ -47,7 +47,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 class EventStore:
-    """Writes events through ``db``'s units of work.
+    """The webhook's unit of work: one per delivery, through ``db``, around ``EventRepository``.
 
     SQLite has one writer at a time (and an in-memory database is a single
     connection shared by every session), so on SQLite the units of work are
@@ -60,16 +60,10 @@ class EventStore:
         self._lock = asyncio.Lock() if db.settings.is_sqlite else contextlib.nullcontext()
 
     async def store(self, event: FeishuEvent) -> bool:
-        """Record the event, and when it is new, its sender's session and message; True when new."""
+        """Record the event (committed on return), and when it is new, its sender's session and
+        message; True when new."""
         async with self._lock, self.db.unit_of_work() as session:
-            new = await record_event(session, event.event_id, event.event_type, event.payload)
-            if new and event.open_id:
-                await touch_session(session, event.open_id, event.event_id, event.event_type)
-            if new and event.message:
-                m = event.message
-                await record_message(session, message_id=m.message_id, event_id=event.event_id, chat_id=m.chat_id,
-                                     sender_open_id=event.open_id, message_type=m.message_type, content=m.content)
-        return new
+            return await EventRepository(session).record(event)
 
 
 def create_app(db: Database, verification_token: str, max_body: int = 64 * 1024) -> FastAPI:

@@ -1,7 +1,7 @@
 """feishu-bot's schema: the webhook event log, per-user sessions, and received messages.
 
 ``events.event_id`` is unique: a delivery Feishu retries (or sends twice at
-once) is recorded once (``repository.record_event``). Constraint names come
+once) is recorded once (``EventRepository.record_event``). Constraint names come
 from the shared naming convention. Schemas come from migrations;
 ``FeishuBase.metadata.create_all`` is for tests only.
 """

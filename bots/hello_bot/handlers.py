@@ -12,18 +12,20 @@ from typing import Any, Awaitable, Callable
 from aiogram import Dispatcher, Router
 from aiogram.filters import CommandStart
 from aiogram.types import Message
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import Database
 
 from .models import User
-from .repository import count_users, upsert_user
+from .repository import UserRepository
+
 
 async def start(message: Message, user: User) -> Any:
     return message.answer(f"Hello, {user.display_name}! Nice to meet you.")
 
 
-async def anything_else(message: Message, user: User, session) -> Any:
-    total = await count_users(session)
+async def anything_else(message: Message, user: User, session: AsyncSession) -> Any:
+    total = await UserRepository(session).count()
     return message.answer(f"{user.display_name}, I know {total} user{'s' if total != 1 else ''}. Send /start.")
 
 
@@ -40,8 +42,8 @@ async def remember_user(handler: Callable[..., Awaitable[Any]], event: Any, data
     tg_user = data.get("event_from_user")
     if tg_user is None or tg_user.is_bot:
         return None  # channel posts and other bots: nobody to remember or greet
-    data["user"] = await upsert_user(
-        data["session"], tg_user.id, username=tg_user.username, first_name=tg_user.first_name,
+    data["user"] = await UserRepository(data["session"]).upsert(
+        tg_user.id, username=tg_user.username, first_name=tg_user.first_name,
         last_name=tg_user.last_name, language_code=tg_user.language_code,
     )
     return await handler(event, data)
