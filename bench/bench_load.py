@@ -8,7 +8,7 @@ Run by hand; prints a table (no timing is asserted in tests):
 A throwaway embedded PostgreSQL (its own data folder and port; the machine's
 server is not touched) gets max_connections from botfleet's budget for the
 fleet (reserve + 12 x 6 = 77 -> 80). Bots are provisioned with the real
-``fleet.add_bot`` (own database, own role, CONNECTION LIMIT 6) and each is
+``commands.provision_on`` (own database, own role, CONNECTION LIMIT 6) and each is
 driven by more concurrent requests than its pool, for a bounded time. Each
 request is one unit of work: an INSERT and a 5 ms pg_sleep in a transaction.
 
@@ -41,10 +41,11 @@ from psycopg import sql  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from provisioning import budget as budgets  # noqa: E402
-from provisioning.db import admin_info, connect  # noqa: E402
+from provisioning.commands import BotOptions, provision_on  # noqa: E402
+from provisioning.db import connect  # noqa: E402
 from provisioning.embedded import EmbeddedServer  # noqa: E402
-from provisioning.files import read_env_file  # noqa: E402
-from provisioning.fleet import BotOptions, Project, add_bot  # noqa: E402
+from provisioning.project import Project  # noqa: E402
+from provisioning.servers import Servers  # noqa: E402
 from shared.database import Database  # noqa: E402
 from shared.settings import DatabaseSettings  # noqa: E402
 
@@ -62,13 +63,12 @@ def start_server(state: Path, max_connections: int) -> EmbeddedServer:
 def provision(server: EmbeddedServer, project: Path, bots: int) -> list[tuple[str, dict[str, str]]]:
     port = server.status().port
     out = []
-    with connect(server.admin_url()) as conn:
-        info = admin_info(conn)
+    proj = Project(project)
+    with Servers(proj, server.admin_url()).opened() as admin:
         for i in range(bots):
             name = f"bench-load-{i:02d}"
-            add_bot(conn, info, server.admin_url(), Project(project), name,
-                    BotOptions(db_host="127.0.0.1", db_port=port))
-            out.append((name, read_env_file(project / "secrets" / f"{name}.env")))
+            provision_on(admin, proj, name, BotOptions(db_host="127.0.0.1", db_port=port))
+            out.append((name, proj.env(name).values))
     return out
 
 

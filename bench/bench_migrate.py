@@ -36,9 +36,10 @@ from pathlib import Path
 import psycopg
 
 from bench_provision import PROVISION, on_server, parse_args, progress
-from provisioning import db
-from provisioning.fleet import BotOptions, Project, add_bot
+from provisioning.commands import BotOptions, provision_on
 from provisioning.migrate import Target, migrate_many, migrate_one, plan_targets
+from provisioning.project import Project
+from provisioning.servers import Servers
 
 REPO = Path(__file__).resolve().parents[1]
 CODES = ("hello-bot", "chat-bot", "feishu-bot")
@@ -48,12 +49,12 @@ ALEMBIC = str(Path(sys.executable).with_name("alembic"))
 def provision(url: str, root: Path, bots: list[str]) -> list[Target]:
     for folder in ("bots", "migrations"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    with db.connect(url) as conn:
-        info = db.admin_info(conn)
+    project = Project(root)
+    with Servers(project, url).opened() as server:
         for i, bot in enumerate(bots):
-            add_bot(conn, info, url, Project(root), bot, BotOptions(code=CODES[i % len(CODES)]))
+            provision_on(server, project, bot, BotOptions(code=CODES[i % len(CODES)]))
             progress("provisioning", i + 1, len(bots))
-    targets, early = plan_targets(Project(root), [], all_bots=True, admin_url=url)
+    targets, early = plan_targets(project, [], all_bots=True, admin_url=url)
     if early:
         raise RuntimeError(f"cannot migrate: {early[0].error}")
     return targets

@@ -12,7 +12,7 @@ the same empty state each time (one warm-up CREATE DATABASE before (a), and
 the drops and a CHECKPOINT before each mode, are not timed):
 
   (a) the floor: the same SQL as one file through ONE psql session;
-  (b) provisioning.fleet.add_bot in this process, one admin connection;
+  (b) provisioning.commands.provision_on in this process, one admin connection;
   (c) one `provision add-bot NAME` process per bot.
 
 It prints ms per bot and the ratios, then the median of 10 `provision --help`.
@@ -42,9 +42,12 @@ from psycopg import sql
 
 from provisioning import db, passwords
 from provisioning.errors import ProvisionError
-from provisioning.fleet import DATABASE_ADMIN_MARGIN, BotOptions, Project, add_bot, marker
+from provisioning.commands import BotOptions, provision_on
 from provisioning.names import validate
+from provisioning.project import Project
+from provisioning.reconcile import DATABASE_ADMIN_MARGIN, marker
 from provisioning.registry import BotEntry
+from provisioning.servers import Servers
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PROVISION = str(Path(sys.executable).with_name("provision"))
@@ -81,7 +84,7 @@ def floor_sql(conn, bots: list[str], verifiers: dict[str, str]) -> str:
     lines = []
     for i, bot in enumerate(bots, 1):
         names = validate(bot)
-        entry = BotEntry(name=bot, code=bot, database=names.database, role=names.role)  # registry defaults
+        entry = BotEntry(name=bot, code=bot)  # registry defaults
         role, dbname, comment = I(names.role), I(names.database), L(marker(bot))
         statements = [
             S("BEGIN"),
@@ -128,14 +131,14 @@ def run_floor(url: str, bots: list[str], work: Path) -> float:
 
 
 def run_in_process(url: str, bots: list[str], work: Path) -> float:
-    """(b) fleet.add_bot, as `add-bot` calls it, on one admin connection (opened inside the timing,
-    like psql's own start-up in (a))."""
+    """(b) commands.provision_on, as `add-bot` calls it, on one admin connection (opened inside
+    the timing, like psql's own start-up in (a))."""
     work.mkdir(mode=0o700)
     start = time.perf_counter()
-    with db.connect(url) as conn:
-        info = db.admin_info(conn)
+    project = Project(work)
+    with Servers(project, url).opened() as server:
         for i, bot in enumerate(bots, 1):
-            add_bot(conn, info, url, Project(work), bot, BotOptions())
+            provision_on(server, project, bot, BotOptions())
             progress("b", i, len(bots))
     return time.perf_counter() - start
 
@@ -164,7 +167,7 @@ def time_help(runs: int = 10) -> float:
 
 
 def report(where: str, n: int, totals: dict[str, float], help_s: float) -> None:
-    labels = {"a": "(a) SQL file, one psql session", "b": "(b) fleet.add_bot, one process",
+    labels = {"a": "(a) SQL file, one psql session", "b": "(b) commands.provision_on, one process",
               "c": "(c) provision add-bot per bot"}
     print(f"\n{n} bots on {where}")
     print(f"{'mode':<32} | {'total s':>8} | {'ms/bot':>8} | ratio to (a)")

@@ -32,19 +32,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import InvalidInput
-from .registry import DEFAULT_SERVER, MIGRATION_MARGIN, BotEntry, Fleet, ServerSettings
+from .registry import (
+    DEFAULT_SERVER, HOST_RE, MAX_CONNECTIONS, MIGRATION_MARGIN, MIN_CONNECTIONS, BotEntry, Fleet, StackSettings,
+)
 
 SUPERUSER_RESERVED = 3
 PROVISIONER_MARGIN = 2  # `provision` admin session + a pg_dump during remove-bot
 CONNECTION_OVERHEAD_MB = 3
 BACKGROUND_MB = 24
 AUTOVACUUM_WORKERS = 2
-MIN_CONNECTIONS = 20
-MAX_CONNECTIONS = 5000
 POSTGRES_MAJORS = range(13, 19)
 MEMORY_RE = re.compile(r"([1-9][0-9]{0,6})([MG])")
 IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._/:-]{0,199}(@sha256:[0-9a-f]{64})?")
-HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
 
 
 class BudgetExceeded(InvalidInput):
@@ -83,7 +82,7 @@ def parse_publish(value: str) -> tuple[str, int] | None:
     return host, number
 
 
-def validate_server(server: ServerSettings) -> None:
+def validate_stack(server: StackSettings) -> None:
     """Refuse settings the stack cannot be rendered from (InvalidInput, one line)."""
     if server.postgres_major not in POSTGRES_MAJORS:
         raise InvalidInput(f"postgres_major must be {POSTGRES_MAJORS.start}-{POSTGRES_MAJORS.stop - 1} (got {server.postgres_major})")
@@ -133,9 +132,9 @@ class Tuning:
         return self.fixed_mb + self.max_connections * self.per_connection_mb
 
 
-def tune(server: ServerSettings) -> Tuning:
+def tune(server: StackSettings) -> Tuning:
     """The postgres settings derived from the memory limit (and max_connections, if set)."""
-    validate_server(server)
+    validate_stack(server)
     mem = memory_mb(server.postgres_memory, "postgres_memory")
     tuning = Tuning(
         memory_mb=mem,
@@ -163,7 +162,7 @@ class BotShare:
     client_connections: int  # what the bot's pools may open (to PgBouncer, when it is on)
 
 
-def bot_share(entry: BotEntry, server: ServerSettings) -> BotShare:
+def bot_share(entry: BotEntry, server: StackSettings) -> BotShare:
     clients = entry.pool_max * entry.replicas
     share = entry.connection_limit
     if server.pgbouncer:
@@ -227,16 +226,16 @@ def server_budget(fleet: Fleet, server: str, extra: BotEntry | None = None) -> B
     bots = fleet.on(server)
     if extra is not None:
         bots.pop(extra.name, None)
-        if fleet.server_of(extra) == server:
+        if extra.server == server:
             bots[extra.name] = extra
     if server == DEFAULT_SERVER:
-        return Budget(tune(fleet.server), fleet.server.pgbouncer,
-                      [bot_share(bots[name], fleet.server) for name in sorted(bots)])
+        return Budget(tune(fleet.stack), fleet.stack.pgbouncer,
+                      [bot_share(bots[name], fleet.stack) for name in sorted(bots)])
     spec = fleet.servers[server]  # its numbers were range-checked when fleet.toml was loaded
     tuning = Tuning(memory_mb=0, shared_buffers_mb=0, effective_cache_size_mb=0, maintenance_work_mem_mb=0,
                     autovacuum_work_mem_mb=0, work_mem_mb=0, max_connections=spec.max_connections,
                     max_connections_derived=False, superuser_reserved_connections=spec.superuser_reserved_connections)
-    direct = ServerSettings(pgbouncer=False)
+    direct = StackSettings(pgbouncer=False)
     return Budget(tuning, False, [bot_share(bots[name], direct) for name in sorted(bots)])
 
 

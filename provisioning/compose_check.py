@@ -1,4 +1,4 @@
-"""Validate rendered compose files without a Docker engine.
+"""The rendered stack's files (``Plan``), and their validation without a Docker engine.
 
 1. The Compose Specification JSON schema (check-jsonschema's vendored
    ``vendor.compose-spec``), for both files.
@@ -20,11 +20,41 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-if TYPE_CHECKING:
-    from .compose import Plan
-    from .registry import Fleet
+from . import budget as budgets
+from .budget import parse_publish
+from .errors import StackInvalid
+from .registry import Fleet
+
+COMPOSE_FILE = "compose.yaml"
+STACK_FILE = "compose.stack.yaml"
+
+
+@dataclass
+class PlannedFile:
+    path: str  # relative to the project
+    content: str = field(repr=False)
+    secret: bool = False
+    create_only: bool = False  # written when missing, never rewritten (the admin password)
+
+    @property
+    def mode(self) -> int:
+        return 0o600 if self.secret else 0o644
+
+
+@dataclass
+class Plan:
+    files: list[PlannedFile]
+    budget: budgets.Budget
+    bots: list[str]
+    skipped: list[str]  # "bot: why it is not in the stack"
+    passwords: list[str] = field(default_factory=list, repr=False)
+
+    def content(self, path: str) -> str:
+        return next(f.content for f in self.files if f.path == path)
+
 
 STACK_FORBIDDEN = ("depends_on", "build", "restart", "env_file", "pull_policy", "user", "container_name")
 SECRET_ENV = re.compile(r"(PASSWORD|DATABASE_URL|SECRET|TOKEN)$")
@@ -73,7 +103,7 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
     pg = services.get("postgres")
     if not isinstance(pg, dict):
         return ["no postgres service"]
-    major = fleet.server.postgres_major
+    major = fleet.stack.postgres_major
     if pg.get("image") != f"postgres:{major}":
         errs.append(f"postgres: image must be the official postgres:{major} (got {pg.get('image')!r})")
     test = _get(pg, "healthcheck", "test") or []
@@ -141,7 +171,7 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
                 errs.append(f"bot {bot}: must read its own env file {own_env} and no other credentials")
             deps = svc.get("depends_on") or {}
             entry = fleet.bots.get(bot)
-            local = entry is None or fleet.server_of(entry) == "default"
+            local = entry is None or entry.server == "default"
             if local and _get(deps, "postgres", "condition") != "service_healthy":
                 errs.append(f"bot {bot}: must depend on postgres with condition service_healthy")
             if not local and "postgres" in deps:
@@ -172,13 +202,10 @@ def _env_items(svc: dict) -> list[tuple[str, Any]]:
     return list(env.items())
 
 
-def validate(plan: "Plan", fleet: "Fleet") -> None:
+def validate(plan: Plan, fleet: Fleet) -> None:
     """Raise StackInvalid unless both compose files pass the schema and the semantic checks
     and no rendered, non-secret file contains a password."""
-    from .budget import parse_publish
-    from .compose import COMPOSE_FILE, STACK_FILE
-
-    published = parse_publish(fleet.server.publish)
+    published = parse_publish(fleet.stack.publish)
     publish = f"{published[0]}:{published[1]}" if published else ""
     problems: list[str] = []
     for rel, stack in ((COMPOSE_FILE, False), (STACK_FILE, True)):
@@ -189,7 +216,5 @@ def validate(plan: "Plan", fleet: "Fleet") -> None:
         if not f.secret and any(pw and pw in f.content for pw in plan.passwords):
             problems.append(f"{f.path}: contains a password")
     if problems:
-        from .compose import StackInvalid
-
         raise StackInvalid(f"the rendered stack is invalid ({len(problems)} problems): " + "; ".join(problems[:8]))
 

@@ -21,14 +21,19 @@ class DatabaseState:
     owner: str
     encoding: str
     connection_limit: int
-    public_can_connect: bool
+    public_privileges: str | None  # what PUBLIC (every role) may do on it, e.g. "CONNECT, TEMPORARY"
     comment: str | None
     allow_connections: bool = True
+
+    @property
+    def public_can_connect(self) -> bool:
+        return self.public_privileges is not None
 
 
 _INSPECT = """
 SELECT pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding), d.datconnlimit,
-       d.datacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(d.datacl) a WHERE a.grantee = 0),
+       (SELECT string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type)
+        FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a WHERE a.grantee = 0),
        shobj_description(d.oid, 'pg_database'), d.datallowconn
 FROM pg_database d WHERE d.datname = %(name)s
 """
@@ -38,8 +43,8 @@ def inspect(conn: psycopg.Connection, name: str) -> DatabaseState | None:
     row = conn.execute(_INSPECT, {"name": name}).fetchone()
     if row is None:
         return None
-    return DatabaseState(owner=row[0], encoding=row[1], connection_limit=row[2], public_can_connect=row[3], comment=row[4],
-                         allow_connections=row[5])
+    return DatabaseState(owner=row[0], encoding=row[1], connection_limit=row[2], public_privileges=row[3],
+                         comment=row[4], allow_connections=row[5])
 
 
 def create(conn: psycopg.Connection, spec: DatabaseSpec) -> None:
@@ -59,46 +64,39 @@ def _lock_down(conn: psycopg.Connection, spec: DatabaseSpec) -> None:
     conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(spec.comment)))
 
 
-def _differences(spec: DatabaseSpec, state: DatabaseState) -> dict[str, str]:
-    """How an existing database differs from its spec, key -> words: the one comparison
-    behind both :func:`drift` and :func:`converge`."""
-    out: dict[str, str] = {}
-    if state.owner != spec.owner:
-        out["owner"] = f"database owner {state.owner} -> {spec.owner}"
-    if state.connection_limit != spec.connection_limit:
-        out["limit"] = f"database connection limit {state.connection_limit} -> {spec.connection_limit}"
-    if not state.allow_connections:
-        out["allow"] = "database accepts connections again"
-    if state.public_can_connect:
-        out["public"] = "revoke PUBLIC access to the database"
-    if state.comment != spec.comment:
-        out["marker"] = "database marker comment"
-    return out
+@dataclass(frozen=True)
+class DatabaseDiff:
+    """How an existing database differs from its spec: the one comparison behind
+    :func:`converge` and every report of it (words are the caller's)."""
+
+    owner: bool
+    connection_limit: bool
+    allow_connections: bool  # it refuses connections and must accept them again
+    public: bool  # PUBLIC has rights on it
+    comment: bool  # the marker comment differs
 
 
-def drift(spec: DatabaseSpec, state: DatabaseState) -> list[str]:
-    """What :func:`converge` would change on this database, in words; reads nothing."""
-    return list(_differences(spec, state).values())
+def diff(spec: DatabaseSpec, state: DatabaseState) -> DatabaseDiff:
+    return DatabaseDiff(owner=state.owner != spec.owner, connection_limit=state.connection_limit != spec.connection_limit,
+                        allow_connections=not state.allow_connections, public=state.public_can_connect,
+                        comment=state.comment != spec.comment)
 
 
-def converge(conn: psycopg.Connection, spec: DatabaseSpec, state: DatabaseState) -> list[str]:
-    """Repair owner, connection limit, PUBLIC access and the marker comment; returns what was
-    repaired (a restored marker comment is not reported)."""
-    d = _differences(spec, state)
+def converge(conn: psycopg.Connection, spec: DatabaseSpec, state: DatabaseState) -> DatabaseDiff:
+    """Repair owner, connection limit, ALLOW_CONNECTIONS, PUBLIC access and the marker comment;
+    returns what differed."""
+    d = diff(spec, state)
     ident = sql.Identifier(spec.name)
     with conn.transaction():
-        if "owner" in d:
+        if d.owner:
             conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident, sql.Identifier(spec.owner)))
-        if "limit" in d:
+        if d.connection_limit:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {}").format(ident, sql.Literal(spec.connection_limit)))
-        if "allow" in d:
+        if d.allow_connections:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident))
-        if "public" in d or "marker" in d:
+        if d.public or d.comment:
             _lock_down(conn, spec)
-    d.pop("marker", None)
-    if "public" in d:
-        d["public"] = "revoked PUBLIC access to the database"
-    return list(d.values())
+    return d
 
 
 _PUBLIC_ON_SCHEMA = (

@@ -26,24 +26,18 @@ refused as a whole before any change.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import psycopg
-
-from . import databases, roles
-from .db import AdminInfo, connect, with_database
-from .errors import InvalidInput, ProvisionError
-from .fleet import (
-    BotOptions, Project, add_bot, check_options, database_spec, database_url, marker, remove_bot, render_env,
-    role_spec, stored_password,
-)
-from .passwords import verifier_matches
-from .files import read_env_file
+from . import budget as budgets
+from . import codes, compose, reconcile
+from .errors import InvalidInput, ProvisionError, StackInvalid
+from .migrate import MigrationFailed, head_of, script_directory
 from .names import validate
-from .registry import DEFAULT_SERVER, BotEntry, Fleet
+from .project import Project
+from .registry import DEFAULT_SERVER, BotEntry
+from .servers import Server
 
 Progress = Callable[[str], None]
 
@@ -103,119 +97,36 @@ class FleetPlan:
 
 # --------------------------------------------------------------------------- plan
 
-# add-bot's option names in its error messages -> the registry's keys.
-_OPTION_KEYS = {"--pool-size": "pool_size", "--max-overflow": "max_overflow", "--replicas": "replicas",
-                "--statement-timeout": "statement_timeout", "--idle-timeout": "idle_in_transaction_session_timeout",
-                "--db-host": "db_host", "--db-port": "db_port"}
 
-
-def _entry_problems(project: Project, admin: AdminInfo, entry: BotEntry) -> list[str]:
-    """A hand-edited entry that add-bot would refuse, in add-bot's words."""
-    where = f"fleet.toml: bot {entry.name!r}"
+def _entry_problems(server: Server, entry: BotEntry) -> list[str]:
+    """What add-bot would refuse that fleet.toml's own validation cannot know: a name
+    reserved because of the admin role on this server."""
+    assert server.admin is not None
     try:
-        names = validate(entry.name, admin_role=admin.role)
-        check_options(BotOptions(
-            pool_size=entry.pool_size, max_overflow=entry.max_overflow, replicas=entry.replicas,
-            statement_timeout=entry.statement_timeout, idle_timeout=entry.idle_in_transaction_session_timeout,
-            db_host=entry.db_host or None, db_port=entry.db_port or None,
-        ))
+        validate(entry.name, admin_role=server.admin.role)
     except InvalidInput as err:
-        message = str(err)
-        for flag, key in _OPTION_KEYS.items():
-            message = message.replace(flag, key)
-        return [f"{where}: {message}"]
-    out = []
-    if (entry.database, entry.role) != (names.database, names.role):
-        out.append(f"{where}: database and role must be {names.database} and {names.role} "
-                   "(botfleet derives them from the name; rename a bot by adding a new one)")
-    return out
+        return [f"fleet.toml: bot {entry.name!r}: {err}"]
+    return []
 
 
-def _env_diff(path: Path, expected: str) -> list[str]:
-    """How the env file differs from what add-bot would write (never showing the password)."""
-    from .db import parse_url
-
-    have = read_env_file(path)
-    want = dict(line.split("=", 1) for line in expected.splitlines() if line and not line.startswith("#"))
-    out = []
-    h_url, w_url = parse_url(have.get("DATABASE_URL", "")), parse_url(want["DATABASE_URL"])
-    for key in ("host", "port", "dbname"):
-        if (h_url.get(key) or "") != (w_url.get(key) or ""):
-            out.append(f"DATABASE_URL {key} {h_url.get(key) or '-'} -> {w_url.get(key)}")
-    for key, value in want.items():
-        if key != "DATABASE_URL" and have.get(key) != value:
-            out.append(f"{key} {have.get(key, '-')} -> {value}")
-    return out or ["rewritten in add-bot's format"]
-
-
-@dataclass
-class _Inside:
-    """What plan reads inside one bot database, over one connection."""
-
-    public_schema_open: bool = False
-    revision: str | None = None
-    error: str | None = None  # could not look inside
-
-
-def _look_inside(admin_url: str, state: databases.DatabaseState | None, database: str) -> _Inside | None:
-    """None when there is no database, or it refuses connections (apply re-allows them first)."""
-    from .migrate import revision_of
-
-    if state is None or not state.allow_connections:
-        return None
-    try:
-        with connect(with_database(admin_url, database)) as db_conn:
-            return _Inside(databases.public_schema_open(db_conn), revision_of(db_conn))
-    except (ProvisionError, psycopg.Error) as err:
-        return _Inside(error=str(err).splitlines()[0])
-
-
-def _bot_step(project: Project, fleet: Fleet, entry: BotEntry, role_state: roles.RoleState | None,
-              db_state: databases.DatabaseState | None, inside: _Inside | None, problems: list[str]) -> Step | None:
+def _bot_step(server: Server, project: Project, entry: BotEntry, observed: reconcile.Observed,
+              problems: list[str]) -> Step | None:
     """The create/update step of one registry bot (None: nothing to do)."""
-    for kind, name, state in (("role", entry.role, role_state), ("database", entry.database, db_state)):
-        if state is not None and state.comment != marker(entry.name):
+    for kind, name, state in (("role", entry.role, observed.role), ("database", entry.database, observed.database)):
+        if state is not None and state.comment != reconcile.marker(entry.name):
             # apply never adopts what it did not create; an operator who knows it is this
             # bot's can say so with `provision add-bot NAME` (which restores the marker).
             problems.append(f"{kind} {name!r} exists without botfleet's marker for bot {entry.name!r}; apply will "
                             f"not take it over (if it is this bot's: provision add-bot {entry.name})")
-    env_path = project.env_file(entry.name)
-    rel = env_path.relative_to(project.root)
-    if role_state is None and db_state is None:
+    if not observed.exists:
         return Step(CREATE, entry.name, [f"role {entry.role} (connection limit {entry.connection_limit})",
-                                         f"database {entry.database}", f"{rel} (new password)"])
-    details: list[str] = []
-    if db_state is None:
-        details.append(f"create the missing database {entry.database} (empty)")
-    else:
-        details += databases.drift(database_spec(entry), db_state)
-    if inside is not None and inside.error:
-        details.append(f"cannot look inside {entry.database}: {inside.error}")
-    elif inside is not None and inside.public_schema_open:
-        details.append("revoke PUBLIC rights on schema public")
-    if role_state is None:
-        details.append(f"create the missing role {entry.role}; {rel} gets a new password")
-        return Step(UPDATE, entry.name, details)
-    details[:0] = roles.drift(role_spec(entry), role_state)
-    password = stored_password(env_path, entry.role)
-    if password is None:
-        details.append(f"{rel}: {'missing' if not env_path.exists() else 'no usable DATABASE_URL'}; "
-                       "written with a new password (set on the server)")
-    else:
-        host, port = fleet.endpoint(entry)
-        expected = render_env(entry, database_url(entry, host, port, password))
-        if env_path.read_text(encoding="utf-8") != expected:
-            details += [f"{rel}: {d}" for d in _env_diff(env_path, expected)]
-        if role_state.verifier is not None and not verifier_matches(password, role_state.verifier):
-            details.append(f"server password reset to the one in {rel}")
-    return Step(UPDATE, entry.name, details) if details else None
+                                         f"database {entry.database}", f"{entry.env_file} (new password)"], server.name)
+    details = [c.words for c in reconcile.changes(server, project, entry, observed)]
+    return Step(UPDATE, entry.name, details, server.name) if details else None
 
 
-def _migration_step(project: Project, entry: BotEntry, db_exists: bool, inside: _Inside | None) -> Step | None:
+def _migration_step(project: Project, entry: BotEntry, observed: reconcile.Observed, server: str) -> Step | None:
     """A step when the bot's code has migrations and its database is not at head."""
-    from . import codes
-    from .migrate import MigrationFailed, head_of, script_directory
-
     try:
         found = codes.with_migrations(project.root, entry.code)
     except (codes.NoMigrations, InvalidInput):
@@ -223,44 +134,31 @@ def _migration_step(project: Project, entry: BotEntry, db_exists: bool, inside: 
     try:
         head = head_of(script_directory(str(project.root), found.package), found.package)
     except MigrationFailed as err:
-        return Step(MIGRATE, entry.name, [f"will fail: {err}"])
-    if db_exists and (inside is None or inside.error):
-        why = inside.error if inside is not None else "the database refuses connections"
-        return Step(MIGRATE, entry.name, [f"revision unknown ({why}); to {head or 'base'}"])
-    current = inside.revision if inside is not None else None
-    if current == head:
+        return Step(MIGRATE, entry.name, [f"will fail: {err}"], server)
+    if observed.database is not None and (not observed.looked_inside or observed.inside_error):
+        why = observed.inside_error or "the database refuses connections"
+        return Step(MIGRATE, entry.name, [f"revision unknown ({why}); to {head or 'base'}"], server)
+    if observed.revision == head:
         return None
-    return Step(MIGRATE, entry.name, [f"{current or 'base'} -> {head or 'base'} (code {found.package})"])
+    return Step(MIGRATE, entry.name, [f"{observed.revision or 'base'} -> {head or 'base'} (code {found.package})"], server)
 
 
-def _file_steps(root: Path, fleet: Fleet) -> list[Step]:
+def _file_steps(project: Project) -> list[Step]:
     """What a re-render would write or delete, for a project with a rendered stack."""
-    from . import compose
-
-    if not compose.stack_present(root):
+    if not compose.stack_present(project.root):
         return []
     try:
-        planned = compose.plan(root, fleet)
-    except compose.StackInvalid:
+        planned = compose.plan(project)
+    except StackInvalid:
         # Some bots' env files are about to be (re)written: the stack follows them.
         return [Step(FILE, compose.COMPOSE_FILE, ["re-rendered after the bots' env files are written"])]
-    changed, gone = compose.pending(root, planned)
-    return ([Step(FILE, f.path, ["new" if not (root / f.path).exists() else "changed"]) for f in changed]
+    changed, gone = compose.pending(project.root, planned)
+    return ([Step(FILE, f.path, ["new" if not (project.root / f.path).exists() else "changed"]) for f in changed]
             + [Step(FILE, rel, ["deleted (no longer part of the stack)"]) for rel in gone])
 
 
-@dataclass
-class ServerLink:
-    """An open admin connection to one of the fleet's servers."""
-
-    name: str  # DEFAULT_SERVER or a [servers.NAME]
-    conn: psycopg.Connection
-    admin: AdminInfo
-    url: str = field(repr=False)
-
-
 def plan(
-    servers: list[ServerLink],
+    servers: list[Server],
     project: Project,
     *,
     prune: bool = False,
@@ -269,28 +167,26 @@ def plan(
     progress: Progress = _quiet,
 ) -> FleetPlan:
     """Every step apply would take to make the servers and the files match fleet.toml.
-    Reads only. ``servers`` must include every server that has registry bots."""
-    from . import budget as budgets
-    from . import compose
+    Reads only. ``servers`` must be open and include every server that has registry bots."""
     from .doctor import stray_bots
 
-    fleet = project.registry.load()
+    fleet = project.fleet
     problems: list[str] = []
-    links = {link.name: link for link in servers}
+    by_name = {server.name: server for server in servers}
     for entry in fleet.bots.values():
-        link = links.get(fleet.server_of(entry))
-        if link is None:
-            problems.append(f"bot {entry.name}: its server {fleet.server_of(entry)} was not reached")
+        server = by_name.get(entry.server)
+        if server is None:
+            problems.append(f"bot {entry.name}: its server {entry.server} was not reached")
             continue
-        problems += _entry_problems(project, link.admin, entry)
-    for server in fleet.server_names():
-        if server == DEFAULT_SERVER and not compose.stack_present(project.root):
+        problems += _entry_problems(server, entry)
+    for name in fleet.server_names():
+        if name == DEFAULT_SERVER and not compose.stack_present(project.root):
             continue  # the default server's size is known only for a rendered stack
         try:
-            if server == DEFAULT_SERVER:
-                budgets.validate_server(fleet.server)
-            budgets.check(budgets.server_budget(fleet, server),
-                          "fleet.toml" + ("" if server == DEFAULT_SERVER else f" on server {server}"))
+            if name == DEFAULT_SERVER:
+                budgets.validate_stack(fleet.stack)
+            budgets.check(budgets.server_budget(fleet, name),
+                          "fleet.toml" + ("" if name == DEFAULT_SERVER else f" on server {name}"))
         except InvalidInput as err:
             problems.append(str(err))
     if problems:
@@ -302,38 +198,36 @@ def plan(
     for i, name in enumerate(names, 1):
         progress(f"comparing {name} ({i}/{len(names)})")
         entry = fleet.bots[name]
-        link = links[fleet.server_of(entry)]
-        role_state = roles.inspect(link.conn, entry.role, read_verifier=link.admin.superuser)
-        db_state = databases.inspect(link.conn, entry.database)
-        inside = _look_inside(link.url, db_state, entry.database)  # one connection per bot database
-        step = _bot_step(project, fleet, entry, role_state, db_state, inside, problems)
+        server = by_name[entry.server]
+        observed = reconcile.observe(server, project, entry)  # one connection per bot database
+        step = _bot_step(server, project, entry, observed, problems)
         if step is not None:
-            steps.append(dataclasses.replace(step, server=link.name))
+            steps.append(step)
         if migrations:
-            m = _migration_step(project, entry, db_state is not None, inside)
+            m = _migration_step(project, entry, observed, server.name)
             if m is not None:
-                migrate.append(dataclasses.replace(m, server=link.name))
+                migrate.append(m)
     others: list[str] = []
-    for link in servers:
-        here = Fleet(fleet.server, fleet.on(link.name), fleet.servers)
-        for bot, objects in stray_bots(link.conn, here, ignore).items():
+    for server in servers:
+        assert server.conn is not None
+        for bot, objects in stray_bots(server.conn, fleet.only(server.name), ignore).items():
             if bot in fleet.bots:
                 # Left over where a registry bot no longer lives: never pruned (remove-bot
                 # would also delete the live bot's env file and registry entry).
                 steps.append(Step(KEEP, bot, [*objects, f"left over here; {bot} lives on server "
-                                              f"{fleet.server_of(fleet.bots[bot])} (never pruned)"], link.name))
-            elif not project.env_file(bot).exists():
+                                              f"{fleet.bots[bot].server} (never pruned)"], server.name))
+            elif not project.env_path(bot).exists():
                 # Not this project's (it holds no credentials for it): another fleet on the
                 # same server, or a bot set up elsewhere. Never pruned, only counted.
                 others.append(bot)
             elif prune:
                 steps.append(Step(REMOVE, bot, ["pg_dump backup into " + str(Path("backups") / bot), *objects,
-                                                f"secrets/{bot}.env"], link.name))
+                                                f"secrets/{bot}.env"], server.name))
             else:
                 steps.append(Step(KEEP, bot, [*objects, "not in fleet.toml (apply --prune backs it up, then removes it)"],
-                                  link.name))
+                                  server.name))
     steps += migrate
-    steps += _file_steps(project.root, fleet)
+    steps += _file_steps(project)
     return FleetPlan(steps, problems, others)
 
 
@@ -351,39 +245,6 @@ class StepResult:
         return asdict(self)
 
 
-def apply_server(
-    servers: list[ServerLink],
-    project: Project,
-    fleet_plan: FleetPlan,
-    *,
-    progress: Progress = _quiet,
-) -> list[StepResult]:
-    """The plan's create, update and remove steps, bot by bot; one bot's failure does
-    not stop the others. Refuses (InvalidInput) a plan with problems, before any change.
-    The stack is re-rendered once, afterwards (:func:`apply_files`), not after each bot."""
-    if fleet_plan.problems:
-        raise InvalidInput(fleet_plan.refusal())
-    results: list[StepResult] = []
-    links = {link.name: link for link in servers}
-    for step in fleet_plan.steps:
-        if step.action not in (CREATE, UPDATE, REMOVE):
-            continue
-        link = links[step.server]
-        progress(f"{step.action} {step.subject}" + ("" if step.server == DEFAULT_SERVER else f" on server {step.server}"))
-        try:
-            if step.action == REMOVE:
-                removed = remove_bot(link.conn, link.admin, link.url, project, step.subject, backup=True,
-                                     progress=progress, rerender=False)
-                results.append(StepResult(REMOVE, step.subject, True, f"backup {removed.backup}" if removed.backup else ""))
-            else:
-                added = add_bot(link.conn, link.admin, link.url, project, step.subject, BotOptions(), progress=progress,
-                                rerender=False)
-                results.append(StepResult(step.action, step.subject, True, added.status))
-        except ProvisionError as err:
-            results.append(StepResult(step.action, step.subject, False, str(err)))
-    return results
-
-
 def migration_results(outcomes: list[Any]) -> list[StepResult]:
     """migrate's per-bot outcomes as apply's results."""
     return [StepResult(MIGRATE, o.bot, o.ok, o.error or f"{o.status}: {o.from_rev or 'base'} -> {o.to_rev or 'base'}")
@@ -392,12 +253,10 @@ def migration_results(outcomes: list[Any]) -> list[StepResult]:
 
 def apply_files(project: Project) -> list[StepResult]:
     """Re-render a project's stack once every bot's env file is written."""
-    from . import compose
-
     if not compose.stack_present(project.root):
         return []
     try:
-        result = compose.render(project.root)
+        result = compose.render(project)
     except ProvisionError as err:
         return [StepResult(FILE, compose.COMPOSE_FILE, False, str(err))]
     return [StepResult(FILE, path, True, "written") for path in result.written] + \

@@ -23,10 +23,6 @@ class InvalidBotName(InvalidInput):
     pass
 
 
-class BotNotFound(ProvisionError):
-    pass
-
-
 class NotManaged(ProvisionError):
     """A role or database with a bot's name exists but botfleet did not create it."""
 
@@ -49,3 +45,16 @@ class BackupFailed(ProvisionError):
 
 class LockTimeout(ProvisionError):
     pass
+
+
+class StackInvalid(ProvisionError):
+    """A rendered compose file failed validation (a bug in the templates, or a registry the stack cannot hold)."""
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: a server's primary message, else the first line of its text."""
+    diag = getattr(err, "diag", None)
+    if diag is not None and getattr(diag, "message_primary", None):
+        return diag.message_primary
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,4 +1,4 @@
-"""Files botfleet owns on disk: atomic writes, 0600 secrets, a lock for the registry."""
+"""Files botfleet owns on disk: atomic writes (0600 for secrets) and file locks."""
 
 from __future__ import annotations
 
@@ -34,18 +34,6 @@ def atomic_write(path: Path, data: str, *, mode: int = 0o644) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of a docker-compose env file (comments and blanks skipped)."""
-    values: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        values[key.strip()] = value.strip()
-    return values
 
 
 @contextlib.contextmanager

@@ -53,7 +53,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from . import codes
-from .db import LOCK_NAMESPACE, lock_key
+from .db import LOCK_NAMESPACE, as_role, lock_key
+from .errors import InvalidInput
+from .project import Project
+from .registry import DEFAULT_SERVER
 
 # Advisory locks are per database; this second key space keeps a migration
 # lock distinct from any other botfleet lock taken in the same database.
@@ -202,7 +205,7 @@ async def _run(target: Target, dest_name: str, outcome: Outcome, *, downgrade: b
             # a transaction it begins itself.
             await conn.commit()
             outcome.from_rev = outcome.to_rev = current
-            if current is not None and _unknown(script, current):
+            if current is not None and is_unknown(script, current):
                 raise MigrationFailed(
                     f"{target.bot}: its database is at revision {current}, which code {target.package}'s "
                     "migrations do not know (is the database ahead of this code?); nothing changed"
@@ -257,7 +260,7 @@ async def _run(target: Target, dest_name: str, outcome: Outcome, *, downgrade: b
         await engine.dispose()
 
 
-def _unknown(script: ScriptDirectory, rev: str) -> bool:
+def is_unknown(script: ScriptDirectory, rev: str) -> bool:
     try:
         return script.get_revision(rev) is None
     except CommandError:
@@ -371,7 +374,7 @@ def bot_conninfo_from_env(url: str, application_name: str = "botfleet-migrate") 
 
 
 def plan_targets(
-    project, names: list[str], *, all_bots: bool, admin_url: str | None, skip_missing: bool | None = None,
+    project: Project, names: list[str], *, all_bots: bool, admin_url: str | None, skip_missing: bool | None = None,
     bot_urls: bool = False,
 ) -> tuple[list[Target], list[Outcome]]:
     """The bots to migrate, and the ones that cannot be (as failed/skipped outcomes).
@@ -384,12 +387,7 @@ def plan_targets(
     Bots whose code has no migrations are "skipped" with ``skip_missing``
     (default: with ``all_bots``), else "failed".
     """
-    from .db import as_role
-    from .errors import InvalidInput
-    from .fleet import stored_password
-    from .files import read_env_file
-
-    fleet = project.registry.load()
+    fleet = project.fleet
     unknown = [n for n in names if n not in fleet.bots]
     if unknown:
         raise InvalidInput(f"not in the fleet registry: {', '.join(unknown)} (see provision list)")
@@ -404,17 +402,17 @@ def plan_targets(
             status = "skipped" if (all_bots if skip_missing is None else skip_missing) else "failed"
             skipped.append(Outcome(bot=bot, status=status, error=f"{bot}: {err}"))
             continue
-        env_path = project.env_file(bot)
-        password = stored_password(env_path, entry.role)
-        if password is None:
+        env = project.env(bot)
+        creds = env.credentials(entry.role)
+        if creds is None:
             skipped.append(Outcome(bot=bot, status="failed",
-                                   error=f"{bot}: no credentials in {env_path}; run provision add-bot {bot} to restore them"))
+                                   error=f"{bot}: no credentials in {env.path}; run provision add-bot {bot} to restore them"))
             continue
-        url = admin_url if not entry.server else (None if bot_urls else fleet.servers[entry.server].admin_url)
+        url = admin_url if entry.server == DEFAULT_SERVER else (None if bot_urls else fleet.servers[entry.server].admin_url)
         if url is None:
-            conninfo = bot_conninfo_from_env(read_env_file(env_path)["DATABASE_URL"])
+            conninfo = bot_conninfo_from_env(creds.url)
         else:
-            conninfo = as_role(url, entry.role, password, entry.database, application_name="botfleet-migrate")
+            conninfo = as_role(url, entry.role, creds.password, entry.database, application_name="botfleet-migrate")
         targets.append(Target(bot=bot, root=str(project.root), package=found.package,
                               database=entry.database, conninfo=conninfo))
     return targets, skipped

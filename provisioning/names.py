@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from .errors import InvalidBotName
 
 NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,39}")
+# A bot code: the package bots/<code> (``hello-bot`` and ``hello_bot`` name the same one).
+CODE_RE = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 
 # Names that collide with PostgreSQL's own objects or with roles an operator
 # already has; refused whatever the admin role is called.
@@ -30,6 +32,17 @@ class BotNames:
     role: str
 
 
+def derive(name: str) -> BotNames:
+    """The database and role names of a bot (the one place they are derived)."""
+    stem = name.replace("-", "_")
+    return BotNames(bot=name, database=f"{stem}_db", role=f"{stem}_user")
+
+
+def code_package(code: str) -> str:
+    """The one spelling of a bot code: its package name (``hello-bot`` -> ``hello_bot``)."""
+    return code.replace("-", "_")
+
+
 def validate(name: str, *, admin_role: str | None = None) -> BotNames:
     """Check a bot name and return its database and role names.
 
@@ -47,4 +60,4 @@ def validate(name: str, *, admin_role: str | None = None) -> BotNames:
         reserved = True
     if reserved:
         raise InvalidBotName(f"bot name {name!r} is reserved; choose another name")
-    return BotNames(bot=name, database=f"{stem}_db", role=f"{stem}_user")
+    return derive(name)

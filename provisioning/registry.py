@@ -2,6 +2,13 @@
 
 Hand-editable; every write re-reads the file under a lock so concurrent
 provision runs never lose each other's entries.
+
+Loading is the ONE validation every command goes through: a bot name, a value
+of the wrong type or out of range, an unknown key or a server that is not
+declared is refused here, in one line, before any command touches anything.
+A bot's database, role and env file derive from its name (``names.derive``)
+and are not stored; older files that spell them out are still read, as long as
+they say what the name derives.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import tomli_w
 
 from .errors import InvalidInput
 from .files import atomic_write, file_lock
+from .names import CODE_RE, derive, validate
 
 HEADER = (
     "# botfleet fleet registry: one [bots.<name>] table per bot.\n"
@@ -33,14 +41,25 @@ DEFAULT_MAX_OVERFLOW = 3
 DEFAULT_STATEMENT_TIMEOUT = "30s"
 DEFAULT_IDLE_TIMEOUT = "60s"
 
+# The bounds of a server's max_connections (the stack's and a [servers.NAME]'s).
+MIN_CONNECTIONS = 20
+MAX_CONNECTIONS = 5000
+MAX_POOL = 1000
+MAX_REPLICAS = 100
+TIMEOUT_RE = re.compile(r"\d{1,9}(ms|s|min|h)?")
+HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
+
+DEFAULT_SERVER = "default"
+SERVER_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,39}")
+
 
 @dataclass
-class ServerSettings:
-    """How bots reach the shared server (the compose service, by default)."""
+class StackSettings:
+    """The compose stack's settings (``[server]`` in fleet.toml): how bots reach the
+    stack's postgres, and how that postgres and the bot containers are sized."""
 
     bot_host: str = "postgres"
     bot_port: int = 5432
-    # The compose stack (`provision render`, `provision budget`; see provisioning/budget.py).
     postgres_major: int = 17  # the official postgres image's major version, pinned
     postgres_memory: str = "512M"  # the postgres container's memory limit; tuning derives from it
     max_connections: int = 0  # 0: as many as the memory limit affords
@@ -52,17 +71,13 @@ class ServerSettings:
     bot_image: str = "botfleet-bot:latest"  # built from the repo's Dockerfile
 
 
-DEFAULT_SERVER = "default"
-SERVER_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,39}")
-
-
 @dataclass
-class ExtraServer:
+class ServerEntry:
     """A further PostgreSQL server the fleet places bots on: ``[servers.NAME]``.
 
-    The default server (no name) is ``--admin-url`` / ``ADMIN_DATABASE_URL`` /
-    the embedded one, and the compose stack's postgres; these are servers
-    botfleet does not run, each with its own admin URL and connection budget.
+    The default server is ``--admin-url`` / ``ADMIN_DATABASE_URL`` / the embedded
+    one, and the compose stack's postgres; these are servers botfleet does not
+    run, each with its own admin URL and connection budget.
     """
 
     admin_url: str  # without a password: PGPASSWORD, ~/.pgpass or ?passfile=... hold it
@@ -85,17 +100,27 @@ class ExtraServer:
 class BotEntry:
     name: str
     code: str
-    database: str
-    role: str
     pool_size: int = DEFAULT_POOL_SIZE
     max_overflow: int = DEFAULT_MAX_OVERFLOW
     replicas: int = 1
     statement_timeout: str = DEFAULT_STATEMENT_TIMEOUT
     idle_in_transaction_session_timeout: str = DEFAULT_IDLE_TIMEOUT
-    env_file: str = ""
-    db_host: str = ""  # how this bot reaches the server; "" = the fleet's [server] bot_host
+    db_host: str = ""  # how this bot reaches the server; "" = its server's endpoint
     db_port: int = 0
-    server: str = ""  # the [servers.NAME] it lives on; "" = the default server
+    server: str = DEFAULT_SERVER  # DEFAULT_SERVER or a [servers.NAME]
+
+    @property
+    def database(self) -> str:
+        return derive(self.name).database
+
+    @property
+    def role(self) -> str:
+        return derive(self.name).role
+
+    @property
+    def env_file(self) -> str:
+        """The bot's credentials file, relative to the project."""
+        return f"secrets/{self.name}.env"
 
     @property
     def pool_max(self) -> int:
@@ -110,39 +135,76 @@ class BotEntry:
     def to_toml(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("name")
-        if not data["server"]:
+        if data["server"] == DEFAULT_SERVER:
             data.pop("server")  # a one-server fleet's file stays as it always was
-        data["connection_limit"] = self.connection_limit  # informative; derived on load
         return data
+
+
+# The registry keys of a bot's settings, with add-bot's flag for each: one rule, two spellings.
+OPTION_FLAGS = {"pool_size": "--pool-size", "max_overflow": "--max-overflow", "replicas": "--replicas",
+                "statement_timeout": "--statement-timeout", "idle_in_transaction_session_timeout": "--idle-timeout",
+                "db_host": "--db-host", "db_port": "--db-port"}
+
+
+def option_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` is not acceptable for a bot's setting ``key`` (None: it is), in words
+    that start with the setting's name as the caller spells it (``{key}``)."""
+    if value is None:
+        return None
+    if key == "pool_size" and not 1 <= value <= MAX_POOL:
+        return f"{{key}} must be between 1 and {MAX_POOL}"
+    if key == "max_overflow" and not 0 <= value <= MAX_POOL:
+        return f"{{key}} must be between 0 and {MAX_POOL}"
+    if key == "replicas" and not 1 <= value <= MAX_REPLICAS:
+        return f"{{key}} must be between 1 and {MAX_REPLICAS}"
+    if key in ("statement_timeout", "idle_in_transaction_session_timeout") and TIMEOUT_RE.fullmatch(value) is None:
+        return f"{{key}} must look like 30s, 500ms, 5min or 1h (got {value!r})"
+    if key == "db_port" and not 0 <= value <= 65535:
+        return "{key} must be between 1 and 65535"
+    if key == "db_host" and value != "" and HOST_RE.fullmatch(value) is None:
+        return f"{{key}} {value!r} is not a host name"
+    return None
+
+
+def check_options(values: dict[str, Any], *, flags: bool) -> None:
+    """Raise InvalidInput (exit 2) for the first bad setting, named by its add-bot flag
+    (``flags``) or its registry key."""
+    for key, value in values.items():
+        problem = option_problem(key, value)
+        if problem is not None:
+            raise InvalidInput(problem.format(key=OPTION_FLAGS[key] if flags else key))
 
 
 # Field annotations are strings here (from __future__ import annotations).
 _TYPES: dict[str, type] = {"int": int, "str": str, "bool": bool}
 _TYPE_WORDS = {int: "a whole number", str: "a string", bool: "true or false"}
+# Derived values that older files store: read (they must agree with the name), never written.
+_DERIVED = ("database", "role", "env_file", "connection_limit")
 
 
 @dataclass
 class Fleet:
-    server: ServerSettings
+    stack: StackSettings
     bots: dict[str, BotEntry]
-    servers: dict[str, ExtraServer] = field(default_factory=dict)
-
-    def server_of(self, entry: BotEntry) -> str:
-        return entry.server or DEFAULT_SERVER
+    servers: dict[str, ServerEntry] = field(default_factory=dict)
 
     def server_names(self) -> list[str]:
         return [DEFAULT_SERVER, *sorted(self.servers)]
 
     def on(self, server: str) -> dict[str, BotEntry]:
         """The bots placed on ``server`` (a name, or DEFAULT_SERVER)."""
-        return {n: e for n, e in self.bots.items() if self.server_of(e) == server}
+        return {n: e for n, e in self.bots.items() if e.server == server}
+
+    def only(self, server: str) -> Fleet:
+        """The same fleet with only the bots placed on ``server``."""
+        return Fleet(self.stack, self.on(server), self.servers)
 
     def endpoint(self, entry: BotEntry) -> tuple[str, int]:
         """Where the bot's DATABASE_URL points: its own override, else its server's."""
-        if entry.server and entry.server in self.servers:
+        if entry.server in self.servers:
             host, port = self.servers[entry.server].endpoint()
         else:
-            host, port = self.server.bot_host, self.server.bot_port
+            host, port = self.stack.bot_host, self.stack.bot_port
         return entry.db_host or host, entry.db_port or port
 
 
@@ -153,9 +215,12 @@ class Registry:
         self.path = project / "fleet.toml"
         self._lock_path = project / ".botfleet" / "registry.lock"
 
+    def exists(self) -> bool:
+        return self.path.exists()
+
     def load(self) -> Fleet:
         if not self.path.exists():
-            return Fleet(ServerSettings(), {})
+            return Fleet(StackSettings(), {})
         try:
             data = tomllib.loads(self.path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
@@ -163,51 +228,70 @@ class Registry:
         unknown = set(data) - {"version", "server", "servers", "bots"}
         if unknown:
             raise InvalidInput(f"{self.path}: unknown table or key {', '.join(sorted(unknown))}")
-        server = ServerSettings(**self._checked(ServerSettings, data.get("server", {}), "[server]"))
-        bots = {}
-        for name, raw in data.get("bots", {}).items():
-            if not isinstance(raw, dict):
-                raise InvalidInput(f"{self.path}: bots.{name} must be a table")
-            values = self._checked(BotEntry, raw, f"[bots.{name}]", derived=("connection_limit",))
-            # A bot added by hand needs only its table: the rest derives from its name
-            # (names.validate checks the name itself before anything uses it).
-            stem = name.replace("-", "_")
-            values.setdefault("code", name)
-            values.setdefault("database", f"{stem}_db")
-            values.setdefault("role", f"{stem}_user")
-            values.setdefault("env_file", f"secrets/{name}.env")
-            bots[name] = BotEntry(name=name, **values)
-        servers = {}
-        raw_servers = data.get("servers", {})
+        stack = StackSettings(**self._checked(StackSettings, data.get("server", {}), "[server]"))
+        servers = self._servers(data.get("servers", {}))
+        raw_bots = data.get("bots", {})
+        if not isinstance(raw_bots, dict):
+            raise InvalidInput(f"{self.path}: bots must be a table of [bots.NAME] tables")
+        bots = {name: self._bot(name, raw, servers) for name, raw in raw_bots.items()}
+        return Fleet(stack, bots, servers)
+
+    def _bot(self, name: str, raw: Any, servers: dict[str, ServerEntry]) -> BotEntry:
+        where = f"[bots.{name}]"
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"{self.path}: bots.{name} must be a table")
+        try:
+            names = validate(name)
+        except InvalidInput as err:
+            raise InvalidInput(f"{self.path}: {err}") from None
+        values = self._checked(BotEntry, raw, where, derived=_DERIVED)
+        stored = {k: raw[k] for k in ("database", "role") if k in raw}
+        if any(stored.get(k, want) != want for k, want in (("database", names.database), ("role", names.role))):
+            raise InvalidInput(f"{self.path}: {where} database and role must be {names.database} and {names.role} "
+                               "(botfleet derives them from the name; rename a bot by adding a new one)")
+        if raw.get("env_file", f"secrets/{name}.env") != f"secrets/{name}.env":
+            raise InvalidInput(f"{self.path}: {where} env_file must be secrets/{name}.env (derived from the name)")
+        values.setdefault("code", name)
+        if CODE_RE.fullmatch(values["code"]) is None:
+            raise InvalidInput(f"{self.path}: {where} code {values['code']!r} is not a bot code name "
+                               "(a-z, 0-9, '-' or '_', starting with a letter)")
+        values["server"] = values.get("server") or DEFAULT_SERVER
+        if values["server"] != DEFAULT_SERVER and values["server"] not in servers:
+            raise InvalidInput(f"{self.path}: {where} server {values['server']!r} is not a [servers.NAME] table")
+        try:
+            check_options({k: v for k, v in values.items() if k in OPTION_FLAGS}, flags=False)
+        except InvalidInput as err:
+            raise InvalidInput(f"{self.path}: {where} {err}") from None
+        return BotEntry(name=name, **values)
+
+    def _servers(self, raw_servers: Any) -> dict[str, ServerEntry]:
+        from .db import parse_url
+
         if not isinstance(raw_servers, dict):
             raise InvalidInput(f"{self.path}: servers must be a table of [servers.NAME] tables")
+        servers = {}
         for name, raw in raw_servers.items():
             where = f"[servers.{name}]"
             if SERVER_NAME_RE.fullmatch(name) is None or name == DEFAULT_SERVER:
                 raise InvalidInput(f"{self.path}: {where}: a server name is 1-40 of a-z 0-9 '-' starting with a "
                                    f"letter, and not {DEFAULT_SERVER!r}")
-            values = self._checked(ExtraServer, raw, where)
+            values = self._checked(ServerEntry, raw, where)
             if "admin_url" not in values:
                 raise InvalidInput(f"{self.path}: {where} needs admin_url")
-            from .db import parse_url
-
             if parse_url(values["admin_url"]).get("password"):
                 raise InvalidInput(f"{self.path}: {where} admin_url must not contain a password (fleet.toml is "
                                    "committed): use PGPASSWORD, ~/.pgpass or ?passfile=PATH")
-            extra = ExtraServer(**values)
-            from .budget import MAX_CONNECTIONS, MIN_CONNECTIONS  # budget imports this module
-
+            extra = ServerEntry(**values)
             if not (MIN_CONNECTIONS <= extra.max_connections <= MAX_CONNECTIONS
                     and 0 <= extra.superuser_reserved_connections < extra.max_connections):
                 raise InvalidInput(f"{self.path}: {where} max_connections must be {MIN_CONNECTIONS}-{MAX_CONNECTIONS} "
                                    "and superuser_reserved_connections below it")
             if not 0 <= extra.bot_port <= 65535:
                 raise InvalidInput(f"{self.path}: {where} bot_port must be 1-65535 (0: admin_url's port)")
+            if extra.bot_host and HOST_RE.fullmatch(extra.bot_host) is None:
+                raise InvalidInput(f"{self.path}: {where} bot_host {extra.bot_host!r} is not a host name")
             servers[name] = extra
-        for name, entry in bots.items():
-            if entry.server and entry.server not in servers:
-                raise InvalidInput(f"{self.path}: [bots.{name}] server {entry.server!r} is not a [servers.NAME] table")
-        return Fleet(server, bots, servers)
+        return servers
 
     def _checked(self, cls: type, raw: Any, where: str, derived: tuple[str, ...] = ()) -> dict[str, Any]:
         """``raw``'s keys and value types checked against ``cls``'s fields: a typo in a
@@ -229,7 +313,7 @@ class Registry:
         return out
 
     def _dump(self, fleet: Fleet) -> str:
-        data: dict[str, Any] = {"version": 1, "server": asdict(fleet.server)}
+        data: dict[str, Any] = {"version": 1, "server": asdict(fleet.stack)}
         if fleet.servers:
             data["servers"] = {name: asdict(fleet.servers[name]) for name in sorted(fleet.servers)}
         data["bots"] = {name: fleet.bots[name].to_toml() for name in sorted(fleet.bots)}

@@ -23,13 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
 
-import psycopg
-
 from . import backup, databases, objects, roles
-from .db import AdminInfo, advisory_lock, as_role, connect, libpq_env, with_database
+from .db import advisory_lock, as_role, connect, libpq_env, with_database
 from .errors import BackupFailed, InvalidInput, NotManaged, ProvisionError
-from .fleet import Project, stored_password
 from .names import validate
+from .project import Project
+from .servers import Server
 
 Progress = Callable[[str], None]
 
@@ -96,9 +95,7 @@ def verify_archive(path: Path, server_major: int, *, require_checksum: bool = Tr
 
 
 def restore(
-    conn: psycopg.Connection,
-    admin: AdminInfo,
-    admin_url: str,
+    server: Server,
     project: Project,
     name: str,
     file: Path,
@@ -115,8 +112,10 @@ def restore(
     objects of another owner is refused (``provision doctor --fix`` repairs that).
     Raises InvalidInput (nothing touched), NotManaged or RestoreFailed (database unchanged).
     """
+    conn, admin, admin_url = server.conn, server.admin, server.url
+    assert conn is not None and admin is not None
     names = validate(name, admin_role=admin.role)
-    entry = project.registry.load().bots.get(name)
+    entry = project.fleet.bots.get(name)
     if entry is None:
         raise InvalidInput(f"not in the fleet registry: {name} (see provision list)")
     progress(f"verifying {file}")
@@ -125,9 +124,9 @@ def restore(
              + f"{archive.entries} entries readable by {archive.pg_restore}")
     if roles.inspect(conn, names.role, read_verifier=False) is None or databases.inspect(conn, names.database) is None:
         raise ProvisionError(f"{name} is not provisioned on this server; run: provision add-bot {name}")
-    password = stored_password(project.env_file(name), names.role)
+    password = project.env(name).password(names.role)
     if password is None:
-        raise ProvisionError(f"no password for {names.role} in {project.env_file(name)}; run: provision add-bot {name}")
+        raise ProvisionError(f"no password for {names.role} in {project.env_path(name)}; run: provision add-bot {name}")
 
     result = RestoreResult(bot=name, database=names.database, role=names.role, file=str(file),
                            checksum_verified=archive.checksum)

@@ -96,13 +96,12 @@ def create(conn: psycopg.Connection, spec: RoleSpec, verifier: str) -> None:
 @dataclass(frozen=True)
 class RoleDiff:
     """How an existing role differs from its spec (the password aside): the one
-    comparison behind both :func:`drift` (words) and :func:`converge` (SQL)."""
+    comparison behind :func:`converge` and every report of it (words are the caller's)."""
 
-    wrong_flags: list[str]
+    wrong_flags: list[str]  # pg_roles columns whose value is wrong
     connection_limit: int | None  # the spec's limit, when the role's differs
     settings: dict[str, str]  # key -> wanted value, for the ones that differ
     comment: bool  # the marker comment differs
-    words: list[str]  # one line per change, the marker included
 
 
 def diff(spec: RoleSpec, state: RoleState) -> RoleDiff:
@@ -111,27 +110,12 @@ def diff(spec: RoleSpec, state: RoleState) -> RoleDiff:
     wrong = [f for f, want in REQUIRED_FLAGS.items() if state.flags[f] != want]
     limit = spec.connection_limit if state.connection_limit != spec.connection_limit else None
     settings = {k: v for k, v in spec.settings.items() if state.settings.get(k) != v}
-    words = ["role attributes (" + " ".join(FLAG_SQL[f] for f in wrong) + ")"] if wrong else []
-    if limit is not None:
-        words.append(f"role connection limit {state.connection_limit} -> {limit}")
-    words += [f"role {k} {state.settings.get(k, 'unset')} -> {v}" for k, v in settings.items()]
-    comment = state.comment != spec.comment
-    if comment:
-        words.append("role marker comment")
-    return RoleDiff(wrong, limit, settings, comment, words)
+    return RoleDiff(wrong, limit, settings, state.comment != spec.comment)
 
 
-def drift(spec: RoleSpec, state: RoleState) -> list[str]:
-    """What :func:`converge` would change on this role (besides a password), in words; reads nothing."""
-    return diff(spec, state).words
-
-
-def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifier: str | None) -> list[str]:
-    """Bring an existing role to ``spec``; returns what was repaired (empty when nothing drifted;
-    a restored marker comment is not reported).
-
-    ``verifier`` is set only when the password must change (rotation or drift).
-    """
+def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifier: str | None) -> RoleDiff:
+    """Bring an existing role to ``spec``; returns what differed. ``verifier`` is set only
+    when the password must change (rotation or drift)."""
     d = diff(spec, state)
     ident = sql.Identifier(spec.name)
     with conn.transaction():
@@ -141,7 +125,7 @@ def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifie
             conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(value)))
         if d.comment:
             conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(spec.comment)))
-    return [w for w in d.words if w != "role marker comment"]
+    return d
 
 
 def drop(conn: psycopg.Connection, name: str) -> bool:

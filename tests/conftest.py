@@ -7,17 +7,31 @@ The server is chosen once per session, never skipped:
 
 Password tests need ``scram-sha-256`` in pg_hba: ``scram_server`` is always an
 embedded cluster (reused when it is already the main server).
+
+``Fleet.run`` runs the CLI in this process (``provision_in_process``: the console
+script's own ``main()`` under click's isolation, with the process-wide state it may
+touch put back afterwards); ``Fleet.run_process`` starts the real console script, for
+the few tests about the process itself (exit codes, usage errors, --help, signals,
+a closed stdout, concurrent runs). ``BOTFLEET_TEST_SUBPROCESS=1`` runs every command
+as a real process.
+
+A test server that dies ends the session at once with the tail of its log, instead of
+a failure per remaining test; an embedded server's log is kept when the session fails.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
 import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import traceback
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +39,165 @@ import psycopg
 import pytest
 from psycopg import sql
 
+import provisioning
+import provisioning.cli  # the console script's module (and every command module it registers)
 from provisioning.embedded import EmbeddedServer
 
 REPO = Path(__file__).resolve().parents[1]
 PROVISION = str(Path(sys.executable).with_name("provision"))
 RUN_ID = secrets.token_hex(3)
+ALL_SUBPROCESS = os.environ.get("BOTFLEET_TEST_SUBPROCESS") == "1"
+
+
+def _import_everything() -> None:
+    """Import every provisioning module (and so alembic, SQLAlchemy, ...) now, outside any
+    in-process run: a module first imported inside one would keep that run's captured
+    stdout in its import-time defaults (alembic's Config(stdout=sys.stdout), for one)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(provisioning.__path__, "provisioning."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    import alembic.command  # noqa: F401
+    import alembic.config  # noqa: F401
+
+
+_import_everything()
+
+
+# -- running `provision` ----------------------------------------------------------------------
+
+def provision_process(args: Sequence[str], env: Mapping[str, str], stdin: str | None = None,
+                      timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real console script in a new process, as a user would run it (stdin: no terminal)."""
+    return subprocess.run(
+        [PROVISION, *args], capture_output=True, text=True, env=dict(env), timeout=timeout,
+        input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
+
+
+def _is_bots(module: str) -> bool:
+    return module == "bots" or module.startswith("bots.")
+
+
+def _clear_caches() -> None:
+    """functools caches of provisioning (parsed script directories, imported models):
+    valid for one process's one command, as in the console script."""
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "provisioning" or name.startswith("provisioning.")):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, functools._lru_cache_wrapper):
+                value.cache_clear()
+
+
+@dataclass
+class _ProcessState:
+    """What a command may change in the process, put back after an in-process run."""
+
+    argv: list[str]
+    main: types.ModuleType
+    path: list[str]
+    cwd: str
+    environ: dict[str, str]
+    bots: dict[str, object]
+    root_handlers: list[logging.Handler]
+    root_level: int
+
+    @classmethod
+    def capture(cls) -> "_ProcessState":
+        root = logging.getLogger()
+        return cls(list(sys.argv), sys.modules["__main__"], list(sys.path), os.getcwd(), dict(os.environ),
+                   {k: v for k, v in sys.modules.items() if _is_bots(k)}, list(root.handlers), root.level)
+
+    def fresh_bots(self) -> None:
+        """Forget the imported ``bots`` packages: the command imports its project's own
+        (codes._use_project_bots extends ``bots.__path__`` per project), as a new process would."""
+        for name in [k for k in sys.modules if _is_bots(k)]:
+            del sys.modules[name]
+
+    def restore(self) -> None:
+        self.fresh_bots()
+        sys.modules.update(self.bots)
+        sys.argv[:] = self.argv
+        sys.modules["__main__"] = self.main
+        sys.path[:] = self.path
+        os.chdir(self.cwd)
+        if dict(os.environ) != self.environ:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        root = logging.getLogger()
+        root.handlers[:] = self.root_handlers
+        root.setLevel(self.root_level)
+        _clear_caches()
+
+
+def _console_script_main() -> types.ModuleType:
+    """A stand-in for the console script's ``__main__`` (a file, in no package): click derives
+    the program name in messages from ``__main__`` ("python -m pytest" under ``python -m``)."""
+    main = types.ModuleType("__main__")
+    main.__file__ = PROVISION
+    return main
+
+
+def _exit_code(code: object) -> tuple[int, str]:
+    """SystemExit's code as the interpreter turns it into an exit status (and a message)."""
+    if code is None:
+        return 0, ""
+    if isinstance(code, int):
+        return code, ""
+    return 1, f"{code}\n"
+
+
+def provision_in_process(args: Sequence[str], env: Mapping[str, str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The console script's ``main()`` run in this process, as ``provision ARGS`` would run:
+    ``env`` is the whole environment (variables not in it are unset for the call), stdin is
+    no terminal (``stdin`` or empty), stdout and stderr are captured apart, and the exit
+    status is what the process would exit with (SystemExit's code; an exception that
+    escapes main is a traceback on stderr and status 1).
+
+    Process-wide state is put back afterwards: os.environ, cwd, sys.argv, sys.path, the
+    root logger, the ``bots.*`` modules (a project's own bots/ are imported fresh for each
+    call and forgotten after it) and provisioning's functools caches. ``provision migrate``
+    forks its workers from this process, which is fine."""
+    from typer import testing
+
+    overrides: dict[str, str | None] = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    overrides.update({k: None for k in os.environ if k not in env})
+    state = _ProcessState.capture()
+    runner = testing.CliRunner(charset="utf-8")
+    code, extra = 0, ""
+    try:
+        state.fresh_bots()
+        _clear_caches()
+        with runner.isolation(input=stdin or "", env=overrides) as (out, err, _mixed):
+            testing.formatting.FORCED_WIDTH = None  # no terminal: the width comes from COLUMNS, as in a process
+            sys.argv[:] = ["provision", *args]
+            sys.modules["__main__"] = _console_script_main()  # click names the program after it
+            try:
+                provisioning.cli.main()
+            except SystemExit as exc:
+                code, extra = _exit_code(exc.code)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # noqa: BLE001 - what the interpreter would print before exiting 1
+                code, extra = 1, traceback.format_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                stdout, stderr = out.getvalue(), err.getvalue()  # (closed with their wrappers)
+    finally:
+        state.restore()
+    return subprocess.CompletedProcess(
+        ["provision", *args], code, stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace") + extra)
+
+
+def provision(args: Sequence[str], env: Mapping[str, str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`provision ARGS`: in this process unless BOTFLEET_TEST_SUBPROCESS=1."""
+    if ALL_SUBPROCESS:
+        return provision_process(args, env, stdin)
+    return provision_in_process(args, env, stdin)
 
 
 def _docker_answers() -> bool:
@@ -56,12 +224,106 @@ class TestServer:
         return psycopg.connect(with_database(self.url, dbname) if dbname else self.url, autocommit=True)
 
 
+# -- the test servers, and failing fast when one dies -----------------------------------------
+
+_EMBEDDED: list[EmbeddedServer] = []  # every embedded cluster this session started
+_URLS: list[str] = []  # every server URL handed to tests
+_KEPT_LOGS: list[Path] = []  # embedded server logs kept for a failed session
+_STATE = {"last_failed": False, "server_down": False}
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        return f"(cannot read {path}: {err.strerror})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _server_problem(*, connect: bool) -> str | None:
+    """Why a test server no longer serves (None: all fine). Cheap unless ``connect``:
+    an embedded server's postmaster pid is checked; with ``connect`` every server
+    must answer SELECT 1."""
+    for emb in _EMBEDDED:
+        if not emb.status().running:
+            return f"the embedded test server ({emb.pgdata}) is not running; the tail of {emb.log}:\n{_log_tail(emb.log)}"
+    if connect:
+        for url in _URLS:
+            try:
+                with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+                    conn.execute("SELECT 1")
+            except psycopg.Error as err:
+                from provisioning.db import describe
+
+                logs = "".join(f"\n-- tail of {log}:\n{_log_tail(log)}" for log in sorted(Path("/var/log/postgresql").glob("*.log")))
+                return f"the test server {describe(url)} does not answer: {str(err).strip()}{logs}"
+    return None
+
+
+def _fail_fast(problem: str) -> None:
+    _STATE["server_down"] = True
+    pytest.exit(f"a test server died; the remaining tests cannot run:\n{problem}")  # status 2, as interrupted
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _STATE["last_failed"] = True
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _servers_alive() -> None:
+    """Before each test: the servers still serve (after a failed test, each must answer)."""
+    if not (_EMBEDDED or _URLS):
+        return
+    connect, _STATE["last_failed"] = _STATE["last_failed"], False
+    problem = _server_problem(connect=connect)
+    if problem:
+        _fail_fast(problem)
+
+
+_THROWAWAY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes")
+
+
+def _start_embedded(request, state_dir: Path) -> Iterator[EmbeddedServer]:
+    """An embedded cluster for the session. Its log is copied beside the session's temporary
+    folders (the path is printed at the end) when the session fails."""
+    server = EmbeddedServer(state_dir)
+    try:
+        server.start()
+        with psycopg.connect(server.admin_url(), autocommit=True) as conn:
+            for setting in _THROWAWAY_SETTINGS:  # a throwaway cluster: durability buys nothing here
+                conn.execute(f"ALTER SYSTEM SET {setting} = off")
+            conn.execute("SELECT pg_reload_conf()")
+    except Exception:
+        print(f"embedded test server failed to start; the tail of {server.log}:\n{_log_tail(server.log)}", file=sys.stderr)
+        raise
+    _EMBEDDED.append(server)
+    _URLS.append(server.admin_url())
+    try:
+        yield server
+    finally:
+        _EMBEDDED.remove(server)
+        _URLS.remove(server.admin_url())
+        if (request.session.testsfailed or _STATE["server_down"]) and server.log.exists():
+            kept = request.config._tmp_path_factory.getbasetemp() / f"{state_dir.parent.name}-postgres.log"
+            shutil.copyfile(server.log, kept)
+            _KEPT_LOGS.append(kept)
+        server.destroy()
+
+
+def pytest_terminal_summary(terminalreporter):
+    for log in _KEPT_LOGS:
+        terminalreporter.write_sep("-", "embedded test server log kept")
+        terminalreporter.write_line(f"{log} (last lines below)")
+        terminalreporter.write_line(_log_tail(log, 20))
+
+
 @pytest.fixture(scope="session")
-def _embedded(tmp_path_factory) -> Iterator[EmbeddedServer]:
-    server = EmbeddedServer(tmp_path_factory.mktemp("embedded") / ".botfleet")
-    server.start()
-    yield server
-    server.destroy()
+def _embedded(request, tmp_path_factory) -> Iterator[EmbeddedServer]:
+    yield from _start_embedded(request, tmp_path_factory.mktemp("embedded") / ".botfleet")
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +331,11 @@ def pg(request) -> Iterator[TestServer]:
     """The main test server (see the module docstring for how it is chosen)."""
     url = os.environ.get("BOTFLEET_TEST_ADMIN_URL")
     if url:
+        try:
+            psycopg.connect(url, connect_timeout=5).close()
+        except psycopg.Error as err:
+            pytest.exit(f"BOTFLEET_TEST_ADMIN_URL does not answer: {str(err).strip()}")
+        _URLS.append(url)
         yield TestServer(url, "dsn")
         return
     if _docker_answers():
@@ -106,12 +373,8 @@ def other_server(request, pg, tmp_path_factory) -> Iterator[TestServer]:
         return
     except psycopg.Error:
         pass
-    second = EmbeddedServer(tmp_path_factory.mktemp("embedded2") / ".botfleet")
-    second.start()
-    try:
+    for second in _start_embedded(request, tmp_path_factory.mktemp("embedded2") / ".botfleet"):
         yield TestServer(second.admin_url(), "embedded", second)
-    finally:
-        second.destroy()
 
 
 def other_fleets() -> list[str]:
@@ -146,11 +409,12 @@ class Fleet:
         return env
 
     def run(self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
-        """Run the real console script, as a user would."""
-        return subprocess.run(
-            [PROVISION, *args], capture_output=True, text=True, env=env or self.env(), timeout=120,
-            input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-        )
+        """`provision ARGS` against this fleet, in this process (see ``provision_in_process``)."""
+        return provision(args, env or self.env(), stdin)
+
+    def run_process(self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+        """The real console script in a new process, as a user would run it."""
+        return provision_process(args, env or self.env(), stdin)
 
     def add(self, name: str, *args: str) -> subprocess.CompletedProcess:
         proc = self.run("add-bot", name, *args)
@@ -161,9 +425,9 @@ class Fleet:
         return self.root / "secrets" / f"{name}.env"
 
     def password(self, name: str) -> str:
-        from provisioning.fleet import stored_password
+        from provisioning.envfile import EnvFile
 
-        pw = stored_password(self.env_file(name), name.replace("-", "_") + "_user")
+        pw = EnvFile.read(self.env_file(name)).password(name.replace("-", "_") + "_user")
         assert pw
         return pw
 
@@ -208,9 +472,21 @@ def scram_fleet(scram_server, tmp_path) -> Iterator[Fleet]:
     yield from _fleet(scram_server, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def module_scram_fleet(scram_server, tmp_path_factory) -> Iterator[Fleet]:
+    """One fleet for a whole module, for bots that its tests only read."""
+    yield from _fleet(scram_server, tmp_path_factory.mktemp("module"))
+
+
 @pytest.fixture
 def scram_code_fleet(scram_server, tmp_path) -> Iterator[Fleet]:
     yield from _with_code(_fleet(scram_server, tmp_path))
+
+
+@pytest.fixture(scope="module")
+def module_scram_code_fleet(scram_server, tmp_path_factory) -> Iterator[Fleet]:
+    """Like scram_code_fleet, once for a whole module (for bots that its tests only read)."""
+    yield from _with_code(_fleet(scram_server, tmp_path_factory.mktemp("module")))
 
 
 def provisioned_bot_env(fleet: Fleet, stem: str, code: str) -> tuple[str, dict[str, str]]:
@@ -218,12 +494,12 @@ def provisioned_bot_env(fleet: Fleet, stem: str, code: str) -> tuple[str, dict[s
     creates its database and role and runs the code's migrations to head as that
     role. Returns the bot's name and its env file (a DATABASE_URL over TCP to the
     embedded SCRAM cluster)."""
-    from provisioning.files import read_env_file
+    from provisioning.envfile import EnvFile
 
     name = fleet.name(stem)
     proc = fleet.add(name, "--code", code, "--db-host", "127.0.0.1", "--db-port", str(fleet.server.embedded.status().port))
     assert "schema            upgraded: base -> " in proc.stdout, proc.stdout
-    return name, read_env_file(fleet.env_file(name))
+    return name, EnvFile.read(fleet.env_file(name)).values
 
 
 @pytest.fixture

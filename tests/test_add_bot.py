@@ -80,7 +80,10 @@ def test_add_bot_creates_a_locked_down_database_and_role(fleet, admin, pg):
 
     registry = tomllib.loads((fleet.root / "fleet.toml").read_text())
     entry = registry["bots"][name]
-    assert entry["database"] == f"{stem}_db" and entry["pool_size"] == 2 and entry["max_overflow"] == 3
+    assert entry["pool_size"] == 2 and entry["max_overflow"] == 3
+    # the database, role and env file derive from the name: fleet.toml does not store them
+    assert not {"database", "role", "env_file", "connection_limit"} & set(entry)
+    assert (out["database"], out["role"]) == (f"{stem}_db", f"{stem}_user")
     assert_no_leak(password, (fleet.root / "fleet.toml").read_text(), where="registry")
     assert out["has_code"] is False
 

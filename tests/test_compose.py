@@ -20,7 +20,7 @@ import pytest
 from provisioning import compose_check
 from provisioning.registry import Registry
 
-from .conftest import PROVISION, assert_no_leak, snapshot, tree
+from .conftest import assert_no_leak, provision, snapshot, tree
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("BOTFLEET_REGEN_GOLDEN") == "1"
@@ -67,10 +67,10 @@ env_file = "secrets/no-code-yet.env"
 
 
 def run(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """`provision ARGS` for the fleet folder ``root``, no admin server named (in this process: see conftest)."""
     env = {k: v for k, v in os.environ.items() if k not in ("ADMIN_DATABASE_URL", "BOTFLEET_HOME")}
     env.update(BOTFLEET_HOME=str(root), NO_COLOR="1", COLUMNS="200")
-    return subprocess.run([PROVISION, *args], capture_output=True, text=True, env=env, timeout=120,
-                          stdin=subprocess.DEVNULL)
+    return provision(args, env)
 
 
 def write_env(root: Path, bot: str, host: str, port: int) -> None:

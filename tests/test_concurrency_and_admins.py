@@ -93,7 +93,8 @@ def test_admin_without_privileges_is_refused_in_one_line(fleet, admin, pg):
 
 
 def test_unreachable_server_is_one_line_exit_1(fleet):
-    proc = fleet.run("list", env=fleet.env(ADMIN_DATABASE_URL="postgresql://postgres@127.0.0.1:1/postgres"))
+    """The real console script: a connection failure is exit status 1 and one line."""
+    proc = fleet.run_process("list", env=fleet.env(ADMIN_DATABASE_URL="postgresql://postgres@127.0.0.1:1/postgres"))
     assert proc.returncode == 1
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         "error: cannot reach PostgreSQL at postgres@127.0.0.1:1/postgres: connection refused "

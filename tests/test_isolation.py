@@ -18,13 +18,16 @@ def _bot_dsn(fleet, name, *, password=None, database=None):
     return f"postgresql://{stem}_user:{pw}@127.0.0.1:{port}/{database or stem + '_db'}"
 
 
-@pytest.fixture
-def two_bots(scram_fleet):
-    a, b = scram_fleet.name("iso-a"), scram_fleet.name("iso-b")
-    port = str(scram_fleet.server.embedded.status().port)
+@pytest.fixture(scope="module")
+def two_bots(module_scram_fleet):
+    """Two bots provisioned once for the module: its tests only read them (or add and
+    drop objects of their own)."""
+    fleet = module_scram_fleet
+    a, b = fleet.name("iso-a"), fleet.name("iso-b")
+    port = str(fleet.server.embedded.status().port)
     for bot in (a, b):
-        scram_fleet.add(bot, "--db-host", "127.0.0.1", "--db-port", port)
-    return scram_fleet, a, b
+        fleet.add(bot, "--db-host", "127.0.0.1", "--db-port", port)
+    return fleet, a, b
 
 
 def test_bot_connects_to_its_own_database_with_its_env_file_url(two_bots):
@@ -44,6 +47,7 @@ def test_bot_connects_to_its_own_database_with_its_env_file_url(two_bots):
     assert (user, db, timeout) == (f"{stem}_user", f"{stem}_db", "30s")
     with psycopg.connect(_bot_dsn(fleet, a)) as conn:
         conn.execute("CREATE TABLE notes (id int)")  # the owner can build its schema
+        conn.rollback()  # (the bots are shared by the module's tests: leave nothing behind)
 
 
 def test_bot_cannot_connect_to_another_bots_database(two_bots):

@@ -247,15 +247,15 @@ def test_new_bot_scaffold_provisions_and_migrates(code_fleet, pg):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     # The scaffolded bot runs against its database, as its role.
-    env = {**code_fleet.env(), "PYTHONPATH": str(code_fleet.root)}
+    env = {**code_fleet.env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(code_fleet.root), os.environ.get("PYTHONPATH")]))}
     script = textwrap.dedent(f"""
         import asyncio
-        from provisioning.files import read_env_file
+        from provisioning.envfile import EnvFile
         from shared import Database
         from bots.{code}.repository import NoteRepository
 
         async def main():
-            db = Database.from_env("{code}", env=read_env_file(__import__("pathlib").Path("{code_fleet.env_file(instance)}")))
+            db = Database.from_env("{code}", env=EnvFile.read(__import__("pathlib").Path("{code_fleet.env_file(instance)}")).values)
             async with db.unit_of_work() as s:
                 await NoteRepository(s).put("k", "v")
             async with db.unit_of_work() as s:

@@ -62,7 +62,7 @@ def test_admin_role_name_is_reserved():
 
 
 def test_cli_refuses_every_hostile_name_and_changes_nothing(fleet, admin):
-    """One CLI process per name, as a user would type them."""
+    """Every name through the CLI, as a user would type them (in this process: see conftest)."""
     assert len(HOSTILE) >= 20
     before_server, before_files = snapshot(admin), tree(fleet.root)
     for name in HOSTILE:
@@ -84,4 +84,17 @@ def test_cli_refuses_bad_options_before_touching_anything(fleet, admin):
         proc = fleet.run("add-bot", name, *args)
         assert proc.returncode == 2, (args, proc.stderr)
     assert snapshot(admin) == before
+    assert tree(fleet.root) == []
+
+
+@pytest.mark.parametrize("name", ["x'; DROP ROLE postgres; --", "bot\n"], ids=["sql", "newline"])
+def test_console_script_refuses_a_hostile_name_in_one_line(fleet, admin, name):
+    """The real console script: exit status 2 and one error line, nothing changed."""
+    before_server = snapshot(admin)
+    proc = fleet.run_process("add-bot", name)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: invalid bot name"), proc.stderr
+    assert snapshot(admin) == before_server
     assert tree(fleet.root) == []

@@ -1,27 +1,24 @@
-"""`provision` commands for the declarative fleet: plan, apply."""
+"""`provision` commands for the fleet as a whole: plan, apply (fleet.toml as the declared state), doctor."""
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated, Optional
 
 import typer
 
-from .cli import AdminUrlOpt, JsonOpt, ProjectOpt, _each_server, _fail, _project, _say, _servers_to_visit, app, command
+from .common import (
+    AdminUrlOpt, IgnoreOpt, JsonOpt, MigrationBar, ProjectOpt, app, command, fail, print_json, project_of, say,
+    servers_of,
+)
 
 PruneOpt = Annotated[bool, typer.Option("--prune", help="Also remove bots this project created (it holds their "
                                         "secrets/NAME.env) that fleet.toml no longer names, each after a pg_dump backup.")]
-IgnoreOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--ignore-stray", metavar="GLOB", help="Bot names (glob, repeatable) that belong to another fleet on "
-                 "the same server: never listed, never pruned.", show_default=False),
-]
 NoMigrateOpt = Annotated[bool, typer.Option("--no-migrate", help="Leave migrations out (neither planned nor run).")]
 
 
 def _print_plan(fleet_plan) -> None:
-    from .declarative import SYMBOL
+    from ..declarative import SYMBOL
 
     if not fleet_plan.steps:
         typer.secho("nothing to do: the server and the files match fleet.toml", fg=typer.colors.GREEN)
@@ -37,32 +34,6 @@ def _print_plan(fleet_plan) -> None:
         for detail in step.details:
             typer.echo(f"    {detail}")
     typer.echo(f"plan: {fleet_plan.summary()}")
-
-
-def _make_plan(links, root, prune: bool, ignore, no_migrate: bool):
-    from .declarative import plan
-    from .fleet import Project
-
-    return plan(links, Project(root), prune=prune, ignore=tuple(ignore or ()), migrations=not no_migrate, progress=_say)
-
-
-def _links(servers):
-    from .declarative import ServerLink
-
-    return [ServerLink(name, conn, info, choice.url) for name, choice, conn, info in servers]
-
-
-def _migrate(project, url: str | None, fleet_plan, jobs: int | None, quiet: bool):
-    """The plan's migrate steps: each bot to head as its own role, with migrate's progress bar."""
-    from .cli_migrate import run_migrations
-    from .declarative import MIGRATE, migration_results
-    from .migrate import DEFAULT_LOCK_WAIT, plan_targets
-
-    bots = [s.subject for s in fleet_plan.of(MIGRATE)]
-    if not bots:
-        return []
-    targets, early = plan_targets(project, bots, all_bots=False, admin_url=url)
-    return migration_results(run_migrations(targets, "head", jobs, DEFAULT_LOCK_WAIT, quiet=quiet) + early)
 
 
 @app.command("plan")
@@ -87,18 +58,17 @@ def plan_cmd(
 
     Example: provision plan --prune
     """
-    from .fleet import Project
+    from .. import commands
 
-    root = _project(project)
-    fleet = Project(root).registry.load()
-    with _each_server(root, fleet, admin_url, _servers_to_visit(root, fleet, admin_url)) as servers:
-        fleet_plan = _make_plan(_links(servers), root, prune, ignore_stray, no_migrate)
+    proj = project_of(project)
+    fleet_plan = commands.plan(proj, servers_of(proj, admin_url), prune=prune, ignore=tuple(ignore_stray or ()),
+                               migrations=not no_migrate, progress=say)
     if as_json:
-        typer.echo(json.dumps(fleet_plan.as_dict(), indent=2))
+        print_json(fleet_plan.as_dict())
     elif not fleet_plan.problems:
         _print_plan(fleet_plan)
     if fleet_plan.problems:
-        raise _fail(fleet_plan.refusal(), 2)
+        raise fail(fleet_plan.refusal(), 2)
     if detailed_exitcode and fleet_plan.changes:
         raise typer.Exit(3)
 
@@ -126,44 +96,90 @@ def apply_cmd(
 
     Example: provision apply --prune --yes
     """
-    from .declarative import apply_files, apply_server
-    from .errors import InvalidInput
-    from .fleet import Project
+    from .. import commands
+    from ..errors import InvalidInput
 
-    if jobs is not None and not 1 <= jobs <= 64:
-        raise InvalidInput("--jobs must be between 1 and 64")
-    root = _project(project)
-    fleet = Project(root).registry.load()
-    default_url = None
-    with _each_server(root, fleet, admin_url, _servers_to_visit(root, fleet, admin_url)) as servers:
-        links = _links(servers)
-        default_url = next((link.url for link in links if link.name == "default"), None)
-        fleet_plan = _make_plan(links, root, prune, ignore_stray, no_migrate)
-        if fleet_plan.problems:
-            raise _fail(fleet_plan.refusal(), 2)
-        removals = [s.subject for s in fleet_plan.of("remove")]
-        if removals and not yes:
-            if not sys.stdin.isatty():
-                raise InvalidInput(f"apply --prune would remove {', '.join(removals)} (after backups): "
-                                   "pass --yes to confirm; nothing was changed")
-            if not as_json:
-                _print_plan(fleet_plan)
-            if not typer.confirm(f"Remove {', '.join(removals)} (each backed up first)?", default=False):
-                raise _fail("aborted; nothing was changed", 1)
-        results = apply_server(links, Project(root), fleet_plan, progress=_say)
-    # Migrations run in forked workers: after the admin connections are closed.
-    results += _migrate(Project(root), default_url, fleet_plan, jobs, quiet=as_json)
-    results += apply_files(Project(root))
+    def confirm(fleet_plan) -> bool:
+        removals = ", ".join(s.subject for s in fleet_plan.of("remove"))
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise InvalidInput(f"apply --prune would remove {removals} (after backups): "
+                               "pass --yes to confirm; nothing was changed")
+        if not as_json:
+            _print_plan(fleet_plan)
+        if not typer.confirm(f"Remove {removals} (each backed up first)?", default=False):
+            raise fail("aborted; nothing was changed", 1)
+        return True
+
+    proj = project_of(project)
+    with MigrationBar(quiet=as_json) as on_migrated:
+        applied = commands.apply(proj, servers_of(proj, admin_url), prune=prune, ignore=tuple(ignore_stray or ()),
+                                 migrations=not no_migrate, jobs=jobs, confirm_removals=confirm,
+                                 on_migrated=on_migrated, progress=say)
     if as_json:
-        typer.echo(json.dumps({"plan": fleet_plan.as_dict(), "results": [r.as_dict() for r in results]}, indent=2))
+        print_json(applied.as_dict())
     else:
-        if not results:
+        if not applied.results:
             typer.secho("nothing to do: the server and the files match fleet.toml", fg=typer.colors.GREEN)
-        for r in results:
+        for r in applied.results:
             typer.secho(f"{'ok' if r.ok else 'FAILED':<7}{r.action:<8}{r.subject}  {r.detail}".rstrip(),
                         fg=typer.colors.GREEN if r.ok else typer.colors.RED)
-        kept = fleet_plan.of("keep")
+        kept = applied.plan.of("keep")
         if kept:
             typer.echo(f"kept (not in fleet.toml; --prune removes them): {', '.join(s.subject for s in kept)}")
-    if any(not r.ok for r in results):
+    if not applied.ok:
+        raise typer.Exit(1)
+
+
+def _who(finding) -> str:
+    who = finding.bot or "fleet"
+    return who if finding.server == "default" else f"{who} (server {finding.server})"
+
+
+@app.command("doctor")
+@command
+def doctor_cmd(
+    fix: Annotated[bool, typer.Option("--fix", help="Repair what is safe (REVOKE, ALTER ROLE/DATABASE back to the "
+                                      "registry, ALTER ... OWNER TO the bot, chmod). Never drops anything.")] = False,
+    ignore_stray: IgnoreOpt = None,
+    as_json: JsonOpt = False,
+    project: ProjectOpt = None,  # type: ignore[assignment]
+    admin_url: AdminUrlOpt = None,
+) -> None:
+    """Audit the fleet's isolation against the registry; exit code 1 on any finding, each printed with its fix.
+
+    Checks who may connect to each bot database (PUBLIC or another bot's role),
+    role attributes, memberships between roles, objects not owned by the bot,
+    connection limits and timeouts, env files (0600, URL matching the registry),
+    bots missing on the server and botfleet databases or roles the registry does
+    not know. --fix repairs what is safe, then checks again.
+
+    Example: provision doctor --fix
+    """
+    from .. import commands
+
+    proj = project_of(project)
+    report = commands.doctor(proj, servers_of(proj, admin_url), fix=fix, ignore=tuple(ignore_stray or ()), progress=say)
+    if as_json:
+        print_json({"ok": report.ok, "found": [f.as_dict() for f in report.found],
+                    "fixed": [f.as_dict() for f in report.tried],
+                    "remaining": [f.as_dict() for f in report.remaining]})
+    else:
+        for f in report.tried:
+            colour = typer.colors.GREEN if f.status == "fixed" else typer.colors.RED
+            typer.secho(f"{f.status}: {_who(f)}: {f.message}", fg=colour)
+            typer.echo(f"    {f.fix}" + (f"  -> {f.error}" if f.error else ""))
+        for f in report.remaining:
+            typer.secho(f"finding: {_who(f)}: {f.message}", fg=typer.colors.YELLOW)
+            typer.echo(f"    fix: {f.fix}" + ("  (provision doctor --fix does this)" if f.fixable and not fix else ""))
+        fixed = sum(1 for f in report.tried if f.status == "fixed")
+        if report.ok:
+            typer.secho(f"doctor: no findings{f' ({fixed} fixed)' if fix else ''}", fg=typer.colors.GREEN, bold=True)
+        else:
+            auto = sum(1 for f in report.remaining if f.fixable)
+            summary = f"doctor: {len(report.remaining)} finding(s)"
+            summary += f", {fixed} fixed" if fix else (f", {auto} repaired by provision doctor --fix" if auto else "")
+            typer.secho(summary, fg=typer.colors.RED, bold=True)
+    if not report.ok:
         raise typer.Exit(1)

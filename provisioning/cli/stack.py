@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
 
-from .cli import JsonOpt, ProjectOpt, _project, _say, app, command, print_table
+from .common import JsonOpt, ProjectOpt, app, command, print_json, print_table, project_of, say
 
 MemoryOpt = Annotated[Optional[str], typer.Option("--postgres-memory", help="Memory limit of the postgres container "
                                                   "(512M, 1G); its tuning derives from it.", show_default="512M")]
@@ -25,25 +24,6 @@ PoolOpt = Annotated[Optional[int], typer.Option("--pgbouncer-pool-size", help="S
                                                 show_default="2")]
 ImageOpt = Annotated[Optional[str], typer.Option("--bot-image", help="Image the bots and migrate run (built from the "
                                                  "Dockerfile).", show_default="botfleet-bot:latest")]
-
-
-def _settings(server, **changes):
-    """A copy of the registry's [server] with the options given (None = keep)."""
-    import dataclasses
-
-    from .budget import canonical_memory
-
-    changes = {k: v for k, v in changes.items() if v is not None}
-    for key in ("postgres_memory", "bot_memory"):
-        if key in changes:
-            changes[key] = canonical_memory(changes[key], "--" + key.replace("_", "-"))
-    new = dataclasses.replace(server, **changes)
-    if "pgbouncer" in changes and changes["pgbouncer"] != server.pgbouncer:
-        # Bots reach the database through PgBouncer when it is on (their env files follow on add-bot).
-        fro, to = (("postgres", 5432), ("pgbouncer", 6432)) if new.pgbouncer else (("pgbouncer", 6432), ("postgres", 5432))
-        if (new.bot_host, new.bot_port) == fro:
-            new = dataclasses.replace(new, bot_host=to[0], bot_port=to[1])
-    return new
 
 
 def _print_budget(b) -> None:
@@ -95,25 +75,23 @@ def budget_cmd(
 
     Example: provision budget --postgres-memory 1G
     """
-    from .budget import BudgetExceeded, explain, server_budget
-    from .db import describe
-    from .fleet import Project
+    from .. import commands
+    from ..budget import BudgetExceeded, explain
+    from ..db import describe
 
-    fleet = Project(_project(project)).registry.load()
-    fleet.server = _settings(fleet.server, postgres_memory=postgres_memory, max_connections=max_connections,
-                             pgbouncer=pgbouncer, pgbouncer_pool_size=pgbouncer_pool_size)
-    budgets = {name: server_budget(fleet, name) for name in fleet.server_names()}
+    proj = project_of(project)
+    budgets = commands.budget(proj, postgres_memory=postgres_memory, max_connections=max_connections,
+                              pgbouncer=pgbouncer, pgbouncer_pool_size=pgbouncer_pool_size)
+    many = bool(proj.fleet.servers)
     if as_json:
-        data = (budgets["default"].as_dict() if not fleet.servers
-                else {"servers": {name: b.as_dict() for name, b in budgets.items()}})
-        typer.echo(json.dumps(data, indent=2))
+        print_json(budgets["default"].as_dict() if not many else {"servers": {n: b.as_dict() for n, b in budgets.items()}})
     else:
         for i, (name, b) in enumerate(budgets.items()):
-            if fleet.servers:
+            if many:
                 typer.secho(("\n" if i else "") + f"== server {name}" + (" (the compose stack's postgres)"
-                            if name == "default" else f" ({describe(fleet.servers[name].admin_url)})"), bold=True)
+                            if name == "default" else f" ({describe(proj.fleet.servers[name].admin_url)})"), bold=True)
             _print_budget(b)
-    over = [explain(b, f"server {name}" if fleet.servers else "the fleet") for name, b in budgets.items() if not b.fits]
+    over = [explain(b, f"server {name}" if many else "the fleet") for name, b in budgets.items() if not b.fits]
     if over:
         raise BudgetExceeded("; ".join(over))
 
@@ -138,26 +116,14 @@ def render_cmd(
 
     Example: provision render --postgres-memory 1G --pgbouncer
     """
-    from . import budget as budgets
-    from .compose import render
-    from .fleet import Project
+    from .. import commands
 
-    proj = Project(_project(project))
-    registry = proj.registry
-    current = registry.load()
-    new = _settings(current.server, postgres_memory=postgres_memory, max_connections=max_connections,
-                    bot_memory=bot_memory, postgres_major=postgres_major, publish=publish, pgbouncer=pgbouncer,
-                    pgbouncer_pool_size=pgbouncer_pool_size, bot_image=bot_image)
-    budgets.validate_server(new)
-    current.server = new
-    budgets.check(budgets.compute(current), "the fleet")  # refuse before saving anything
-    if new != registry.load().server:
-        with registry.editing() as fleet:
-            fleet.server = new
-        _say(f"saved the stack settings in {registry.path}")
-    result = render(proj.root)
+    result = commands.render(project_of(project), progress=say, postgres_memory=postgres_memory,
+                             max_connections=max_connections, bot_memory=bot_memory, postgres_major=postgres_major,
+                             publish=publish, pgbouncer=pgbouncer, pgbouncer_pool_size=pgbouncer_pool_size,
+                             bot_image=bot_image)
     if as_json:
-        typer.echo(json.dumps(result.as_dict(), indent=2))
+        print_json(result.as_dict())
         return
     for rel in result.written:
         typer.echo(f"  wrote      {rel}")

@@ -1,0 +1,246 @@
+"""`provision` commands for single bots and the embedded server: add-bot, remove-bot, list,
+rotate-password, server status/start/stop."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (
+    AdminUrlOpt, AllOpt, BotsArg, JsonOpt, ProjectOpt, app, command, confirm_or_refuse, print_json, print_table,
+    project_of, say, server_app, servers_of, size,
+)
+
+
+@app.command("add-bot")
+@command
+def add_bot(
+    name: Annotated[str, typer.Argument(help="Bot name: 1-40 of a-z 0-9 '-', starting with a letter.", show_default=False)],
+    pool_size: Annotated[Optional[int], typer.Option(help="Pool size of the bot's engine.", show_default="2")] = None,
+    max_overflow: Annotated[Optional[int], typer.Option(help="Extra connections above the pool.", show_default="3")] = None,
+    replicas: Annotated[Optional[int], typer.Option(help="Containers running this bot.", show_default="1")] = None,
+    statement_timeout: Annotated[Optional[str], typer.Option(help="Role default statement_timeout.", show_default="30s")] = None,
+    idle_timeout: Annotated[Optional[str], typer.Option(help="Role default idle_in_transaction_session_timeout.", show_default="60s")] = None,
+    code: Annotated[Optional[str], typer.Option(help="Deploy this existing bots/<CODE> as a new instance (white-label).", show_default="NAME")] = None,
+    db_host: Annotated[Optional[str], typer.Option(help="Host in the bot's DATABASE_URL.", show_default="the fleet's bot_host, 'postgres'")] = None,
+    db_port: Annotated[Optional[int], typer.Option(help="Port in the bot's DATABASE_URL.", show_default="5432")] = None,
+    rotate_password: Annotated[bool, typer.Option("--rotate-password", help="Give an existing bot a new password.")] = False,
+    no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not run the bot's migrations to head.")] = False,
+    server: Annotated[Optional[str], typer.Option("--server", help="Place a new bot on this server: 'default' or a "
+                                                  "[servers.NAME] of fleet.toml.",
+                                                  show_default="the one with the most headroom")] = None,
+    as_json: JsonOpt = False,
+    project: ProjectOpt = None,  # type: ignore[assignment]
+    admin_url: AdminUrlOpt = None,
+) -> None:
+    """Create (or converge) one bot: an isolated database and login role, its 0600 env file, its registry entry.
+
+    Running it again repairs drift and keeps the password unless --rotate-password.
+    In a fleet with several servers a new bot goes to --server, or to the one with
+    the most connection headroom; an existing bot stays where it is.
+
+    Example: provision add-bot hello-bot --pool-size 2 --max-overflow 3
+    """
+    from .. import commands
+
+    opts = commands.BotOptions(
+        pool_size=pool_size, max_overflow=max_overflow, replicas=replicas, statement_timeout=statement_timeout,
+        idle_timeout=idle_timeout, code=code, db_host=db_host, db_port=db_port, rotate_password=rotate_password,
+        server=server,
+    )
+    proj = project_of(project)
+    result = commands.add_bot(proj, servers_of(proj, admin_url), name, opts, migrate=not no_migrate, progress=say)
+    migration = result.migration
+    if as_json:
+        print_json(result.as_dict())
+    else:
+        _print_added(result)
+    if migration is not None and not migration.ok:
+        from .common import fail
+
+        raise fail(f"{name} is provisioned but its migrations failed: {migration.error}; "
+                   f"fix them and run: provision migrate {name}", 1)
+
+
+def _print_added(result) -> None:
+    typer.secho(f"{result.bot}: {result.status}", fg=typer.colors.GREEN, bold=True)
+    for change in result.changes:
+        typer.echo(f"  repaired: {change}")
+    typer.echo(f"  database          {result.database}")
+    typer.echo(f"  role              {result.role}")
+    typer.echo(f"  connection limit  {result.connection_limit}")
+    typer.echo(f"  env file          {result.env_file}" + ("  (new password)" if result.password_changed else ""))
+    if not result.has_code:
+        typer.echo(f"  code              none yet: database and role only (add bots/{result.code}/)")
+    else:
+        typer.echo(f"  code              bots/{result.code}")
+    migration = result.migration
+    if migration is not None and migration.ok:
+        typer.echo(f"  schema            {migration.status}: {migration.from_rev or 'base'} -> {migration.to_rev or 'base'}")
+
+
+@app.command("remove-bot")
+@command
+def remove_bot(
+    name: Annotated[str, typer.Argument(help="The bot to remove.", show_default=False)],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    no_backup: Annotated[bool, typer.Option("--no-backup", help="Drop without a pg_dump backup first (data is lost).")] = False,
+    server: Annotated[Optional[str], typer.Option("--server", help="For a bot not in fleet.toml: the server it is on.",
+                                                  show_default="its registry entry's, else 'default'")] = None,
+    as_json: JsonOpt = False,
+    project: ProjectOpt = None,  # type: ignore[assignment]
+    admin_url: AdminUrlOpt = None,
+) -> None:
+    """Back up (pg_dump -Fc into backups/NAME/), then drop a bot's database, role, env file and registry entry.
+
+    Asks first (or needs --yes). Removing a bot that is already gone is harmless.
+
+    Example: provision remove-bot hello-bot --yes
+    """
+    from .. import commands
+    from ..names import validate
+
+    validate(name)
+    if not yes:
+        what = "WITHOUT a backup" if no_backup else "after a pg_dump backup"
+        confirm_or_refuse(f"Drop bot {name!r} (database, role, credentials) {what}?",
+                          f"remove-bot {name} drops its database: pass --yes to confirm")
+    proj = project_of(project)
+    result = commands.remove_bot(proj, servers_of(proj, admin_url), name, backup=not no_backup, server=server,
+                                 progress=say)
+    if as_json:
+        print_json(result.as_dict())
+        return
+    if result.status == "not provisioned":
+        typer.echo(f"{name}: not provisioned; nothing to do")
+        return
+    typer.secho(f"{name}: removed", fg=typer.colors.GREEN, bold=True)
+    if result.backup:
+        typer.echo(f"  backup   {result.backup}")
+    for item in result.dropped:
+        typer.echo(f"  dropped  {item}")
+
+
+@app.command("list")
+@command
+def list_cmd(
+    as_json: JsonOpt = False,
+    project: ProjectOpt = None,  # type: ignore[assignment]
+    admin_url: AdminUrlOpt = None,
+) -> None:
+    """Every bot in the registry with live facts: exists, size, connections in use / limit.
+
+    Bot databases on the server that the registry does not know are flagged.
+    A fleet with several servers is listed across all of them (a SERVER column).
+
+    Example: provision list --json
+    """
+    from .. import commands
+
+    proj = project_of(project)
+    rows = commands.list_bots(proj, servers_of(proj, admin_url))
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        typer.echo("no bots yet: provision add-bot NAME")
+        return
+    many = bool(proj.fleet.servers)
+    print_table(("BOT", *(("SERVER",) if many else ()), "STATUS", "DATABASE", "SIZE", "CONN", "LIMIT", "POOL"), [
+        (r["bot"], *((r["server"],) if many else ()), r["status"], r["database"], size(r["size_bytes"]),
+         str(r["connections"]), "-" if r["connection_limit"] is None else str(r["connection_limit"]), r["pool"] or "-")
+        for r in rows
+    ])
+
+
+@app.command("rotate-password")
+@command
+def rotate_cmd(
+    bots: BotsArg = None,
+    all_bots: AllOpt = False,
+    as_json: JsonOpt = False,
+    project: ProjectOpt = None,  # type: ignore[assignment]
+    admin_url: AdminUrlOpt = None,
+) -> None:
+    """Give bots new generated passwords: env file rewritten atomically (0600), then only a SCRAM verifier sent.
+
+    Open sessions keep working (a password is checked only when a session
+    starts), but the bot's new connections need the new password: recreate its
+    container right away with the command printed at the end. One bot's
+    failure never stops the others (exit code 1 if any failed).
+
+    Example: provision rotate-password hello-bot && docker compose up -d --force-recreate hello-bot
+    """
+    from .. import commands
+
+    proj = project_of(project)
+    chosen = commands.chosen_bots(proj, bots or [], all_bots=all_bots)
+    if not chosen:
+        typer.echo("no bots in the registry: provision add-bot NAME")
+        return
+    result = commands.rotate_password(proj, servers_of(proj, admin_url), chosen, progress=say)
+    if as_json:
+        print_json(result.as_dict())
+    else:
+        for r in result.rotated:
+            typer.secho(f"{r.bot}: password rotated", fg=typer.colors.GREEN, bold=True)
+            typer.echo(f"  env file  {r.env_file}  (0600, new password)")
+            for change in r.changes:
+                if change != "password rotated":
+                    typer.echo(f"  repaired: {change}")
+        if result.recreate:
+            typer.echo("next: recreate the container(s) now; until then they can open no new connection:")
+            typer.echo(f"  {result.recreate}")
+    for bot, error in result.failed:
+        typer.secho(f"error: {bot}: {error}", err=True, fg=typer.colors.RED)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@server_app.command("status")
+@command
+def server_status(as_json: JsonOpt = False, project: ProjectOpt = None) -> None:  # type: ignore[assignment]
+    """Show whether the embedded server is initialised and running, and where.
+
+    Example: provision server status
+    """
+    from .. import commands
+
+    st = commands.embedded_server(project_of(project)).status()
+    if as_json:
+        print_json(st.as_dict())
+        return
+    state = "running" if st.running else ("stopped" if st.initialized else "not created yet")
+    typer.echo(f"embedded PostgreSQL {st.version or ''}: {state}".replace("  ", " "))
+    typer.echo(f"  data   {st.pgdata}")
+    if st.running:
+        typer.echo(f"  pid    {st.pid}")
+        typer.echo(f"  port   127.0.0.1:{st.port} (bots, scram-sha-256)")
+
+
+@server_app.command("start")
+@command
+def server_start(project: ProjectOpt = None) -> None:  # type: ignore[assignment]
+    """Create (first time) and start the embedded server. Other commands do this on demand.
+
+    Example: provision server start
+    """
+    from .. import commands
+
+    say("starting embedded PostgreSQL (first start initialises it)...")
+    st = commands.embedded_server(project_of(project)).start()
+    typer.echo(f"embedded PostgreSQL {st.version}: running on 127.0.0.1:{st.port}, data in {st.pgdata}")
+
+
+@server_app.command("stop")
+@command
+def server_stop(project: ProjectOpt = None) -> None:  # type: ignore[assignment]
+    """Stop the embedded server (its data is kept; the next command starts it again).
+
+    Example: provision server stop
+    """
+    from .. import commands
+
+    stopped = commands.embedded_server(project_of(project)).stop()
+    typer.echo("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")

@@ -1,0 +1,712 @@
+"""botfleet's library front door: one function per verb, as Alembic's ``command`` module is for Alembic.
+
+Each function takes the project (``Project``: the folder and its fleet.toml,
+loaded once) and the way to its servers (``Servers``), does the whole
+operation, and returns a typed result that says what changed. Nothing here
+prints: progress goes to the ``progress`` callback, results back to the caller.
+The CLI (``provisioning.cli``) is parse -> call -> print over these; a script or
+the stack's provisioning service calls them the same way::
+
+    from provisioning import commands
+    from provisioning.project import Project
+    from provisioning.servers import Servers
+
+    project = Project("/srv/fleet")
+    result = commands.add_bot(project, Servers(project), "hello-bot")
+
+Errors are ``provisioning.errors.ProvisionError`` subclasses, each one line
+(``InvalidInput``: exit code 2, nothing was changed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import budget as budgets
+from . import codes, compose, declarative, reconcile
+from .backup import BackupResult, backup_bot, dump
+from .doctor import Report
+from .errors import InvalidInput, ProvisionError
+from .migrate import DEFAULT_LOCK_WAIT, MigrationFailed, Outcome, Target, is_unknown
+from .names import CODE_RE, BotNames, validate
+from .project import Project
+from .registry import DEFAULT_SERVER, BotEntry, StackSettings, check_options
+from .restore import RestoreResult
+from .servers import Server, Servers, place
+
+Progress = Callable[[str], None]
+Migrated = Callable[[Outcome, int], None]  # called with each bot's outcome and the number of bots
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- add-bot
+
+
+@dataclass
+class BotOptions:
+    """What the operator asked for; None means "keep the registry's value, else the default"."""
+
+    pool_size: int | None = None
+    max_overflow: int | None = None
+    replicas: int | None = None
+    statement_timeout: str | None = None
+    idle_timeout: str | None = None
+    code: str | None = None
+    db_host: str | None = None
+    db_port: int | None = None
+    rotate_password: bool = False
+    server: str | None = None  # DEFAULT_SERVER or a [servers.NAME]; None = keep (new bots: placed)
+
+    def check(self) -> None:
+        """Validate the values given (InvalidInput, exit 2), in add-bot's flag names."""
+        check_options({"pool_size": self.pool_size, "max_overflow": self.max_overflow, "replicas": self.replicas,
+                       "statement_timeout": self.statement_timeout,
+                       "idle_in_transaction_session_timeout": self.idle_timeout,
+                       "db_host": self.db_host, "db_port": self.db_port}, flags=True)
+        if self.db_port == 0:
+            raise InvalidInput("--db-port must be between 1 and 65535")
+        if self.code is not None and CODE_RE.fullmatch(self.code) is None:
+            raise InvalidInput(f"--code {self.code!r} is not a bot code name (a-z, 0-9, '-' or '_', starting with a letter)")
+
+
+@dataclass
+class AddResult:
+    bot: str
+    database: str
+    role: str
+    connection_limit: int
+    env_file: str
+    status: str  # created | already provisioned | repaired
+    changes: list[str] = field(default_factory=list)
+    code: str | None = None
+    has_code: bool = False
+    password_changed: bool = False
+    server: str = DEFAULT_SERVER
+    migration: Outcome | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["migration"] = self.migration.as_dict() if self.migration else None
+        return data
+
+
+def desired_entry(project: Project, names: BotNames, existing: BotEntry | None, opts: BotOptions) -> BotEntry:
+    """The registry entry add-bot converges to. Raises InvalidInput when ``--code`` names code
+    that is not under bots/, or a bot would move between servers."""
+    code = opts.code or (existing.code if existing else names.bot)
+    server = existing.server if existing else DEFAULT_SERVER
+    if opts.server is not None:
+        if existing is not None and opts.server != existing.server:
+            raise InvalidInput(
+                f"{names.bot} lives on server {existing.server}; botfleet does not move bots between "
+                f"servers (provision backup {names.bot}, remove-bot, add-bot --server {opts.server}, restore)")
+        server = opts.server
+    if opts.code is not None and project.code_dir(code) is None:
+        raise InvalidInput(f"--code {opts.code!r}: no such bot code under {project.root / 'bots'}")
+    base = existing or BotEntry(name=names.bot, code=code)
+    return BotEntry(
+        name=names.bot,
+        code=code,
+        pool_size=opts.pool_size if opts.pool_size is not None else base.pool_size,
+        max_overflow=opts.max_overflow if opts.max_overflow is not None else base.max_overflow,
+        replicas=opts.replicas if opts.replicas is not None else base.replicas,
+        statement_timeout=opts.statement_timeout or base.statement_timeout,
+        idle_in_transaction_session_timeout=opts.idle_timeout or base.idle_in_transaction_session_timeout,
+        db_host=opts.db_host if opts.db_host is not None else base.db_host,
+        db_port=opts.db_port if opts.db_port is not None else base.db_port,
+        server=server,
+    )
+
+
+def provision_on(server: Server, project: Project, name: str, opts: BotOptions, *, rerender: bool = True,
+               progress: Progress = _quiet) -> AddResult:
+    """Create or converge one bot on ``server`` (open): the entry, the budget check, the
+    reconcile, the registry, the stack. add-bot, rotate-password and apply share it."""
+    assert server.admin is not None
+    names = validate(name, admin_role=server.admin.role)
+    opts.check()
+    fleet = project.fleet
+    existing = fleet.bots.get(name)
+    entry = desired_entry(project, names, existing, opts)
+    if entry.server != DEFAULT_SERVER and entry.server not in fleet.servers:
+        raise InvalidInput(f"no server {entry.server!r} in fleet.toml ([servers.NAME] tables)")
+    compose.check_add(project.root, fleet, entry)  # a bot that would not fit is refused before any change
+    done = reconcile.converge(server, project, entry, known=existing is not None, rotate=opts.rotate_password,
+                              progress=progress)
+    with project.registry.editing() as registry:
+        registry.bots[name] = entry
+    project.reload()
+    warning = compose.rerender_if_present(project) if rerender else None
+    if warning:
+        progress(warning)
+    return AddResult(
+        bot=name, database=entry.database, role=entry.role, connection_limit=entry.connection_limit,
+        env_file=str(project.env_path(name)), status=done.status, changes=done.changes, code=entry.code,
+        has_code=project.code_dir(entry.code) is not None, password_changed=done.password_changed, server=entry.server,
+    )
+
+
+def add_bot(project: Project, servers: Servers, name: str, opts: BotOptions | None = None, *, migrate: bool = True,
+            progress: Progress = _quiet) -> AddResult:
+    """Create (or converge) one bot: an isolated database and login role, its 0600 env file,
+    its registry entry; then its migrations to head, as its own role (``migrate``).
+
+    A new bot goes to ``opts.server``, or (in a fleet with several servers) to the one
+    with the most headroom; an existing bot stays where it is. Running it again repairs
+    drift and keeps the password unless ``opts.rotate_password``.
+    """
+    opts = opts or BotOptions()
+    names = validate(name)  # bad input fails before any server is started or touched
+    opts.check()
+    fleet = project.fleet
+    entry = desired_entry(project, names, fleet.bots.get(name), opts)
+    if opts.server is None and name not in fleet.bots and fleet.servers:
+        opts = dataclasses.replace(opts, server=place(fleet, entry))
+        progress(f"placing {name} on server {opts.server} (the most headroom)")
+    with servers.opened(opts.server or entry.server) as server:
+        result = provision_on(server, project, name, opts, progress=progress)
+    if migrate and result.has_code:
+        result.migration = _migrate_new_bot(project, server.url, name, progress)
+    return result
+
+
+def _migrate_new_bot(project: Project, url: str, name: str, progress: Progress) -> Outcome | None:
+    """Bring a just-provisioned bot to head, as its own role (None: its code has no migrations)."""
+    from .migrate import migrate_one, plan_targets
+
+    targets, early = plan_targets(project, [name], all_bots=False, admin_url=url, skip_missing=True)
+    if not targets:
+        for outcome in early:
+            progress(f"migrations skipped: {outcome.error}")
+        return None
+    progress(f"migrating {name} to head")
+    return migrate_one(targets[0])
+
+
+# --------------------------------------------------------------------------- remove-bot, list
+
+
+def remove_bot(project: Project, servers: Servers, name: str, *, backup: bool = True, server: str | None = None,
+               progress: Progress = _quiet) -> reconcile.Removed:
+    """Back up (pg_dump -Fc into backups/NAME/), then drop a bot's database, role, env file and
+    registry entry. ``server``: where a bot that fleet.toml no longer names lives."""
+    validate(name)
+    entry = project.fleet.bots.get(name)
+    where = entry.server if entry is not None else (server or DEFAULT_SERVER)
+    if entry is not None and server is not None and server != where:
+        raise InvalidInput(f"{name} lives on server {where}, not {server}")
+    with servers.opened(where) as srv:
+        assert srv.admin is not None
+        validate(name, admin_role=srv.admin.role)
+        result = reconcile.remove(srv, project, name, backup=backup, progress=progress)
+    warning = compose.rerender_if_present(project)
+    if warning:
+        progress(warning)
+    return result
+
+
+_LIVE_DATABASES = """
+SELECT d.datname,
+       CASE WHEN has_database_privilege(d.oid, 'CONNECT') OR pg_has_role('pg_read_all_stats', 'USAGE')
+            THEN pg_database_size(d.oid) END,
+       (SELECT count(*) FROM pg_stat_activity a WHERE a.datid = d.oid),
+       d.datconnlimit,
+       shobj_description(d.oid, 'pg_database')
+FROM pg_database d WHERE NOT d.datistemplate
+"""
+_LIVE_ROLES = "SELECT rolname, rolconnlimit, shobj_description(oid, 'pg_authid') FROM pg_roles"
+
+
+def _list_server(server: Server, project: Project) -> list[dict[str, Any]]:
+    """Every registry bot placed on ``server`` joined with live facts from it, then every
+    botfleet-marked database there that the registry does not place there (``unknown``)."""
+    assert server.conn is not None
+    on_server = project.fleet.on(server.name)
+    dbs = {r[0]: r for r in server.conn.execute(_LIVE_DATABASES).fetchall()}
+    role_rows = {r[0]: r for r in server.conn.execute(_LIVE_ROLES).fetchall()}
+    rows: list[dict[str, Any]] = []
+    for name in sorted(on_server):
+        entry = on_server[name]
+        db = dbs.get(entry.database)
+        role = role_rows.get(entry.role)
+        rows.append({
+            "bot": name, "server": server.name, "code": entry.code, "database": entry.database, "role": entry.role,
+            "status": "ok" if db and role else ("missing" if not db and not role else "incomplete"),
+            "size_bytes": db[1] if db else None,
+            "connections": db[2] if db else 0,
+            "connection_limit": role[1] if role else None,
+            "registry_connection_limit": entry.connection_limit,
+            "pool": f"{entry.pool_size}+{entry.max_overflow}" + (f" x{entry.replicas}" if entry.replicas > 1 else ""),
+        })
+    registered = {e.database for e in on_server.values()}
+    for datname, row in sorted(dbs.items()):
+        comment = row[4] or ""
+        if datname not in registered and comment.startswith(reconcile.MARKER_PREFIX):
+            bot = comment.removeprefix(reconcile.MARKER_PREFIX)
+            role = role_rows.get(f"{bot.replace('-', '_')}_user")
+            rows.append({
+                "bot": bot, "server": server.name, "code": None, "database": datname, "role": role[0] if role else None,
+                "status": "unknown (not in the registry)", "size_bytes": row[1], "connections": row[2],
+                "connection_limit": role[1] if role else None, "registry_connection_limit": None, "pool": None,
+            })
+    return rows
+
+
+def list_bots(project: Project, servers: Servers) -> list[dict[str, Any]]:
+    """Every bot in the registry with live facts from its server (exists, size, connections in use
+    / limit), and botfleet databases on those servers that the registry does not know."""
+    rows: list[dict[str, Any]] = []
+    with servers.visit(servers.fleet_wide()) as opened:
+        for server in opened:
+            rows += _list_server(server, project)
+    return sorted(rows, key=lambda r: (r["bot"], r["server"]))
+
+
+def chosen_bots(project: Project, names: list[str], *, all_bots: bool) -> list[str]:
+    """The named bots (each valid and in the registry) or, with ``all_bots``, every registry
+    bot. Bad input raises InvalidInput (exit 2) before any server is touched."""
+    if bool(names) == all_bots:
+        raise InvalidInput("name the bots, or pass --all (not both)")
+    for name in names:
+        validate(name)
+    unknown = [n for n in names if n not in project.fleet.bots]
+    if unknown:
+        raise InvalidInput(f"not in the fleet registry: {', '.join(unknown)} (see provision list)")
+    return sorted(project.fleet.bots) if all_bots else list(dict.fromkeys(names))
+
+
+# --------------------------------------------------------------------------- rotate-password, backup, restore
+
+
+@dataclass
+class Rotation:
+    rotated: list[AddResult]
+    failed: list[tuple[str, str]]  # (bot, error)
+
+    @property
+    def recreate(self) -> str | None:
+        """The command that restarts the bots' containers with their new env files."""
+        bots = [r.bot for r in self.rotated]
+        return "docker compose up -d --force-recreate " + " ".join(bots) if bots else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rotated": [r.as_dict() for r in self.rotated],
+                "failed": [{"bot": b, "error": e} for b, e in self.failed], "recreate": self.recreate}
+
+
+def rotate_password(project: Project, servers: Servers, bots: list[str], *, progress: Progress = _quiet) -> Rotation:
+    """New generated passwords: each env file rewritten atomically (0600) first, then only a
+    SCRAM verifier sent. One bot's failure never stops the others. A bot whose role is
+    missing on its server is refused (add-bot creates it)."""
+    from . import roles
+
+    result = Rotation([], [])
+    order = {bot: i for i, bot in enumerate(bots, 1)}
+    with servers.visit(servers.of(bots)) as opened:
+        for server in opened:
+            assert server.conn is not None
+            for bot in (b for b in bots if project.fleet.bots[b].server == server.name):
+                progress(f"[{order[bot]}/{len(bots)}] {bot}")
+                try:
+                    role = project.fleet.bots[bot].role
+                    if roles.inspect(server.conn, role, read_verifier=False) is None:
+                        raise ProvisionError(f"{bot}: role {role} does not exist on this server; "
+                                             f"run: provision add-bot {bot}")
+                    progress(f"{bot}: new password, env file first, then the server")
+                    result.rotated.append(provision_on(server, project, bot, BotOptions(rotate_password=True),
+                                                     progress=progress))
+                except ProvisionError as err:
+                    result.failed.append((bot, str(err)))
+    return result
+
+
+def backup(project: Project, servers: Servers, bots: list[str], *, keep: int | None = None,
+           progress: Progress = _quiet) -> list[BackupResult]:
+    """pg_dump -Fc of each bot's database into backups/NAME/ (0600, a .sha256 beside it);
+    ``keep``: then only each bot's N newest. One bot's failure never stops the others."""
+    if keep is not None and keep < 1:
+        raise InvalidInput("--keep must be at least 1")
+    reached: dict[str, tuple[str, int]] = {}  # server -> (admin URL, major), opened on first use
+    results = []
+    for i, bot in enumerate(bots, 1):
+        entry = project.fleet.bots[bot]
+        if entry.server not in reached:
+            with servers.opened(entry.server) as server:  # pg_dump opens its own connections
+                reached[entry.server] = (server.url, server.major)
+        url, major = reached[entry.server]
+        progress(f"[{i}/{len(bots)}] {bot}: pg_dump of {entry.database}")
+        result = backup_bot(url, entry.database, project.backups(bot), bot, server_major=major, keep=keep)
+        results.append(result)
+        progress(f"[{i}/{len(bots)}] {bot}: " + (f"{result.size_bytes} bytes in {result.seconds:.1f}s"
+                                                 + (f", pruned {len(result.pruned)} older" if result.pruned else "")
+                                                 if result.ok else "failed"))
+    return results
+
+
+def restore(project: Project, servers: Servers, name: str, file: Path, *,
+            confirm: Callable[[str], bool] = lambda _question: False, require_checksum: bool = True,
+            progress: Progress = _quiet) -> RestoreResult:
+    """Restore a pg_dump archive into a bot's database, as the bot's own role, in one
+    transaction; a database that is not empty is replaced only when ``confirm`` says yes,
+    after a backup of what it held."""
+    from .restore import restore as restore_into
+
+    chosen_bots(project, [name], all_bots=False)  # bad input fails before any server is started
+    if not file.is_file():
+        raise InvalidInput(f"no such backup file: {file}")
+    with servers.opened(project.fleet.bots[name].server) as server:
+        return restore_into(server, project, name, file, confirm=confirm, require_checksum=require_checksum,
+                            progress=progress)
+
+
+# --------------------------------------------------------------------------- doctor, plan, apply
+
+
+def doctor(project: Project, servers: Servers, *, fix: bool = False, ignore: tuple[str, ...] = (),
+           progress: Progress = _quiet) -> Report:
+    """Audit the fleet's isolation against the registry on every server; with ``fix``, repair
+    what is safe and audit again."""
+    from . import doctor as audit
+
+    reports = []
+    with servers.visit(servers.fleet_wide()) as opened:
+        for i, server in enumerate(opened):
+            reports.append(audit.run(server, project, repair=fix, ignore=ignore, progress=progress, files=i == 0))
+    return Report([f for r in reports for f in r.found], [f for r in reports for f in r.tried],
+                  [f for r in reports for f in r.remaining])
+
+
+def plan(project: Project, servers: Servers, *, prune: bool = False, ignore: tuple[str, ...] = (),
+         migrations: bool = True, progress: Progress = _quiet) -> declarative.FleetPlan:
+    """What ``apply`` would change so the servers and the files match fleet.toml. Reads only."""
+    with servers.visit(servers.fleet_wide()) as opened:
+        return declarative.plan(opened, project, prune=prune, ignore=ignore, migrations=migrations, progress=progress)
+
+
+@dataclass
+class Applied:
+    plan: declarative.FleetPlan
+    results: list[declarative.StepResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.as_dict(), "results": [r.as_dict() for r in self.results]}
+
+
+def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tuple[str, ...] = (),
+          migrations: bool = True, jobs: int | None = None,
+          confirm_removals: Callable[[declarative.FleetPlan], bool] = lambda _plan: False,
+          on_migrated: Migrated | None = None, progress: Progress = _quiet) -> Applied:
+    """Make the servers and the files match fleet.toml: exactly the steps ``plan`` lists.
+
+    Refuses (InvalidInput) a plan with problems, before any change; removals (only with
+    ``prune``) need ``confirm_removals(plan)``. One bot's failure does not stop the others.
+    Migrations run after the admin connections are closed (in forked workers)."""
+    from .declarative import CREATE, MIGRATE, REMOVE, UPDATE, StepResult, apply_files, migration_results
+    from .migrate import plan_targets
+
+    if jobs is not None and not 1 <= jobs <= 64:
+        raise InvalidInput("--jobs must be between 1 and 64")
+    results: list[StepResult] = []
+    default_url = None
+    with servers.visit(servers.fleet_wide()) as opened:
+        fleet_plan = declarative.plan(opened, project, prune=prune, ignore=ignore, migrations=migrations,
+                                      progress=progress)
+        if fleet_plan.problems:
+            raise InvalidInput(fleet_plan.refusal())
+        removals = [s.subject for s in fleet_plan.of(REMOVE)]
+        if removals and not confirm_removals(fleet_plan):
+            raise InvalidInput(f"apply --prune would remove {', '.join(removals)} (after backups): "
+                               "not confirmed; nothing was changed")
+        by_name = {server.name: server for server in opened}
+        default_url = by_name[DEFAULT_SERVER].url if DEFAULT_SERVER in by_name else None
+        for step in fleet_plan.steps:
+            if step.action not in (CREATE, UPDATE, REMOVE):
+                continue
+            server = by_name[step.server]
+            progress(f"{step.action} {step.subject}" + ("" if step.server == DEFAULT_SERVER else f" on server {step.server}"))
+            try:
+                if step.action == REMOVE:
+                    removed = reconcile.remove(server, project, step.subject, backup=True, progress=progress)
+                    results.append(StepResult(REMOVE, step.subject, True, f"backup {removed.backup}" if removed.backup else ""))
+                else:
+                    added = provision_on(server, project, step.subject, BotOptions(), rerender=False, progress=progress)
+                    results.append(StepResult(step.action, step.subject, True, added.status))
+            except ProvisionError as err:
+                results.append(StepResult(step.action, step.subject, False, str(err)))
+    bots = [s.subject for s in fleet_plan.of(MIGRATE)]
+    if bots:
+        targets, early = plan_targets(project, bots, all_bots=False, admin_url=default_url)
+        results += migration_results(_run_migrations(targets, "head", jobs, DEFAULT_LOCK_WAIT, on_migrated) + early)
+    results += apply_files(project)
+    return Applied(fleet_plan, results)
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+def _run_migrations(targets: list[Target], dest: str, jobs: int | None, lock_wait: float,
+                    on_done: Migrated | None) -> list[Outcome]:
+    from .migrate import migrate_many
+
+    def report(outcome: Outcome) -> None:
+        if on_done is not None:
+            on_done(outcome, len(targets))
+
+    return migrate_many(targets, dest, jobs=jobs, lock_wait=lock_wait, on_done=report)
+
+
+def _default_url(project: Project, servers: Servers, bots: list[str] | None) -> str | None:
+    """The default server's URL, to reach its bots on, announced; no admin connection is
+    opened. None when none of ``bots`` (None: the whole registry) lives there, so a fleet
+    living on [servers.NAME] only never starts the embedded server for nothing."""
+    fleet = project.fleet
+    if fleet.servers:
+        chosen = [fleet.bots[b] for b in (bots or fleet.bots) if b in fleet.bots]
+        if not any(e.server == DEFAULT_SERVER for e in chosen):
+            return None
+    return servers.url(DEFAULT_SERVER)
+
+
+def migration_targets(project: Project, servers: Servers, bots: list[str], *, all_bots: bool,
+                      bot_urls: bool = False) -> tuple[list[Target], list[Outcome]]:
+    """The bots to migrate (each reached as its own role) and the ones that cannot be."""
+    from .migrate import plan_targets
+
+    if bool(bots) == all_bots:
+        raise InvalidInput("name the bots to migrate, or pass --all (not both)")
+    url = servers.admin_url if bot_urls else _default_url(project, servers, None if all_bots else bots)
+    return plan_targets(project, bots, all_bots=all_bots, admin_url=url, bot_urls=bot_urls)
+
+
+def migrate(project: Project, servers: Servers, bots: list[str], *, all_bots: bool = False, to: str = "head",
+            jobs: int | None = None, bot_urls: bool = False, lock_wait: float = DEFAULT_LOCK_WAIT,
+            on_done: Migrated | None = None) -> list[Outcome]:
+    """Bring bots to ``to`` (head), each as its OWN role, several at once; one bot's failure
+    never stops the others (its outcome is "failed" and it is rolled back)."""
+    if jobs is not None and not 1 <= jobs <= 64:
+        raise InvalidInput("--jobs must be between 1 and 64")
+    targets, early = migration_targets(project, servers, bots, all_bots=all_bots, bot_urls=bot_urls)
+    return sorted(_run_migrations(targets, to, jobs, lock_wait, on_done) + early, key=lambda o: o.bot)
+
+
+@dataclass
+class OfflineSql:
+    bot: str
+    database: str
+    package: str
+    current: str | None
+    sql: str
+
+
+def migrate_sql(project: Project, servers: Servers, bots: list[str], *, all_bots: bool = False, to: str = "head",
+                bot_urls: bool = False) -> tuple[list[OfflineSql], list[Outcome]]:
+    """The SQL ``migrate`` would run for each bot (from its current revision), not run."""
+    from .migrate import current_revision, offline_sql
+
+    targets, early = migration_targets(project, servers, bots, all_bots=all_bots, bot_urls=bot_urls)
+    out = []
+    for t in targets:
+        current = current_revision(t.conninfo)
+        out.append(OfflineSql(t.bot, t.database, t.package, current, offline_sql(t, current, to)))
+    return out, early
+
+
+def _state(target: Target, current: str | None, head: str | None) -> str:
+    from .migrate import script_directory
+
+    script = script_directory(target.root, target.package)
+    if current == head:
+        return "at head"
+    if current is not None and is_unknown(script, current):
+        return "ahead of the code (unknown revision)"
+    return f"behind by {len(list(script.iterate_revisions(head, current or 'base')))}"
+
+
+def current(project: Project, servers: Servers, bots: list[str]) -> list[dict[str, Any]]:
+    """Each bot's migration revision against its code's head (``state``: at head, behind by N,
+    ahead of the code, or an error)."""
+    from .migrate import current_revision, head_of, one_line, plan_targets, script_directory
+
+    url = _default_url(project, servers, bots or None)
+    targets, early = plan_targets(project, bots, all_bots=not bots, admin_url=url)
+    rows = []
+    for t in targets:
+        row: dict[str, Any] = {"bot": t.bot, "code": t.package, "current": None, "head": None, "state": ""}
+        try:
+            row["head"] = head_of(script_directory(t.root, t.package), t.package)
+            row["current"] = current_revision(t.conninfo)
+            row["state"] = _state(t, row["current"], row["head"])
+        except Exception as err:  # noqa: BLE001 - reported per bot
+            row["state"] = f"error: {one_line(err)}"
+        rows.append(row)
+    rows += [{"bot": o.bot, "code": None, "current": None, "head": None, "state": o.error or o.status} for o in early]
+    return sorted(rows, key=lambda r: r["bot"])
+
+
+@dataclass
+class History:
+    package: str
+    revisions: list[dict[str, Any]]  # newest first: revision, down_revision, doc, head, current
+    current: str | None  # the bot's revision ("?": not a bot, or not read)
+
+
+def history(project: Project, servers: Servers, name: str) -> History:
+    """The revisions of a bot's code (or of a code under bots/), newest first, the bot's marked."""
+    from .migrate import current_revision, plan_targets, script_directory
+
+    current_rev: str | None = "?"
+    if name in project.fleet.bots:
+        found = codes.with_migrations(project.root, project.fleet.bots[name].code)
+        targets, _early = plan_targets(project, [name], all_bots=False,
+                                       admin_url=_default_url(project, servers, [name]))
+        if targets:
+            current_rev = current_revision(targets[0].conninfo)
+    else:
+        found = codes.with_migrations(project.root, name)
+    script = script_directory(str(project.root), found.package)
+    heads = set(script.get_heads())
+    revisions = []
+    for rev in script.walk_revisions():
+        down = rev.down_revision if isinstance(rev.down_revision, str) or rev.down_revision is None \
+            else ",".join(rev.down_revision)
+        revisions.append({"revision": rev.revision, "down_revision": down, "doc": rev.doc or "",
+                          "head": rev.revision in heads, "current": rev.revision == current_rev})
+    return History(found.package, revisions, current_rev)
+
+
+def revision(project: Project, servers: Servers, code: str, message: str, *, autogenerate: bool = False) -> Path | None:
+    """Write a new migration for a bot's code into migrations/CODE/versions/ (None: with
+    ``autogenerate``, the models already match the migrations and nothing was written)."""
+    from .revisions import new_revision
+
+    if not message.strip() or "\n" in message:
+        raise InvalidInput("-m needs a one-line message")
+    codes.with_migrations(project.root, code)  # bad input fails before any server starts
+    if not autogenerate:
+        return new_revision(None, None, project.root, code, message, autogenerate=False)
+    with servers.opened() as server:
+        return new_revision(server.conn, server.url, project.root, code, message, autogenerate=True)
+
+
+def downgrade(project: Project, servers: Servers, name: str, to: str, *, backup: bool = True,
+              progress: Progress = _quiet) -> Outcome:
+    """Undo a bot's migrations down to ``to``, as its own role, after a pg_dump backup."""
+    from .migrate import migrate_one, plan_targets, resolve, script_directory
+
+    if name not in project.fleet.bots:
+        raise InvalidInput(f"not in the fleet registry: {name} (see provision list)")
+    with servers.opened(project.fleet.bots[name].server) as server:
+        targets, early = plan_targets(project, [name], all_bots=False, admin_url=server.url)
+        if early:
+            raise ProvisionError(early[0].error or "cannot migrate")
+        target = targets[0]
+        try:
+            resolve(script_directory(target.root, target.package), target.package, to)
+        except MigrationFailed as err:
+            raise InvalidInput(str(err)) from None
+        if backup:
+            progress(f"backing up {target.database} with pg_dump")
+            path = dump(server.url, target.database, project.backups(name), name, server_major=server.major)
+            progress(f"backup written: {path}")
+    return migrate_one(target, to, downgrade=True)
+
+
+def check(project: Project, servers: Servers) -> list[dict[str, str]]:
+    """The CI gate's findings: codes whose models and migrations disagree (compared on a
+    scratch database), and bots not at head. Empty: all is well."""
+    from .migrate import current_revision, head_of, one_line, plan_targets, script_directory
+    from .revisions import drift
+
+    findings: list[dict[str, str]] = []
+    with servers.opened() as server:
+        for package in codes.migration_codes(project.root):
+            try:
+                for diff in drift(server.conn, server.url, project.root, package):
+                    findings.append({"what": f"code {package}", "finding": f"models differ from migrations: {diff}",
+                                     "fix": f"provision revision {package} -m '...' --autogenerate"})
+            except Exception as err:  # noqa: BLE001 - reported, then the gate fails
+                findings.append({"what": f"code {package}", "finding": one_line(err), "fix": "fix the migration"})
+    targets, early = plan_targets(project, [], all_bots=True, admin_url=server.url)
+    for o in early:
+        if not o.ok:
+            findings.append({"what": f"bot {o.bot}", "finding": o.error or o.status, "fix": f"provision add-bot {o.bot}"})
+    for t in targets:
+        try:
+            head = head_of(script_directory(t.root, t.package), t.package)
+            current_rev = current_revision(t.conninfo)
+        except Exception as err:  # noqa: BLE001
+            findings.append({"what": f"bot {t.bot}", "finding": one_line(err), "fix": f"provision current {t.bot}"})
+            continue
+        if current_rev != head:
+            findings.append({"what": f"bot {t.bot}",
+                             "finding": f"database at {(current_rev or 'base')[:12]}, code head is {(head or 'base')[:12]}",
+                             "fix": f"provision migrate {t.bot}"})
+    return findings
+
+
+def new_bot(project: Project, name: str) -> list[Path]:
+    """Scaffold bots/NAME and migrations/NAME with its first revision; never overwrites a file."""
+    from .scaffold import new_bot as scaffold
+
+    return scaffold(project.root, name)
+
+
+# --------------------------------------------------------------------------- the compose stack
+
+
+def stack_settings(stack: StackSettings, **changes: Any) -> StackSettings:
+    """A copy of fleet.toml's [server] with the settings given (None = keep)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    for key in ("postgres_memory", "bot_memory"):
+        if key in changes:
+            changes[key] = budgets.canonical_memory(changes[key], "--" + key.replace("_", "-"))
+    new = dataclasses.replace(stack, **changes)
+    if "pgbouncer" in changes and changes["pgbouncer"] != stack.pgbouncer:
+        # Bots reach the database through PgBouncer when it is on (their env files follow on add-bot).
+        fro, to = (("postgres", 5432), ("pgbouncer", 6432)) if new.pgbouncer else (("pgbouncer", 6432), ("postgres", 5432))
+        if (new.bot_host, new.bot_port) == fro:
+            new = dataclasses.replace(new, bot_host=to[0], bot_port=to[1])
+    return new
+
+
+def budget(project: Project, **preview: Any) -> dict[str, budgets.Budget]:
+    """Each server's connection and memory budget (``preview``: [server] settings to try
+    without saving). A budget that does not fit is returned as it is (``fits`` False)."""
+    fleet = dataclasses.replace(project.fleet, stack=stack_settings(project.fleet.stack, **preview))
+    return {name: budgets.server_budget(fleet, name) for name in fleet.server_names()}
+
+
+def render(project: Project, *, progress: Progress = _quiet, **settings: Any) -> compose.RenderResult:
+    """Write the compose stack from fleet.toml; ``settings`` change [server] first (saved once
+    they are valid and the fleet fits them; the env files may then still need add-bot)."""
+    current_fleet = project.fleet
+    new = stack_settings(current_fleet.stack, **settings)
+    budgets.validate_stack(new)
+    preview = dataclasses.replace(current_fleet, stack=new)
+    budgets.check(budgets.compute(preview), "the fleet")  # refuse before saving anything
+    if new != current_fleet.stack:
+        with project.registry.editing() as fleet:
+            fleet.stack = new
+        project.reload()
+        progress(f"saved the stack settings in {project.registry.path}")
+    return compose.render(project)
+
+
+# --------------------------------------------------------------------------- the embedded server
+
+
+def embedded_server(project: Project):
+    from .embedded import EmbeddedServer
+
+    return EmbeddedServer(project.state_dir)

@@ -1,0 +1,446 @@
+"""One bot reconciled, once: desired state, observed state, the changes between them, converge.
+
+- desired: the bot's fleet.toml entry (``role_spec``, ``database_spec``, the env file
+  add-bot writes);
+- observed (:func:`observe`): its role and database on the server and, over ONE
+  connection into its database, what is inside (PUBLIC's rights on schema
+  public, the migration revision, and whatever more a caller asks to read
+  there); its env file;
+- changes (:func:`changes`): each difference once, with the words ``plan`` prints,
+  the finding and fix ``doctor`` prints, and whether it is safe to apply
+  unattended (``doctor --fix`` applies only those);
+- converge (:func:`converge`): add-bot's and apply's one way of making the server
+  and the env file match, under the bot's advisory lock.
+
+``add-bot``, ``plan``/``apply`` and ``doctor`` all use it; doctor keeps only its
+audit-only checks (memberships, grants, foreign objects, strays, file modes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import databases, passwords, roles
+from .db import AdminInfo, advisory_lock, connect, with_database
+from .envfile import EnvFile, database_url
+from .errors import NotManaged, ProvisionError, one_line
+from .project import Project
+from .registry import BotEntry, Fleet
+from .servers import Server
+
+# The bot database admits its owner's limit plus one for the admin's own
+# backup and maintenance sessions (superusers are not counted anyway).
+DATABASE_ADMIN_MARGIN = 1
+MARKER_PREFIX = "botfleet bot "
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def marker(bot: str) -> str:
+    """The comment botfleet puts on the roles and databases it owns."""
+    return f"{MARKER_PREFIX}{bot}"
+
+
+def role_spec(entry: BotEntry) -> roles.RoleSpec:
+    """The role a registry entry converges to."""
+    return roles.RoleSpec(
+        name=entry.role,
+        connection_limit=entry.connection_limit,
+        settings={
+            "statement_timeout": entry.statement_timeout,
+            "idle_in_transaction_session_timeout": entry.idle_in_transaction_session_timeout,
+        },
+        comment=marker(entry.name),
+    )
+
+
+def database_spec(entry: BotEntry) -> databases.DatabaseSpec:
+    """The database a registry entry converges to."""
+    return databases.DatabaseSpec(
+        name=entry.database, owner=entry.role,
+        connection_limit=entry.connection_limit + DATABASE_ADMIN_MARGIN, comment=marker(entry.name),
+    )
+
+
+def expected_env(fleet: Fleet, entry: BotEntry, env: EnvFile, password: str) -> str:
+    """The env file add-bot writes for ``entry`` with ``password`` (the lines it does not own kept)."""
+    host, port = fleet.endpoint(entry)
+    url = database_url(entry.role, password, host, port, entry.database)
+    return env.rendered(entry.name, url, entry.pool_size, entry.max_overflow)
+
+
+# --------------------------------------------------------------------------- observe
+
+
+@dataclass
+class Observed:
+    """What is there for one bot, read once."""
+
+    role: roles.RoleState | None
+    database: databases.DatabaseState | None
+    env: EnvFile = field(repr=False)
+    looked_inside: bool = False
+    public_schema_open: bool = False
+    revision: str | None = None
+    inside_error: str | None = None  # the database could not be looked inside
+    extra: Any = None  # what the caller's ``read_inside`` returned
+
+    @property
+    def exists(self) -> bool:
+        return self.role is not None or self.database is not None
+
+
+def observe(server: Server, project: Project, entry: BotEntry, *, inside: bool = True,
+            read_inside: Callable[[psycopg.Connection], Any] | None = None) -> Observed:
+    """The bot's role, database and env file; with ``inside``, one connection into its
+    database (when it accepts connections) for the schema, the revision and ``read_inside``."""
+    from .migrate import revision_of
+
+    assert server.conn is not None and server.admin is not None
+    observed = Observed(
+        role=roles.inspect(server.conn, entry.role, read_verifier=server.admin.superuser),
+        database=databases.inspect(server.conn, entry.database),
+        env=project.env(entry.name),
+    )
+    if inside and observed.database is not None and observed.database.allow_connections:
+        observed.looked_inside = True
+        try:
+            with connect(with_database(server.url, entry.database)) as db_conn:
+                observed.public_schema_open = databases.public_schema_open(db_conn)
+                observed.revision = revision_of(db_conn)
+                if read_inside is not None:
+                    observed.extra = read_inside(db_conn)
+        except (ProvisionError, psycopg.Error) as err:
+            observed.inside_error = one_line(err)
+    return observed
+
+
+# --------------------------------------------------------------------------- changes
+
+# Change targets: what converge touches to apply it.
+ROLE, DATABASE, SCHEMA, ENV, PASSWORD, CREATE_ROLE, CREATE_DATABASE, INSIDE = (
+    "role", "database", "schema", "env", "password", "create-role", "create-database", "inside")
+
+
+@dataclass
+class Change:
+    check: str  # doctor's category: attributes, limits, marker, ownership, access, env-file, password, missing
+    target: str  # ROLE, DATABASE, SCHEMA, ENV, PASSWORD, CREATE_ROLE, CREATE_DATABASE, INSIDE
+    words: str  # as plan lists it
+    finding: str  # as doctor reports it
+    fix: str  # the SQL statement or command that repairs it
+    safe: bool  # may be applied unattended (doctor --fix): never a create, a password or an env file
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _role_changes(conn: psycopg.Connection, entry: BotEntry, state: roles.RoleState) -> list[Change]:
+    spec = role_spec(entry)
+    d = roles.diff(spec, state)
+    ident = sql.Identifier(entry.role)
+    q = lambda stmt: stmt.as_string(conn)  # noqa: E731
+    out = []
+    if d.wrong_flags:
+        has = " ".join("NOLOGIN" if roles.REQUIRED_FLAGS[f] else roles.FLAG_SQL[f].removeprefix("NO") for f in d.wrong_flags)
+        stmt = sql.SQL("ALTER ROLE {} WITH {}").format(ident, sql.SQL(" ").join(sql.SQL(roles.FLAG_SQL[f]) for f in d.wrong_flags))
+        out.append(Change("attributes", ROLE, "role attributes (" + " ".join(roles.FLAG_SQL[f] for f in d.wrong_flags) + ")",
+                          f"role {entry.role} has {has}", q(stmt), True))
+    if d.connection_limit is not None:
+        stmt = sql.SQL("ALTER ROLE {} WITH CONNECTION LIMIT {}").format(ident, sql.Literal(d.connection_limit))
+        out.append(Change("limits", ROLE, f"role connection limit {state.connection_limit} -> {d.connection_limit}",
+                          f"role {entry.role} connection limit is {state.connection_limit}, the registry says "
+                          f"{d.connection_limit}", q(stmt), True))
+    for key, want in d.settings.items():
+        have = state.settings.get(key)
+        stmt = sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(want))
+        out.append(Change("limits", ROLE, f"role {key} {have or 'unset'} -> {want}",
+                          f"role {entry.role} {key} is {have or 'unset'}, the registry says {want}", q(stmt), True))
+    if d.comment:
+        stmt = sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(spec.comment))
+        out.append(Change("marker", ROLE, "role marker comment", f"role {entry.role} lacks botfleet's marker comment",
+                          q(stmt), True))
+    return out
+
+
+def _database_changes(conn: psycopg.Connection, entry: BotEntry, state: databases.DatabaseState) -> list[Change]:
+    spec = database_spec(entry)
+    d = databases.diff(spec, state)
+    ident = sql.Identifier(entry.database)
+    q = lambda stmt: stmt.as_string(conn)  # noqa: E731
+    out = []
+    if d.owner:
+        stmt = sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident, sql.Identifier(spec.owner))
+        out.append(Change("ownership", DATABASE, f"database owner {state.owner} -> {spec.owner}",
+                          f"database {entry.database} is owned by {state.owner}, not by {spec.owner}", q(stmt), True))
+    if d.connection_limit:
+        stmt = sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {}").format(ident, sql.Literal(spec.connection_limit))
+        out.append(Change("limits", DATABASE,
+                          f"database connection limit {state.connection_limit} -> {spec.connection_limit}",
+                          f"database {entry.database} connection limit is {state.connection_limit}, the registry says "
+                          f"{spec.connection_limit}", q(stmt), True))
+    if d.allow_connections:
+        stmt = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident)
+        out.append(Change("access", DATABASE, "database accepts connections again",
+                          f"database {entry.database} refuses all connections", q(stmt), True))
+    if d.public:
+        stmt = sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident)
+        out.append(Change("access", DATABASE, "revoke PUBLIC access to the database",
+                          f"PUBLIC (every role) has {state.public_privileges} on database {entry.database}", q(stmt), True))
+    if d.comment:
+        stmt = sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(spec.comment))
+        out.append(Change("marker", DATABASE, "database marker comment",
+                          f"database {entry.database} lacks botfleet's marker comment", q(stmt), True))
+    return out
+
+
+def _env_changes(fleet: Fleet, entry: BotEntry, observed: Observed) -> list[Change]:
+    env, rel = observed.env, entry.env_file
+    rewrite = f"provision add-bot {entry.name}  (rewrites it from the registry, keeping the password)"
+    renew = f"provision add-bot {entry.name}  (writes it with a new password)"
+    password = env.password(entry.role)
+    if password is None:
+        state = "missing" if not env.exists else "no usable DATABASE_URL"
+        finding = f"{env.path} is missing" if not env.exists else f"{env.path} has no DATABASE_URL for role {entry.role}"
+        return [Change("env-file", ENV, f"{rel}: {state}; written with a new password (set on the server)",
+                       finding, renew, False)]
+    out = []
+    expected = expected_env(fleet, entry, env, password)
+    if env.text != expected:
+        diffs = env.differences(expected)
+        words = [f"{label} {have or '-'} -> {want}" for label, have, want in diffs] or ["rewritten in add-bot's format"]
+        out += [Change("env-file", ENV, f"{rel}: {w}", "", rewrite, False) for w in words]
+        if diffs:  # a format-only difference is no finding
+            out[-len(words)].finding = (f"{env.path} does not match the registry: "
+                                        + ", ".join(f"{label} {have} (registry: {want})" for label, have, want in diffs))
+    role = observed.role
+    if role is not None and role.verifier is not None and not passwords.verifier_matches(password, role.verifier):
+        out.append(Change("password", PASSWORD, f"server password reset to the one in {rel}",
+                          f"the password in {env.path} is not the role's password on the server",
+                          f"provision add-bot {entry.name}  (sets the server's password to the env file's)", False))
+    return out
+
+
+def changes(server: Server, project: Project, entry: BotEntry, observed: Observed) -> list[Change]:
+    """Every difference between the bot's entry and what ``observed`` found, each once.
+    Empty when the bot is as fleet.toml says."""
+    assert server.conn is not None
+    fleet = project.fleet
+    out: list[Change] = []
+    if observed.role is None:
+        out.append(Change("missing", CREATE_ROLE, f"create the missing role {entry.role}; {entry.env_file} gets a new password",
+                          f"role {entry.role} does not exist on the server",
+                          f"provision add-bot {entry.name}  (creates it with a new password)", False))
+    else:
+        out += _role_changes(server.conn, entry, observed.role)
+    if observed.database is None:
+        latest = sorted(project.backups(entry.name).glob(f"{entry.name}-*.dump"))
+        then = f", then: provision restore {entry.name} {latest[-1]}" if latest else ""
+        out.append(Change("missing", CREATE_DATABASE, f"create the missing database {entry.database} (empty)",
+                          f"database {entry.database} does not exist on the server",
+                          f"provision add-bot {entry.name}  (creates it empty){then}", False))
+    else:
+        out += _database_changes(server.conn, entry, observed.database)
+    if observed.inside_error:
+        out.append(Change("access", INSIDE, f"cannot look inside {entry.database}: {observed.inside_error}",
+                          f"cannot look inside {entry.database}: {observed.inside_error}", "", False))
+    elif observed.public_schema_open:
+        out.append(Change("access", SCHEMA, "revoke PUBLIC rights on schema public",
+                          f"PUBLIC has rights on schema public in {entry.database}",
+                          f"REVOKE ALL ON SCHEMA public FROM PUBLIC  (in {entry.database})", True))
+    if observed.role is not None:  # a missing role means a new password: the env file follows it
+        out += _env_changes(fleet, entry, observed)
+    return out
+
+
+def check_managed(entry: BotEntry, observed: Observed, *, known: bool) -> None:
+    """Refuse (NotManaged) a role or database with the bot's name that botfleet did not make
+    for this bot, unless fleet.toml already names the bot (``known``: the operator says it is its)."""
+    for kind, name, state in (("role", entry.role, observed.role), ("database", entry.database, observed.database)):
+        if state is not None and state.comment != marker(entry.name) and not known:
+            raise NotManaged(f"{kind} {name!r} already exists and was not created by botfleet; "
+                             "refusing to take it over (drop or rename it, or choose another bot name)")
+
+
+# --------------------------------------------------------------------------- converge
+
+
+@dataclass
+class Converged:
+    bot: str
+    status: str  # created | already provisioned | repaired
+    changes: list[str] = field(default_factory=list)
+    password_changed: bool = False
+
+
+def converge(server: Server, project: Project, entry: BotEntry, *, known: bool, rotate: bool = False,
+             progress: Progress = _quiet) -> Converged:
+    """Make the server and the env file match ``entry``, under the bot's advisory lock:
+    role, database, lock-down, password (kept unless ``rotate`` or it cannot be
+    recovered), env file. Raises NotManaged for names botfleet did not create (unless ``known``)."""
+    conn, admin = server.conn, server.admin
+    assert conn is not None and admin is not None
+    with advisory_lock(conn, entry.name):
+        observed = observe(server, project, entry, inside=False)
+        check_managed(entry, observed, known=known)
+        role_state, db_state, env = observed.role, observed.database, observed.env
+        repaired: list[str] = []
+
+        # The password: keep the one the bot already has, unless asked to rotate or it
+        # cannot be recovered. The env file is written before the server changes, so a
+        # crash in between is repaired by the next run.
+        password = env.password(entry.role)
+        set_password = new_password = False
+        if rotate or password is None or role_state is None:
+            if role_state is not None:
+                repaired.append("password rotated" if rotate else "password reset (its env file was missing)")
+            password = passwords.generate()
+            set_password = new_password = True
+        elif role_state.verifier is not None and not passwords.verifier_matches(password, role_state.verifier):
+            repaired.append("password on the server reset to the one in the env file")
+            set_password = True
+        elif role_state.verifier is None and not admin.superuser:
+            # Without superuser the verifier cannot be read: re-send it (same password,
+            # new salt) so the server surely matches the env file.
+            set_password = True
+
+        text = expected_env(project.fleet, entry, env, password)
+        if env.text != text:
+            progress(f"writing {env.path}")
+            env.write(text)
+
+        verifier = passwords.scram_verifier(conn, password, entry.role) if set_password else None
+        if role_state is None:
+            progress(f"creating role {entry.role}")
+            roles.create(conn, role_spec(entry), verifier)  # type: ignore[arg-type]
+        else:
+            repaired += [c.words for c in _role_changes(conn, entry, role_state) if c.check != "marker"]
+            roles.converge(conn, role_spec(entry), role_state, verifier)
+        if not admin.superuser:
+            _grant_admin_membership(conn, admin, entry.role)
+
+        if db_state is None:
+            progress(f"creating database {entry.database}")
+            databases.create(conn, database_spec(entry))
+            if role_state is not None:
+                repaired.append("created the missing database")
+        else:
+            repaired += [c.words.replace("revoke PUBLIC", "revoked PUBLIC")
+                         for c in _database_changes(conn, entry, db_state) if c.check != "marker"]
+            databases.converge(conn, database_spec(entry), db_state)
+        with connect(with_database(server.url, entry.database)) as bot_conn:
+            schema = databases.lock_down_schema(bot_conn)
+        if db_state is not None:
+            repaired += schema
+
+    if role_state is None and db_state is None:
+        status = "created"
+    elif repaired:
+        status = "repaired"
+    else:
+        status = "already provisioned"
+    return Converged(entry.name, status, repaired, new_password)
+
+
+def _grant_admin_membership(conn: psycopg.Connection, admin: AdminInfo, role: str) -> None:
+    """A CREATEROLE admin (not superuser) must act as the bot role: to create the
+    database OWNER it (SET), then to revoke, comment on and drop it as its
+    owner (INHERIT). PostgreSQL 16 no longer gives a role's creator either."""
+    query = ("SELECT pg_has_role(current_user, %(r)s, 'SET') AND pg_has_role(current_user, %(r)s, 'USAGE')"
+             if admin.major >= 16 else "SELECT pg_has_role(current_user, %(r)s, 'USAGE')")
+    member = conn.execute(query, {"r": role}).fetchone()
+    if member and member[0]:
+        return
+    stmt = "GRANT {} TO {} WITH SET TRUE, INHERIT TRUE" if admin.major >= 16 else "GRANT {} TO {}"
+    conn.execute(sql.SQL(stmt).format(sql.Identifier(role), sql.Identifier(admin.role)))
+
+
+def repair(server: Server, entry: BotEntry, target: str) -> Callable[[], None]:
+    """The unattended repair of one safe change's target (doctor --fix): converge that
+    part of the bot again from a fresh look (the server may have moved on)."""
+    conn = server.conn
+    assert conn is not None
+
+    def run() -> None:
+        if target == ROLE:
+            state = roles.inspect(conn, entry.role, read_verifier=False)
+            if state is not None:
+                roles.converge(conn, role_spec(entry), state, None)
+        elif target == DATABASE:
+            state = databases.inspect(conn, entry.database)
+            if state is not None:
+                databases.converge(conn, database_spec(entry), state)
+        elif target == SCHEMA:
+            with connect(with_database(server.url, entry.database)) as db_conn:
+                databases.lock_down_schema(db_conn)
+        else:
+            raise ValueError(f"no unattended repair for {target}")
+    return run
+
+
+# --------------------------------------------------------------------------- remove
+
+
+@dataclass
+class Removed:
+    bot: str
+    status: str  # removed | not provisioned
+    backup: str | None = None
+    dropped: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def remove(server: Server, project: Project, name: str, *, backup: bool = True, progress: Progress = _quiet) -> Removed:
+    """Back up, then drop one bot's database and role, its env file and registry entry.
+
+    Refuses (NotManaged) to drop objects botfleet did not create. With ``backup`` a
+    failed pg_dump stops everything before anything is dropped. Removing a bot that
+    is already gone is a no-op. The caller validated ``name``.
+    """
+    from . import backup as backups
+    from .names import derive
+
+    conn, admin = server.conn, server.admin
+    assert conn is not None and admin is not None
+    names = derive(name)
+    known = name in project.fleet.bots
+    env_path = project.env_path(name)
+    result = Removed(bot=name, status="removed")
+    with advisory_lock(conn, name):
+        role_state = roles.inspect(conn, names.role, read_verifier=False)
+        db_state = databases.inspect(conn, names.database)
+        check_managed(BotEntry(name=name, code=name), Observed(role_state, db_state, EnvFile(env_path)), known=known)
+        if not (known or role_state or db_state or env_path.exists()):
+            return Removed(bot=name, status="not provisioned")
+        if db_state and backup:
+            progress(f"backing up {names.database} with pg_dump")
+            path = backups.dump(server.url, names.database, project.backups(name), name, server_major=admin.major)
+            result.backup = str(path)
+            progress(f"backup written: {path} ({path.stat().st_size} bytes)")
+        if db_state:
+            progress(f"ending sessions and dropping database {names.database}")
+            databases.drop(conn, names.database)
+            result.dropped.append(f"database {names.database}")
+        if role_state:
+            progress(f"dropping role {names.role}")
+            roles.drop(conn, names.role)
+            result.dropped.append(f"role {names.role}")
+        if env_path.exists():
+            env_path.unlink()
+            result.dropped.append(f"env file {env_path}")
+        with project.registry.editing() as fleet:
+            if fleet.bots.pop(name, None) is not None:
+                result.dropped.append("registry entry")
+        project.reload()
+    return result
