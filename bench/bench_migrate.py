@@ -36,6 +36,7 @@ from pathlib import Path
 import psycopg
 
 from bench_provision import PROVISION, on_server, parse_args, progress
+from provisioning import db
 from provisioning.commands import BotOptions, provision_on
 from provisioning.migrate import Target, migrate_many, migrate_one, plan_targets
 from provisioning.project import Project

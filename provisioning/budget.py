@@ -32,8 +32,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import InvalidInput
+from .names import code_package
 from .registry import (
-    DEFAULT_SERVER, HOST_RE, MAX_CONNECTIONS, MIGRATION_MARGIN, MIN_CONNECTIONS, BotEntry, Fleet, StackSettings,
+    CPUS_RE, DEFAULT_SERVER, HOST_RE, MAX_CONNECTIONS, MIGRATION_MARGIN, MIN_CONNECTIONS, SERVER_NAME_RE, BotEntry, Fleet,
+    StackSettings,
 )
 
 SUPERUSER_RESERVED = 3
@@ -44,6 +46,18 @@ AUTOVACUUM_WORKERS = 2
 POSTGRES_MAJORS = range(13, 19)
 MEMORY_RE = re.compile(r"([1-9][0-9]{0,6})([MG])")
 IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._/:-]{0,199}(@sha256:[0-9a-f]{64})?")
+
+
+# Each example bot's memory limit: its resident memory after start-up in its container, measured
+# on the real engine (e2e/README.md), with room to work; a code not listed gets DEFAULT_BOT_MEMORY.
+CODE_MEMORY = {"hello_bot": "256M", "chat_bot": "192M", "feishu_bot": "192M"}
+DEFAULT_BOT_MEMORY = "256M"
+
+
+def bot_memory(fleet: Fleet, entry: BotEntry) -> str:
+    """A bot container's memory limit: its own, else [server] bot_memory, else its code's default."""
+    value = entry.memory or fleet.stack.bot_memory or CODE_MEMORY.get(code_package(entry.code), DEFAULT_BOT_MEMORY)
+    return canonical_memory(value, "memory")
 
 
 class BudgetExceeded(InvalidInput):
@@ -88,8 +102,12 @@ def validate_stack(server: StackSettings) -> None:
         raise InvalidInput(f"postgres_major must be {POSTGRES_MAJORS.start}-{POSTGRES_MAJORS.stop - 1} (got {server.postgres_major})")
     if memory_mb(server.postgres_memory, "postgres_memory") < 128:
         raise InvalidInput(f"postgres_memory must be at least 128M (got {server.postgres_memory})")
-    if memory_mb(server.bot_memory, "bot_memory") < 32:
+    if server.bot_memory and memory_mb(server.bot_memory, "bot_memory") < 32:
         raise InvalidInput(f"bot_memory must be at least 32M (got {server.bot_memory})")
+    if CPUS_RE.fullmatch(server.bot_cpus) is None:
+        raise InvalidInput(f"bot_cpus must be a number of cores such as 0.5 or 2 (got {server.bot_cpus!r})")
+    if SERVER_NAME_RE.fullmatch(server.project_name) is None:
+        raise InvalidInput(f"project_name must be 1-40 of a-z 0-9 '-' starting with a letter (got {server.project_name!r})")
     if server.max_connections != 0 and not MIN_CONNECTIONS <= server.max_connections <= MAX_CONNECTIONS:
         raise InvalidInput(f"max_connections must be 0 (derived from the memory) or {MIN_CONNECTIONS}-{MAX_CONNECTIONS} "
                            f"(got {server.max_connections})")
@@ -266,7 +284,7 @@ def explain(budget: Budget, what: str) -> str:
     return f"{problem}; nothing was changed. Options: " + ", ".join(options)
 
 
-def check(budget: Budget, what: str) -> None:
+def require_fit(budget: Budget, what: str) -> None:
     """Raise BudgetExceeded with the numbers when the fleet does not fit."""
     if not budget.fits:
         raise BudgetExceeded(explain(budget, what))

@@ -7,6 +7,7 @@ its models and its script directory ``migrations/<pkg>/versions``.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 import sys
@@ -99,3 +100,43 @@ def load_metadata(root: Path, code: str):
     if metadata is None:
         raise ProvisionError(f"{found.module}.models has no `metadata` (set metadata = YourBase.metadata)")
     return metadata
+
+
+SETTING_RE = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def required_settings(root: Path, code: str) -> tuple[str, ...]:
+    """The settings a bot code declares it needs: ``REQUIRED_SETTINGS = ("BOT_TOKEN",)`` in
+    ``bots/<pkg>/__init__.py``, read with ``ast`` (the bot's code, and its heavy imports, are
+    never run). () for code that is not there or declares none; ProvisionError for a
+    declaration that is not a literal tuple or list of setting names."""
+    try:
+        found = find(root, code)
+    except InvalidInput:
+        return ()
+    init = root / "bots" / found.package / "__init__.py"
+    try:
+        tree = ast.parse(init.read_text(encoding="utf-8"), str(init))
+    except FileNotFoundError:
+        return ()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ProvisionError(f"cannot read {init}: {getattr(err, 'strerror', None) or err}") from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        if not any(isinstance(t, ast.Name) and t.id == "REQUIRED_SETTINGS" for t in targets):
+            continue
+        try:
+            declared = ast.literal_eval(value)
+        except ValueError:
+            declared = None
+        if not isinstance(declared, (tuple, list)) or not all(
+                isinstance(k, str) and SETTING_RE.fullmatch(k) for k in declared):
+            raise ProvisionError(f"{init}: REQUIRED_SETTINGS must be a literal tuple of setting names "
+                                 "(A-Z, 0-9, '_'), e.g. (\"BOT_TOKEN\",)")
+        return tuple(dict.fromkeys(declared))
+    return ()

@@ -32,7 +32,7 @@ from .backup import BackupResult, backup_bot, dump
 from .doctor import Report
 from .errors import InvalidInput, ProvisionError
 from .migrate import DEFAULT_LOCK_WAIT, MigrationFailed, Outcome, Target, is_unknown
-from .names import CODE_RE, BotNames, validate
+from .names import CODE_RE, BotNames, derive, validate
 from .project import Project
 from .registry import DEFAULT_SERVER, BotEntry, StackSettings, check_options
 from .restore import RestoreResult
@@ -63,13 +63,17 @@ class BotOptions:
     db_port: int | None = None
     rotate_password: bool = False
     server: str | None = None  # DEFAULT_SERVER or a [servers.NAME]; None = keep (new bots: placed)
+    publish: str | None = None  # "" = not published
+    memory: str | None = None
+    cpus: str | None = None
 
-    def check(self) -> None:
+    def validate(self) -> None:
         """Validate the values given (InvalidInput, exit 2), in add-bot's flag names."""
         check_options({"pool_size": self.pool_size, "max_overflow": self.max_overflow, "replicas": self.replicas,
                        "statement_timeout": self.statement_timeout,
                        "idle_in_transaction_session_timeout": self.idle_timeout,
-                       "db_host": self.db_host, "db_port": self.db_port}, flags=True)
+                       "db_host": self.db_host, "db_port": self.db_port, "publish": self.publish,
+                       "memory": self.memory, "cpus": self.cpus}, flags=True)
         if self.db_port == 0:
             raise InvalidInput("--db-port must be between 1 and 65535")
         if self.code is not None and CODE_RE.fullmatch(self.code) is None:
@@ -122,28 +126,40 @@ def desired_entry(project: Project, names: BotNames, existing: BotEntry | None, 
         db_host=opts.db_host if opts.db_host is not None else base.db_host,
         db_port=opts.db_port if opts.db_port is not None else base.db_port,
         server=server,
+        publish=_published(opts.publish) if opts.publish is not None else base.publish,
+        memory=opts.memory.upper() if opts.memory is not None else base.memory,
+        cpus=opts.cpus if opts.cpus is not None else base.cpus,
     )
 
 
+def _published(value: str) -> str:
+    """``PORT`` or ``ADDRESS:PORT`` as fleet.toml keeps it: always ADDRESS:PORT (loopback unless given)."""
+    from .registry import publish_address
+
+    found = publish_address(value) if value else None
+    return f"{found[0]}:{found[1]}" if found else ""
+
+
 def provision_on(server: Server, project: Project, name: str, opts: BotOptions, *, rerender: bool = True,
-               progress: Progress = _quiet) -> AddResult:
+                 credentials_only: bool = False, progress: Progress = _quiet) -> AddResult:
     """Create or converge one bot on ``server`` (open): the entry, the budget check, the
-    reconcile, the registry, the stack. add-bot, rotate-password and apply share it."""
+    reconcile, the registry, the stack. add-bot, rotate-password and apply share it.
+    ``credentials_only``: touch no file (the stack's service; see reconcile.converge)."""
     assert server.admin is not None
     names = validate(name, admin_role=server.admin.role)
-    opts.check()
+    opts.validate()
     fleet = project.fleet
     existing = fleet.bots.get(name)
     entry = desired_entry(project, names, existing, opts)
     if entry.server != DEFAULT_SERVER and entry.server not in fleet.servers:
         raise InvalidInput(f"no server {entry.server!r} in fleet.toml ([servers.NAME] tables)")
-    compose.check_add(project.root, fleet, entry)  # a bot that would not fit is refused before any change
+    compose.require_room(project.root, fleet, entry)  # a bot that would not fit is refused before any change
     done = reconcile.converge(server, project, entry, known=existing is not None, rotate=opts.rotate_password,
-                              progress=progress)
-    with project.registry.editing() as registry:
-        registry.bots[name] = entry
-    project.reload()
-    warning = compose.rerender_if_present(project) if rerender else None
+                              credentials_only=credentials_only, progress=progress)
+    if not credentials_only:
+        with project.editing() as registry:
+            registry.bots[name] = entry
+    warning = compose.rerender_if_present(project) if rerender and not credentials_only else None
     if warning:
         progress(warning)
     return AddResult(
@@ -164,7 +180,7 @@ def add_bot(project: Project, servers: Servers, name: str, opts: BotOptions | No
     """
     opts = opts or BotOptions()
     names = validate(name)  # bad input fails before any server is started or touched
-    opts.check()
+    opts.validate()
     fleet = project.fleet
     entry = desired_entry(project, names, fleet.bots.get(name), opts)
     if opts.server is None and name not in fleet.bots and fleet.servers:
@@ -250,7 +266,7 @@ def _list_server(server: Server, project: Project) -> list[dict[str, Any]]:
         comment = row[4] or ""
         if datname not in registered and comment.startswith(reconcile.MARKER_PREFIX):
             bot = comment.removeprefix(reconcile.MARKER_PREFIX)
-            role = role_rows.get(f"{bot.replace('-', '_')}_user")
+            role = role_rows.get(derive(bot).role)
             rows.append({
                 "bot": bot, "server": server.name, "code": None, "database": datname, "role": role[0] if role else None,
                 "status": "unknown (not in the registry)", "size_bytes": row[1], "connections": row[2],
@@ -394,24 +410,31 @@ def plan(project: Project, servers: Servers, *, prune: bool = False, ignore: tup
 class Applied:
     plan: declarative.FleetPlan
     results: list[declarative.StepResult]
+    # The stack's service: a bot whose migration failed keeps itself down (its container checks
+    # its schema before it starts), so that failure does not hold the other bots back.
+    migrations_gate_bots: bool = False
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.results)
+        return all(r.ok for r in self.results if not (self.migrations_gate_bots and r.action == "migrate"))
 
     def as_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.as_dict(), "results": [r.as_dict() for r in self.results]}
 
 
 def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tuple[str, ...] = (),
-          migrations: bool = True, jobs: int | None = None,
+          migrations: bool = True, jobs: int | None = None, credentials_only: bool = False,
           confirm_removals: Callable[[declarative.FleetPlan], bool] = lambda _plan: False,
           on_migrated: Migrated | None = None, progress: Progress = _quiet) -> Applied:
     """Make the servers and the files match fleet.toml: exactly the steps ``plan`` lists.
 
     Refuses (InvalidInput) a plan with problems, before any change; removals (only with
     ``prune``) need ``confirm_removals(plan)``. One bot's failure does not stop the others.
-    Migrations run after the admin connections are closed (in forked workers)."""
+    Migrations run after the admin connections are closed (in forked workers).
+
+    ``credentials_only`` is the compose stack's provisioning service: the default server
+    only (the stack's postgres), each password from the bot's credentials file, no file
+    written (fleet.toml and the secrets are read-only there), nothing pruned."""
     from .declarative import CREATE, MIGRATE, REMOVE, UPDATE, StepResult, apply_files, migration_results
     from .migrate import plan_targets
 
@@ -419,9 +442,11 @@ def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tu
         raise InvalidInput("--jobs must be between 1 and 64")
     results: list[StepResult] = []
     default_url = None
-    with servers.visit(servers.fleet_wide()) as opened:
+    if credentials_only and prune:
+        raise InvalidInput("the stack's provisioning never prunes")
+    with servers.visit([DEFAULT_SERVER] if credentials_only else servers.fleet_wide()) as opened:
         fleet_plan = declarative.plan(opened, project, prune=prune, ignore=ignore, migrations=migrations,
-                                      progress=progress)
+                                      credentials_only=credentials_only, progress=progress)
         if fleet_plan.problems:
             raise InvalidInput(fleet_plan.refusal())
         removals = [s.subject for s in fleet_plan.of(REMOVE)]
@@ -440,7 +465,8 @@ def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tu
                     removed = reconcile.remove(server, project, step.subject, backup=True, progress=progress)
                     results.append(StepResult(REMOVE, step.subject, True, f"backup {removed.backup}" if removed.backup else ""))
                 else:
-                    added = provision_on(server, project, step.subject, BotOptions(), rerender=False, progress=progress)
+                    added = provision_on(server, project, step.subject, BotOptions(), rerender=False,
+                                         credentials_only=credentials_only, progress=progress)
                     results.append(StepResult(step.action, step.subject, True, added.status))
             except ProvisionError as err:
                 results.append(StepResult(step.action, step.subject, False, str(err)))
@@ -448,8 +474,9 @@ def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tu
     if bots:
         targets, early = plan_targets(project, bots, all_bots=False, admin_url=default_url)
         results += migration_results(_run_migrations(targets, "head", jobs, DEFAULT_LOCK_WAIT, on_migrated) + early)
-    results += apply_files(project)
-    return Applied(fleet_plan, results)
+    if not credentials_only:
+        results += apply_files(project)
+    return Applied(fleet_plan, results, migrations_gate_bots=credentials_only)
 
 
 # --------------------------------------------------------------------------- migrations
@@ -476,6 +503,34 @@ def _default_url(project: Project, servers: Servers, bots: list[str] | None) -> 
         if not any(e.server == DEFAULT_SERVER for e in chosen):
             return None
     return servers.url(DEFAULT_SERVER)
+
+
+def migrate_self(root: Path, bot: str, code: str, url: str, *, to: str = "head", check: bool = False,
+                 lock_wait: float = DEFAULT_LOCK_WAIT) -> Outcome | None:
+    """One bot's own migrations, as its role, through its own DATABASE_URL (no fleet.toml, no
+    admin): what a bot's container runs before the bot starts. With ``check`` nothing is
+    migrated: the outcome fails unless the database is at ``to`` (the stack's bots, whose
+    provisioning service migrated them). None when its code has no migrations."""
+    from .db import parse_url
+    from .migrate import bot_conninfo_from_env, current_revision, head_of, migrate_one, resolve, script_directory
+
+    try:
+        found = codes.with_migrations(root, code)
+    except codes.NoMigrations:
+        return None
+    database = parse_url(url).get("dbname") or ""
+    target = Target(bot=bot, root=str(root), package=found.package, database=database,
+                    conninfo=bot_conninfo_from_env(url))
+    if not check:
+        return migrate_one(target, to, lock_wait=lock_wait)
+    script = script_directory(str(root), found.package)
+    want = head_of(script, found.package) if to == "head" else resolve(script, found.package, to)
+    have = current_revision(target.conninfo)
+    if have == want:
+        return Outcome(bot=bot, status="up to date", from_rev=have, to_rev=want)
+    return Outcome(bot=bot, status="failed", from_rev=have, to_rev=want,
+                   error=f"{bot}: its database is at {(have or 'base')[:12]}, its code needs {(want or 'base')[:12]}; "
+                         "it stays down until its migration succeeds (the provision service's log says why)")
 
 
 def migration_targets(project: Project, servers: Servers, bots: list[str], *, all_bots: bool,
@@ -626,13 +681,13 @@ def check(project: Project, servers: Servers) -> list[dict[str, str]]:
     """The CI gate's findings: codes whose models and migrations disagree (compared on a
     scratch database), and bots not at head. Empty: all is well."""
     from .migrate import current_revision, head_of, one_line, plan_targets, script_directory
-    from .revisions import drift
+    from .revisions import model_differences
 
     findings: list[dict[str, str]] = []
     with servers.opened() as server:
         for package in codes.migration_codes(project.root):
             try:
-                for diff in drift(server.conn, server.url, project.root, package):
+                for diff in model_differences(server.conn, server.url, project.root, package):
                     findings.append({"what": f"code {package}", "finding": f"models differ from migrations: {diff}",
                                      "fix": f"provision revision {package} -m '...' --autogenerate"})
             except Exception as err:  # noqa: BLE001 - reported, then the gate fails
@@ -687,20 +742,21 @@ def budget(project: Project, **preview: Any) -> dict[str, budgets.Budget]:
     return {name: budgets.server_budget(fleet, name) for name in fleet.server_names()}
 
 
-def render(project: Project, *, progress: Progress = _quiet, **settings: Any) -> compose.RenderResult:
+def render(project: Project, *, allow_missing_config: bool = False, progress: Progress = _quiet,
+           **settings: Any) -> compose.RenderResult:
     """Write the compose stack from fleet.toml; ``settings`` change [server] first (saved once
-    they are valid and the fleet fits them; the env files may then still need add-bot)."""
+    they are valid and the fleet fits them). A bot that lacks a setting its code requires is
+    refused unless ``allow_missing_config``."""
     current_fleet = project.fleet
     new = stack_settings(current_fleet.stack, **settings)
     budgets.validate_stack(new)
     preview = dataclasses.replace(current_fleet, stack=new)
-    budgets.check(budgets.compute(preview), "the fleet")  # refuse before saving anything
+    budgets.require_fit(budgets.compute(preview), "the fleet")  # refuse before saving anything
     if new != current_fleet.stack:
-        with project.registry.editing() as fleet:
+        with project.editing() as fleet:
             fleet.stack = new
-        project.reload()
         progress(f"saved the stack settings in {project.registry.path}")
-    return compose.render(project)
+    return compose.render(project, allow_missing_config=allow_missing_config)
 
 
 # --------------------------------------------------------------------------- the embedded server
@@ -710,3 +766,101 @@ def embedded_server(project: Project):
     from .embedded import EmbeddedServer
 
     return EmbeddedServer(project.state_dir)
+
+
+# --------------------------------------------------------------------------- a bot's own settings: config
+
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    from .settings import Changed
+
+
+def _settings_bot(project: Project, bot: str) -> None:
+    """A valid bot name that fleet.toml has (InvalidInput, exit 2, before anything is read)."""
+    validate(bot)
+    if bot not in project.fleet.bots:
+        raise InvalidInput(f"not in the fleet registry: {bot} (see provision list; provision add-bot {bot})")
+
+
+def missing_settings(project: Project) -> dict[str, list[str]]:
+    """Each registry bot's required settings (its code's ``REQUIRED_SETTINGS``) that are not
+    set, or set empty, in its env file; bots that lack none are left out. Reads files only."""
+    from . import settings
+
+    out: dict[str, list[str]] = {}
+    for bot in sorted(project.fleet.bots):
+        missing = settings.missing(project, bot)
+        if missing:
+            out[bot] = missing
+    return out
+
+
+def _settings_changed(project: Project, result: Changed, progress: Progress) -> Changed:
+    """After a change of a bot's settings: what its code still needs, and the stack re-rendered."""
+    from . import settings
+
+    result.missing = settings.missing(project, result.bot)
+    if result.changed:
+        progress(f"wrote {result.env_file}")
+        warning = compose.rerender_if_present(project)
+        if warning:
+            progress(warning)
+    return result
+
+
+def config_set(project: Project, bot: str, values: dict[str, str], *, progress: Progress = _quiet) -> Changed:
+    """Set a bot's own settings (``{"BOT_TOKEN": "..."}``) in its env file ``secrets/BOT.env``
+    (0600, atomically, under a lock); never in fleet.toml or a compose file. Keys are
+    ``[A-Z_][A-Z0-9_]*``, not botfleet's own (``DATABASE_URL*``, ``DB_POOL_*``); values are one
+    line (see provisioning.envfile's quoting rule). Bad input raises InvalidInput and changes
+    nothing. Returns ``settings.Changed`` (keys only, never a value)."""
+    from . import settings
+
+    _settings_bot(project, bot)
+    values = settings.check_values(values)
+    return _settings_changed(project, settings.set_values(project, bot, values), progress)
+
+
+def config_unset(project: Project, bot: str, keys: list[str], *, progress: Progress = _quiet) -> Changed:
+    """Remove settings from a bot's env file; a key that is not set is reported unchanged."""
+    from . import settings
+
+    _settings_bot(project, bot)
+    for key in keys:
+        settings.check_key(key)
+    return _settings_changed(project, settings.unset(project, bot, keys), progress)
+
+
+@dataclass
+class ConfigListing:
+    """A bot's own settings (the values stay out of repr; ``as_dict`` masks them unless ``show``)."""
+
+    bot: str
+    code: str
+    env_file: str
+    values: dict[str, str] = field(repr=False)
+    required: list[str]
+    missing: list[str]
+
+    def as_dict(self, show: bool = False) -> dict[str, Any]:
+        from .settings import MASK
+
+        return {"bot": self.bot, "code": self.code, "env_file": self.env_file,
+                "settings": {k: (v if show else MASK) for k, v in self.values.items()},
+                "required": self.required, "missing": self.missing}
+
+
+def config_list(project: Project, bot: str) -> ConfigListing:
+    """A bot's own settings, and the required ones (its code's REQUIRED_SETTINGS) not set."""
+    from . import settings
+
+    _settings_bot(project, bot)
+    values = settings.read(project, bot)
+    code = project.fleet.bots[bot].code
+    required, missing = codes.required_settings(project.root, code), settings.missing(project, bot, values)
+    try:
+        code = codes.find(project.root, code).package
+    except InvalidInput:
+        pass  # no code under bots/ yet: its name as fleet.toml gives it
+    return ConfigListing(bot, code, str(project.env_path(bot)), values, list(required), missing)

@@ -1,4 +1,4 @@
-"""The rendered stack's files (``Plan``), and their validation without a Docker engine.
+"""The rendered stack's files (``StackFiles``), and their validation without a Docker engine.
 
 1. The Compose Specification JSON schema (check-jsonschema's vendored
    ``vendor.compose-spec``), for both files.
@@ -38,14 +38,19 @@ class PlannedFile:
     content: str = field(repr=False)
     secret: bool = False
     create_only: bool = False  # written when missing, never rewritten (the admin password)
+    # A secret a bot's container reads as its non-root user through a bind mount: readable in
+    # the file's mode, while the 0700 secrets/ folder keeps the host's other users out.
+    container: bool = False
 
     @property
     def mode(self) -> int:
+        if self.container:
+            return 0o444
         return 0o600 if self.secret else 0o644
 
 
 @dataclass
-class Plan:
+class StackFiles:
     files: list[PlannedFile]
     budget: budgets.Budget
     bots: list[str]
@@ -140,9 +145,13 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
             errs.append(f"{name}: no restart policy")
         if name != "postgres" and "postgres_password" in _secret_sources(svc):
             errs.append(f"{name}: only postgres may see the admin password")
+        if name != "provision" and "postgres_pgpass" in _secret_sources(svc):
+            errs.append(f"{name}: only the provision service may see the admin's passfile")
         for key, value in _env_items(svc):
+            if key == "ADMIN_DATABASE_URL" and name == "provision" and ":" not in str(value).split("@")[0].split("//")[-1]:
+                continue  # an admin URL without a password (the passfile holds it)
             if SECRET_ENV.search(key):
-                errs.append(f"{name}: environment {key} would hold a secret inline (use a secret file or env file)")
+                errs.append(f"{name}: environment {key} would hold a secret inline (use a secret file)")
         for net in svc.get("networks") or []:
             if net not in networks:
                 errs.append(f"{name}: network {net} is not defined")
@@ -152,7 +161,7 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
         for cfg in svc.get("configs") or []:
             if (cfg.get("source") if isinstance(cfg, dict) else cfg) not in top_configs:
                 errs.append(f"{name}: config {cfg} is not defined")
-    migrate = services.get("migrate")
+    provision = services.get("provision")
     for bot in bots:
         svc = services.get(bot)
         if not isinstance(svc, dict):
@@ -161,14 +170,18 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
         hc = _get(svc, "healthcheck", "test") or []
         if "shared.health" not in hc or bot not in hc:
             errs.append(f"bot {bot}: the healthcheck must be python -m shared.health {bot}")
-        own_env = f"./secrets/{bot}.env"
         own_secret = f"{bot}_database_url"
-        if stack:
-            if _secret_sources(svc) != [own_secret] or dict(_env_items(svc)).get("DATABASE_URL_FILE") is None:
-                errs.append(f"bot {bot}: must get its own DATABASE_URL_FILE secret {own_secret} and nothing else")
-        else:
-            if svc.get("env_file") != [own_env] or _secret_sources(svc):
-                errs.append(f"bot {bot}: must read its own env file {own_env} and no other credentials")
+        sources = _secret_sources(svc)
+        env = dict(_env_items(svc))
+        if (own_secret not in sources or env.get("DATABASE_URL_FILE") != "/run/secrets/database_url"
+                or any(src != own_secret and not src.startswith(f"{bot}_") for src in sources) or "env_file" in svc):
+            errs.append(f"bot {bot}: must get its own DATABASE_URL_FILE secret {own_secret}, its own settings, "
+                        "and no other credentials")
+        if not svc.get("read_only") or "ALL" not in (svc.get("cap_drop") or []):
+            errs.append(f"bot {bot}: must run with a read-only root and no capabilities")
+        if not _get(svc, "deploy", "resources", "limits", "cpus") or not _get(svc, "deploy", "resources", "limits", "pids"):
+            errs.append(f"bot {bot}: needs a CPU and a pids limit")
+        if not stack:
             deps = svc.get("depends_on") or {}
             entry = fleet.bots.get(bot)
             local = entry is None or entry.server == "default"
@@ -176,8 +189,8 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
                 errs.append(f"bot {bot}: must depend on postgres with condition service_healthy")
             if not local and "postgres" in deps:
                 errs.append(f"bot {bot}: lives on server {entry.server}, not on the stack's postgres")
-            if migrate is not None and _get(deps, "migrate", "condition") != "service_completed_successfully":
-                errs.append(f"bot {bot}: must wait for migrate (service_completed_successfully)")
+            if local and provision is not None and _get(deps, "provision", "condition") != "service_completed_successfully":
+                errs.append(f"bot {bot}: must wait for provision (service_completed_successfully)")
     if stack:
         if "name" in doc:
             errs.append("the top-level name is not for docker stack deploy")
@@ -185,9 +198,12 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
             errs.append("docker stack deploy needs version: 3.x")
         for kind, items in (("secret", top_secrets), ("config", top_configs)):
             errs += [f"{kind} {k}: needs a name (swarm {kind}s are immutable)" for k, v in items.items() if not v.get("name")]
-    elif migrate is not None:
-        if _get(migrate, "depends_on", "postgres", "condition") != "service_healthy" or migrate.get("restart") != "no":
-            errs.append("migrate: must run once (restart: no) after postgres is healthy")
+    else:
+        if doc.get("name") != fleet.stack.project_name:
+            errs.append(f"the top-level name must be the project's, {fleet.stack.project_name!r} (it names the volume)")
+        if provision is not None and (_get(provision, "depends_on", "postgres", "condition") != "service_healthy"
+                                      or provision.get("restart") != "no"):
+            errs.append("provision: must run once (restart: no) after postgres is healthy")
     return errs
 
 
@@ -202,18 +218,18 @@ def _env_items(svc: dict) -> list[tuple[str, Any]]:
     return list(env.items())
 
 
-def validate(plan: Plan, fleet: Fleet) -> None:
+def validate(files: StackFiles, fleet: Fleet) -> None:
     """Raise StackInvalid unless both compose files pass the schema and the semantic checks
     and no rendered, non-secret file contains a password."""
     published = parse_publish(fleet.stack.publish)
     publish = f"{published[0]}:{published[1]}" if published else ""
     problems: list[str] = []
     for rel, stack in ((COMPOSE_FILE, False), (STACK_FILE, True)):
-        doc = load_yaml(plan.content(rel))
+        doc = load_yaml(files.content(rel))
         problems += [f"{rel}: {e}" for e in schema_errors(doc)]
-        problems += [f"{rel}: {e}" for e in semantic_errors(doc, fleet, plan.bots, stack=stack, publish=publish)]
-    for f in plan.files:
-        if not f.secret and any(pw and pw in f.content for pw in plan.passwords):
+        problems += [f"{rel}: {e}" for e in semantic_errors(doc, fleet, files.bots, stack=stack, publish=publish)]
+    for f in files.files:
+        if not f.secret and any(pw and pw in f.content for pw in files.passwords):
             problems.append(f"{f.path}: contains a password")
     if problems:
         raise StackInvalid(f"the rendered stack is invalid ({len(problems)} problems): " + "; ".join(problems[:8]))

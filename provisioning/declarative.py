@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import budget as budgets
-from . import codes, compose, reconcile
+from . import codes, compose, reconcile, settings
 from .errors import InvalidInput, ProvisionError, StackInvalid
 from .migrate import MigrationFailed, head_of, script_directory
 from .names import validate
@@ -68,6 +68,8 @@ class FleetPlan:
     # botfleet bots on the server that are neither in fleet.toml nor this project's
     # (no secrets/NAME.env): another fleet's. Never changed.
     others: list[str] = field(default_factory=list)
+    # What apply cannot do for the operator: a setting a bot's code requires that is not set.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def changes(self) -> list[Step]:
@@ -92,7 +94,7 @@ class FleetPlan:
 
     def as_dict(self) -> dict[str, Any]:
         return {"steps": [s.as_dict() for s in self.steps], "problems": self.problems,
-                "changes": len(self.changes), "others": self.others}
+                "changes": len(self.changes), "others": self.others, "notes": self.notes}
 
 
 # --------------------------------------------------------------------------- plan
@@ -110,18 +112,29 @@ def _entry_problems(server: Server, entry: BotEntry) -> list[str]:
 
 
 def _bot_step(server: Server, project: Project, entry: BotEntry, observed: reconcile.Observed,
-              problems: list[str]) -> Step | None:
-    """The create/update step of one registry bot (None: nothing to do)."""
+              problems: list[str], *, credentials_only: bool = False) -> Step | None:
+    """The create/update step of one registry bot (None: nothing to do). ``credentials_only``:
+    the env file is not botfleet's to write here (the stack's service): only its password counts."""
     for kind, name, state in (("role", entry.role, observed.role), ("database", entry.database, observed.database)):
         if state is not None and state.comment != reconcile.marker(entry.name):
             # apply never adopts what it did not create; an operator who knows it is this
             # bot's can say so with `provision add-bot NAME` (which restores the marker).
             problems.append(f"{kind} {name!r} exists without botfleet's marker for bot {entry.name!r}; apply will "
                             f"not take it over (if it is this bot's: provision add-bot {entry.name})")
+    if credentials_only and observed.env.password(entry.role) is None:
+        problems.append(f"{entry.name}: no credentials for role {entry.role} in {observed.env.path} (run provision "
+                        f"add-bot {entry.name} where the fleet is managed, then provision render)")
+        return None
+    password = "the password in its credentials file" if credentials_only else "new password"
     if not observed.exists:
         return Step(CREATE, entry.name, [f"role {entry.role} (connection limit {entry.connection_limit})",
-                                         f"database {entry.database}", f"{entry.env_file} (new password)"], server.name)
-    details = [c.words for c in reconcile.changes(server, project, entry, observed)]
+                                         f"database {entry.database}", f"{entry.env_file} ({password})"], server.name)
+    changes = reconcile.changes(server, project, entry, observed)
+    if credentials_only:
+        changes = [c for c in changes if c.target != reconcile.ENV]
+        if observed.role is None:
+            changes = [c for c in changes if c.target != reconcile.PASSWORD]
+    details = [c.words for c in changes]
     return Step(UPDATE, entry.name, details, server.name) if details else None
 
 
@@ -148,7 +161,7 @@ def _file_steps(project: Project) -> list[Step]:
     if not compose.stack_present(project.root):
         return []
     try:
-        planned = compose.plan(project)
+        planned = compose.prepare(project)
     except StackInvalid:
         # Some bots' env files are about to be (re)written: the stack follows them.
         return [Step(FILE, compose.COMPOSE_FILE, ["re-rendered after the bots' env files are written"])]
@@ -164,16 +177,20 @@ def plan(
     prune: bool = False,
     ignore: tuple[str, ...] = (),
     migrations: bool = True,
+    credentials_only: bool = False,
     progress: Progress = _quiet,
 ) -> FleetPlan:
     """Every step apply would take to make the servers and the files match fleet.toml.
-    Reads only. ``servers`` must be open and include every server that has registry bots."""
+    Reads only. ``servers`` must be open and include every server that has registry bots.
+    ``credentials_only`` (the stack's provisioning service): the bots of the servers given
+    only, their credentials files read and never written, no files re-rendered."""
     from .doctor import stray_bots
 
     fleet = project.fleet
     problems: list[str] = []
     by_name = {server.name: server for server in servers}
-    for entry in fleet.bots.values():
+    bots = {n: e for n, e in fleet.bots.items() if not credentials_only or e.server in by_name}
+    for entry in bots.values():
         server = by_name.get(entry.server)
         if server is None:
             problems.append(f"bot {entry.name}: its server {entry.server} was not reached")
@@ -185,7 +202,7 @@ def plan(
         try:
             if name == DEFAULT_SERVER:
                 budgets.validate_stack(fleet.stack)
-            budgets.check(budgets.server_budget(fleet, name),
+            budgets.require_fit(budgets.server_budget(fleet, name),
                           "fleet.toml" + ("" if name == DEFAULT_SERVER else f" on server {name}"))
         except InvalidInput as err:
             problems.append(str(err))
@@ -194,13 +211,13 @@ def plan(
 
     steps: list[Step] = []
     migrate: list[Step] = []
-    names = sorted(fleet.bots)
+    names = sorted(bots)
     for i, name in enumerate(names, 1):
         progress(f"comparing {name} ({i}/{len(names)})")
-        entry = fleet.bots[name]
+        entry = bots[name]
         server = by_name[entry.server]
         observed = reconcile.observe(server, project, entry)  # one connection per bot database
-        step = _bot_step(server, project, entry, observed, problems)
+        step = _bot_step(server, project, entry, observed, problems, credentials_only=credentials_only)
         if step is not None:
             steps.append(step)
         if migrations:
@@ -227,8 +244,11 @@ def plan(
                 steps.append(Step(KEEP, bot, [*objects, "not in fleet.toml (apply --prune backs it up, then removes it)"],
                                   server.name))
     steps += migrate
-    steps += _file_steps(project)
-    return FleetPlan(steps, problems, others)
+    notes: list[str] = []
+    if not credentials_only:
+        steps += _file_steps(project)
+        notes = [settings.missing_hint(bot, keys) for bot in sorted(bots) if (keys := settings.missing(project, bot))]
+    return FleetPlan(steps, problems, others, notes)
 
 
 # --------------------------------------------------------------------------- apply

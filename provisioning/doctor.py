@@ -24,7 +24,7 @@ from typing import Any, Callable
 import psycopg
 from psycopg import sql
 
-from . import objects, reconcile
+from . import objects, reconcile, settings
 from .db import advisory_lock, connect, with_database
 from .errors import one_line
 from .project import Project
@@ -133,6 +133,11 @@ def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set
         out += _grants(server, entry, bot_roles)
     if isinstance(observed.extra, _Inside):
         out += _inside(server, entry, observed.extra)
+    needed = settings.missing(project, entry.name, settings.of(observed.env))
+    if needed:
+        hint = settings.missing_hint(entry.name, needed)
+        out.append(Finding("config", entry.name, f"{entry.name} lacks {', '.join(needed)}, which its code requires: "
+                           "it would crash-loop on start", hint[hint.index("(") + 1:-1], False))
     path = observed.env.path
     if observed.env.exists:
         mode = stat.S_IMODE(path.stat().st_mode)

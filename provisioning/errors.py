@@ -27,6 +27,10 @@ class NotManaged(ProvisionError):
     """A role or database with a bot's name exists but botfleet did not create it."""
 
 
+class MissingCredentials(ProvisionError):
+    """A bot's credentials file is missing or holds no password for its role."""
+
+
 class ServerUnreachable(ProvisionError):
     pass
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from .envfile import EnvFile
@@ -29,6 +31,14 @@ class Project:
     def reload(self) -> Fleet:
         self._fleet = None
         return self.fleet
+
+    @contextlib.contextmanager
+    def editing(self) -> Iterator[Fleet]:
+        """Change fleet.toml under its lock (re-read there, so concurrent runs lose nothing);
+        afterwards ``fleet`` is what was written."""
+        with self.registry.editing() as fleet:
+            yield fleet
+        self._fleet = fleet
 
     @property
     def state_dir(self) -> Path:

@@ -18,6 +18,7 @@ audit-only checks (memberships, grants, foreign objects, strays, file modes).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,10 +29,12 @@ from psycopg import sql
 from . import databases, passwords, roles
 from .db import AdminInfo, advisory_lock, connect, with_database
 from .envfile import EnvFile, database_url
-from .errors import NotManaged, ProvisionError, one_line
+from .names import derive
+from .errors import MissingCredentials, NotManaged, ProvisionError, one_line
 from .project import Project
 from .registry import BotEntry, Fleet
 from .servers import Server
+from .settings import lock as settings_lock
 
 # The bot database admits its owner's limit plus one for the admin's own
 # backup and maintenance sessions (superusers are not counted anyway).
@@ -283,13 +286,20 @@ class Converged:
 
 
 def converge(server: Server, project: Project, entry: BotEntry, *, known: bool, rotate: bool = False,
-             progress: Progress = _quiet) -> Converged:
+             credentials_only: bool = False, progress: Progress = _quiet) -> Converged:
     """Make the server and the env file match ``entry``, under the bot's advisory lock:
     role, database, lock-down, password (kept unless ``rotate`` or it cannot be
-    recovered), env file. Raises NotManaged for names botfleet did not create (unless ``known``)."""
+    recovered), env file. Raises NotManaged for names botfleet did not create (unless ``known``).
+
+    ``credentials_only`` (the compose stack's provisioning service): the env file is only
+    read, never written, and its password is the one the server gets, also for a role that
+    is missing; a bot without one is refused (MissingCredentials)."""
     conn, admin = server.conn, server.admin
     assert conn is not None and admin is not None
-    with advisory_lock(conn, entry.name):
+    # The env file is read and rewritten under the settings' lock, so a `config set` running
+    # at the same moment is never lost (the stack's service only reads: no lock, no file).
+    files = contextlib.nullcontext() if credentials_only else settings_lock(project)
+    with advisory_lock(conn, entry.name), files:
         observed = observe(server, project, entry, inside=False)
         check_managed(entry, observed, known=known)
         role_state, db_state, env = observed.role, observed.database, observed.env
@@ -300,7 +310,16 @@ def converge(server: Server, project: Project, entry: BotEntry, *, known: bool, 
         # crash in between is repaired by the next run.
         password = env.password(entry.role)
         set_password = new_password = False
-        if rotate or password is None or role_state is None:
+        if credentials_only:
+            if password is None:
+                raise MissingCredentials(
+                    f"{entry.name}: no credentials for role {entry.role} in {env.path}: run provision add-bot "
+                    f"{entry.name} where the fleet is managed, then provision render")
+            set_password = role_state is None or role_state.verifier is None or not passwords.verifier_matches(
+                password, role_state.verifier)
+            if role_state is not None and role_state.verifier is not None and set_password:
+                repaired.append("password on the server set to the one in the credentials file")
+        elif rotate or password is None or role_state is None:
             if role_state is not None:
                 repaired.append("password rotated" if rotate else "password reset (its env file was missing)")
             password = passwords.generate()
@@ -314,7 +333,7 @@ def converge(server: Server, project: Project, entry: BotEntry, *, known: bool, 
             set_password = True
 
         text = expected_env(project.fleet, entry, env, password)
-        if env.text != text:
+        if not credentials_only and env.text != text:
             progress(f"writing {env.path}")
             env.write(text)
 
@@ -409,7 +428,6 @@ def remove(server: Server, project: Project, name: str, *, backup: bool = True, 
     is already gone is a no-op. The caller validated ``name``.
     """
     from . import backup as backups
-    from .names import derive
 
     conn, admin = server.conn, server.admin
     assert conn is not None and admin is not None
@@ -439,8 +457,7 @@ def remove(server: Server, project: Project, name: str, *, backup: bool = True, 
         if env_path.exists():
             env_path.unlink()
             result.dropped.append(f"env file {env_path}")
-        with project.registry.editing() as fleet:
+        with project.editing() as fleet:
             if fleet.bots.pop(name, None) is not None:
                 result.dropped.append("registry entry")
-        project.reload()
     return result

@@ -60,11 +60,15 @@ class StackSettings:
 
     bot_host: str = "postgres"
     bot_port: int = 5432
+    project_name: str = "botfleet"  # the compose project (and so its volume's) name, whatever the folder is called
     postgres_major: int = 17  # the official postgres image's major version, pinned
     postgres_memory: str = "512M"  # the postgres container's memory limit; tuning derives from it
     max_connections: int = 0  # 0: as many as the memory limit affords
-    bot_memory: str = "128M"  # each bot container's memory limit
-    publish: str = "127.0.0.1:5432"  # host address:port for the admin ("" = not published)
+    bot_memory: str = ""  # each bot container's memory limit; "" = its code's measured default
+    bot_cpus: str = "0.5"  # each bot container's CPU limit (cores)
+    # host address:port where the admin reaches the stack's postgres ("" = not published); not
+    # 5432, where a PostgreSQL already running on the host usually listens
+    publish: str = "127.0.0.1:15432"
     pgbouncer: bool = False  # bots connect through a PgBouncer in transaction mode
     pgbouncer_pool_size: int = 2  # server connections PgBouncer keeps per bot
     pgbouncer_image: str = "edoburu/pgbouncer:v1.24.1-p1"  # needs PgBouncer >= 1.21
@@ -108,6 +112,9 @@ class BotEntry:
     db_host: str = ""  # how this bot reaches the server; "" = its server's endpoint
     db_port: int = 0
     server: str = DEFAULT_SERVER  # DEFAULT_SERVER or a [servers.NAME]
+    publish: str = ""  # ADDRESS:PORT on the host for the bot's HTTP port 8000 ("" = not published)
+    memory: str = ""  # its container's memory limit; "" = [server] bot_memory, else its code's default
+    cpus: str = ""  # its container's CPU limit; "" = [server] bot_cpus
 
     @property
     def database(self) -> str:
@@ -137,13 +144,19 @@ class BotEntry:
         data.pop("name")
         if data["server"] == DEFAULT_SERVER:
             data.pop("server")  # a one-server fleet's file stays as it always was
+        for key in ("publish", "memory", "cpus"):
+            if not data[key]:
+                data.pop(key)  # unset: the defaults apply
         return data
 
 
 # The registry keys of a bot's settings, with add-bot's flag for each: one rule, two spellings.
 OPTION_FLAGS = {"pool_size": "--pool-size", "max_overflow": "--max-overflow", "replicas": "--replicas",
                 "statement_timeout": "--statement-timeout", "idle_in_transaction_session_timeout": "--idle-timeout",
-                "db_host": "--db-host", "db_port": "--db-port"}
+                "db_host": "--db-host", "db_port": "--db-port", "publish": "--publish", "memory": "--memory",
+                "cpus": "--cpus"}
+MEMORY_RE = re.compile(r"([1-9][0-9]{0,6})([MG])")
+CPUS_RE = re.compile(r"(0\.[0-9]{1,2}|[1-9][0-9]?(\.[0-9]{1,2})?)")
 
 
 def option_problem(key: str, value: Any) -> str | None:
@@ -163,7 +176,29 @@ def option_problem(key: str, value: Any) -> str | None:
         return "{key} must be between 1 and 65535"
     if key == "db_host" and value != "" and HOST_RE.fullmatch(value) is None:
         return f"{{key}} {value!r} is not a host name"
+    if key == "publish" and value != "" and publish_address(value) is None:
+        return f"{{key}} must be PORT or ADDRESS:PORT such as 127.0.0.1:8081 (got {value!r})"
+    if key == "memory" and value != "" and MEMORY_RE.fullmatch(value.upper()) is None:
+        return f"{{key}} must look like 256M or 1G (got {value!r})"
+    if key == "cpus" and value != "" and CPUS_RE.fullmatch(value) is None:
+        return f"{{key}} must be a number of cores such as 0.5 or 2 (got {value!r})"
     return None
+
+
+def publish_address(value: str) -> tuple[str, int] | None:
+    """``PORT`` (on the loopback) or ``ADDRESS:PORT`` (IPv6 in brackets) as (address, port); None
+    when it is neither."""
+    import ipaddress
+
+    host, sep, port = value.strip().rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        number = int(port)
+    except ValueError:
+        return None
+    return (host, number) if 1 <= number <= 65535 else None
 
 
 def check_options(values: dict[str, Any], *, flags: bool) -> None:

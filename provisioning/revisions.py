@@ -51,7 +51,7 @@ def _sync_engine(conninfo: str):
     return create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(conninfo), poolclass=NullPool)
 
 
-def drift(conn: psycopg.Connection, admin_url: str, root: Path, package: str) -> list[str]:
+def model_differences(conn: psycopg.Connection, admin_url: str, root: Path, package: str) -> list[str]:
     """What autogenerate would add to code ``package``'s migrations (empty: in sync)."""
     metadata = metadata_for(str(root), package)
     with scratch_database(conn, admin_url) as conninfo:

@@ -159,6 +159,6 @@ def place(fleet: Fleet, entry: BotEntry) -> str:
         if b.fits and (best_budget is None or b.headroom > best_budget.headroom):
             best, best_budget = name, b
     if best is None:
-        budgets.check(budgets.server_budget(fleet, DEFAULT_SERVER, entry),
+        budgets.require_fit(budgets.server_budget(fleet, DEFAULT_SERVER, entry),
                       f"adding {entry.name} to any of the fleet's servers")
     return best  # type: ignore[return-value]

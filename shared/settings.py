@@ -1,11 +1,13 @@
-"""Database settings from the environment, validated at start-up.
+"""Settings from the environment, validated at start-up: the database's, and a bot's own.
 
-Errors name the variable at fault and never print the URL (it holds the password).
+Errors name the variable at fault and never print the URL (it holds the password)
+or a setting's value.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,4 +89,33 @@ def _int(env: dict[str, str], key: str) -> int:
         raise ConfigError(f"{key} must be a whole number (got {raw!r})") from None
     if value < 0 or (key == "DB_POOL_SIZE" and value == 0):
         raise ConfigError(f"{key} must be {'at least 1' if key == 'DB_POOL_SIZE' else 'zero or more'} (got {value})")
+    return value
+
+
+def setting(name: str, env: Mapping[str, str] | None = None, default: str | None = None,
+            required: bool = False) -> str | None:
+    """A bot's own setting ``name`` (``BOT_TOKEN``): the environment variable ``name``, or the
+    content of the file that ``name_FILE`` names (a Docker secret, ``/run/secrets/BOT_TOKEN``;
+    one trailing newline dropped). Set both, and it is a ConfigError. Neither set (or empty):
+    ``default``, or a ConfigError when ``required``. An unreadable file is a ConfigError. The
+    errors name the variables and the file, never the value.
+    """
+    env = os.environ if env is None else env
+    file_var = f"{name}_FILE"
+    direct, path = env.get(name), env.get(file_var)
+    if direct and path:
+        raise ConfigError(f"both {name} and {file_var} are set; set only one")
+    value = direct
+    if path:
+        try:
+            value = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"{file_var}: cannot read {path}: {err.strerror or type(err).__name__}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file_var}: {path} is not UTF-8 text") from None
+        value = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
+    if not value:
+        if required:
+            raise ConfigError(f"{name} is not set (set {name}, or {file_var} to a file holding it)")
+        return default
     return value

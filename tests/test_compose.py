@@ -134,20 +134,27 @@ def test_rendered_files_pass_schema_and_semantic_checks(tmp_path):
         doc = compose_check.load_yaml((root / rel).read_text())
         assert compose_check.schema_errors(doc) == []
         assert compose_check.semantic_errors(doc, fleet, ["acme-support", "chat-bot", "hello-bot"], stack=stack,
-                                             publish="127.0.0.1:5432") == []
+                                             publish="127.0.0.1:15432") == []
     compose = compose_check.load_yaml((root / "compose.yaml").read_text())
+    assert compose["name"] == "botfleet"  # the project, and so the volume, whatever the folder is called
     bot = compose["services"]["acme-support"]
-    assert bot["command"] == ["python", "-m", "bots.hello_bot"]  # another instance of hello-bot's code
-    assert bot["env_file"] == ["./secrets/acme-support.env"]
+    # another instance of hello-bot's code, which starts only once its schema is at its code's head
+    assert bot["command"] == ["sh", "-c", "provision migrate --self --check --project-dir /app && exec python -m bots.hello_bot"]
+    assert compose["services"]["chat-bot"]["command"] == ["python", "-m", "bots.chat_bot"]  # no migrations in this project
+    assert "env_file" not in bot and bot["secrets"] == [{"source": "acme-support_database_url", "target": "database_url"}]
+    assert bot["environment"]["DATABASE_URL_FILE"] == "/run/secrets/database_url"
     assert bot["depends_on"]["postgres"] == {"condition": "service_healthy"}
-    assert bot["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert bot["depends_on"]["provision"] == {"condition": "service_completed_successfully"}
+    assert bot["read_only"] is True and bot["cap_drop"] == ["ALL"] and bot["security_opt"] == ["no-new-privileges:true"]
+    assert bot["deploy"]["resources"]["limits"] == {"memory": "256M", "cpus": "0.5", "pids": 128}
     assert compose["services"]["chat-bot"]["deploy"]["replicas"] == 2
-    assert compose["services"]["postgres"]["ports"] == ["127.0.0.1:5432:5432"]
-    # migrate: only the bots whose code has migrations, each with its own env file only
-    migrate = compose["services"]["migrate"]
-    assert migrate["command"][:4] == ["provision", "migrate", "acme-support", "hello-bot"]
-    assert "--bot-urls" in migrate["command"]
-    assert {s["source"] for s in migrate["secrets"]} == {"acme-support_env", "hello-bot_env"}
+    assert compose["services"]["postgres"]["ports"] == ["127.0.0.1:15432:5432"]
+    # provision: converges the server from each bot's own credentials file, as the admin through a passfile
+    provision = compose["services"]["provision"]
+    assert provision["command"] == ["provision", "apply", "--credentials-only", "--project-dir", "/app"]
+    assert {s["source"] for s in provision["secrets"]} == {"postgres_pgpass", "acme-support_env", "chat-bot_env",
+                                                           "hello-bot_env"}
+    assert "passfile=/run/secrets/postgres_pgpass" in provision["environment"]["ADMIN_DATABASE_URL"]
 
 
 def test_schema_is_strict_and_semantics_catch_what_it_cannot(tmp_path):
@@ -163,14 +170,15 @@ def test_schema_is_strict_and_semantics_catch_what_it_cannot(tmp_path):
     doc = compose_check.load_yaml((root / "compose.yaml").read_text())
     svc = doc["services"]["hello-bot"]
     del svc["healthcheck"], svc["deploy"]["resources"]
-    svc["env_file"].append("./secrets/chat-bot.env")
+    svc["env_file"] = ["./secrets/chat-bot.env"]
     svc["environment"]["DATABASE_URL"] = "postgresql://x:y@postgres/db"
     doc["services"]["chat-bot"]["secrets"] = ["postgres_password"]
     doc["services"]["postgres"]["ports"] = ["5432:5432"]
     assert compose_check.schema_errors(doc) == []  # all schema-valid...
     errors = " | ".join(compose_check.semantic_errors(doc, fleet, ["hello-bot", "chat-bot"], stack=False,
-                                                      publish="127.0.0.1:5432"))
-    for expected in ("hello-bot: no memory limit", "bot hello-bot: the healthcheck", "bot hello-bot: must read its own env file",
+                                                      publish="127.0.0.1:15432"))
+    for expected in ("hello-bot: no memory limit", "bot hello-bot: the healthcheck",
+                     "bot hello-bot: must get its own DATABASE_URL_FILE secret",
                      "hello-bot: environment DATABASE_URL would hold a secret inline", "chat-bot: only postgres may see the admin password",
                      "postgres: ports must be"):
         assert expected in errors
@@ -209,9 +217,12 @@ def test_secrets_stay_out_of_rendered_files_and_output(tmp_path):
             assert_no_leak(pw, text, where=rel)
     for pw in all_passwords():
         assert_no_leak(pw, proc.stdout, proc.stderr, where="render output")
-    for rel in ("secrets/hello-bot.url", "secrets/pgbouncer-userlist.txt", "secrets/postgres-password",
-                "secrets/postgres.pgpass"):
+    for rel in ("secrets/pgbouncer-userlist.txt", "secrets/postgres-password", "secrets/postgres.pgpass"):
         assert stat.S_IMODE((root / rel).stat().st_mode) == 0o600, rel
+    # what a bot's container reads as its non-root user through a bind mount is readable in the
+    # file's mode; the 0700 secrets/ folder keeps the host's other users out
+    assert stat.S_IMODE((root / "secrets/hello-bot.url").stat().st_mode) == 0o444
+    assert stat.S_IMODE((root / "secrets").stat().st_mode) == 0o700
     # the swarm secret behind DATABASE_URL_FILE holds exactly the bot's URL
     from shared.settings import DatabaseSettings
 
@@ -230,27 +241,27 @@ def test_render_never_overwrites_files_it_does_not_own(tmp_path):
     assert [p for p in tree(root) if not p.startswith(".botfleet")] == before  # (.botfleet/ holds the render lock)
 
 
-def test_pgbouncer_switch_and_stale_files(tmp_path):
+def test_pgbouncer_switch_needs_no_new_env_files(tmp_path):
+    """The stack's bots get URLs rendered for the stack (PgBouncer or postgres), with the password
+    of their env file whatever host that file names: switching PgBouncer on is one render."""
     root = make_project(tmp_path / "fleet")
     assert run(root, "render").returncode == 0
+    env_before = {bot: (root / "secrets" / f"{bot}.env").read_text() for bot in ("hello-bot", "chat-bot", "acme-support")}
     proc = run(root, "render", "--pgbouncer")
-    # the bots' env files still point at postgres: the command that fixes it is named
-    assert proc.returncode == 1
-    assert "hello-bot's env file points at postgres:5432/hello_bot_db, not pgbouncer:6432/hello_bot_db" in proc.stderr
-    assert "provision add-bot acme-support && provision add-bot chat-bot && provision add-bot hello-bot" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
     server = tomllib.loads((root / "fleet.toml").read_text())["server"]
     assert server["pgbouncer"] is True and (server["bot_host"], server["bot_port"]) == ("pgbouncer", 6432)
-    for bot in ("hello-bot", "chat-bot", "acme-support"):  # what add-bot does to each env file
-        write_env(root, bot, "pgbouncer", 6432)
-    proc = run(root, "render")
-    assert proc.returncode == 0, proc.stderr
+    assert {bot: (root / "secrets" / f"{bot}.env").read_text() for bot in env_before} == env_before
+    url = (root / "secrets/hello-bot.url").read_text()
+    assert url == f"postgresql+asyncpg://hello_bot_user:{FAKE['hello-bot']}@pgbouncer:6432/hello_bot_db\n"
     ini = (root / "deploy/pgbouncer.ini").read_text()
     assert "chat_bot_db = host=postgres port=5432 dbname=chat_bot_db pool_size=2 max_db_connections=2" in ini
     assert "pool_mode = transaction" in ini and "max_prepared_statements = 200" in ini
     compose = compose_check.load_yaml((root / "compose.yaml").read_text())
     assert compose["services"]["hello-bot"]["networks"] == ["fleet"]  # cannot reach postgres around PgBouncer
     assert "postgres" not in [s for s, v in compose["services"].items() if "fleet" in v["networks"]]
-    assert "--admin-url" in compose["services"]["migrate"]["command"]  # migrations bypass the pooler
+    # migrations bypass the pooler: the provision service migrates, on postgres's own network
+    assert compose["services"]["provision"]["networks"] == ["db"]
 
     for bot in ("hello-bot", "chat-bot", "acme-support"):
         write_env(root, bot, "postgres", 5432)
@@ -353,3 +364,33 @@ def test_add_bot_without_a_stack_has_no_budget(fleet):
     name = fleet.name("nostack")
     fleet.add(name, "--pool-size", "200", "--max-overflow", "100")
     assert not (fleet.root / "compose.yaml").exists()
+
+
+def test_render_refuses_a_bot_that_lacks_a_required_setting_and_settings_reach_bots_as_files(tmp_path):
+    root = make_project(tmp_path / "fleet")
+    (root / "bots" / "hello_bot" / "__init__.py").write_text('REQUIRED_SETTINGS = ("BOT_TOKEN",)\n')
+    before = [p for p in tree(root) if not p.startswith(".botfleet")]
+    proc = run(root, "render")
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "acme-support needs BOT_TOKEN (provision config set acme-support BOT_TOKEN=...)" in errors[0]
+    assert "hello-bot needs BOT_TOKEN" in errors[0] and "--allow-missing-config" in errors[0]
+    assert [p for p in tree(root) if not p.startswith(".botfleet")] == before, "a refused render writes nothing"
+    assert run(root, "render", "--allow-missing-config").returncode == 0
+
+    token = "123456:FakeTokenForTheGoldenProject"
+    for bot in ("hello-bot", "acme-support"):
+        with open(root / "secrets" / f"{bot}.env", "a") as fh:
+            fh.write(f"BOT_TOKEN={token}\n")
+    proc = run(root, "render")
+    assert proc.returncode == 0, proc.stderr
+    compose = compose_check.load_yaml((root / "compose.yaml").read_text())
+    svc = compose["services"]["hello-bot"]
+    assert {"source": "hello-bot_bot_token", "target": "BOT_TOKEN"} in svc["secrets"]
+    assert svc["environment"]["BOT_TOKEN_FILE"] == "/run/secrets/BOT_TOKEN"
+    assert (root / "secrets" / "hello-bot.settings" / "BOT_TOKEN").read_text() == token + "\n"
+    for rel in ("compose.yaml", "compose.stack.yaml"):
+        assert_no_leak(token, (root / rel).read_text(), where=rel)
+    assert_no_leak(token, proc.stdout, proc.stderr, where="render output")
+    chat = compose["services"]["chat-bot"]
+    assert [s["source"] for s in chat["secrets"]] == ["chat-bot_database_url"], "each bot gets its own settings only"

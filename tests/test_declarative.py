@@ -202,6 +202,7 @@ def test_an_invalid_name_and_a_foreign_role_are_refused(fleet, admin):
 def test_the_rendered_stack_follows_fleet_toml_and_the_budget_is_enforced(code_fleet, admin):
     name = code_fleet.name("stack")
     code_fleet.add(name, "--code", "hello-bot", "--no-migrate")
+    assert code_fleet.run("config", "set", name, "BOT_TOKEN=123:fake").returncode == 0  # its code requires it
     assert code_fleet.run("render").returncode == 0
     assert plan(code_fleet)["steps"] == [{"action": "migrate", "subject": name, "server": "default",
                                           "details": ["base -> def31b97a6a7 (code hello_bot)"]}]

@@ -402,7 +402,15 @@ def test_main_needs_a_token_and_uvicorn_and_never_prints_the_url(backend):
     assert bad_url.returncode == 2 and "DATABASE_URL" in bad_url.stderr
     assert len(bad_url.stderr.strip().splitlines()) == 1
     assert_no_leak("pw-s3cret", bad_url.stdout, bad_url.stderr)
-    for proc in (no_token, bad_url):
+    token_file = subprocess.run(cmd, capture_output=True, text=True, timeout=60,  # the token as a Docker secret
+                                env={**env, "FEISHU_VERIFICATION_TOKEN_FILE": "/nonexistent/token",
+                                     "DATABASE_URL": "mysql://u:pw-s3cret@h/db"})
+    assert token_file.returncode == 2 and "FEISHU_VERIFICATION_TOKEN_FILE: cannot read" in token_file.stderr
+    assert len(token_file.stderr.strip().splitlines()) == 1
+    both = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                          env={**env, "FEISHU_VERIFICATION_TOKEN": TOKEN, "FEISHU_VERIFICATION_TOKEN_FILE": "/x"})
+    assert both.returncode == 2 and "both FEISHU_VERIFICATION_TOKEN and" in both.stderr
+    for proc in (no_token, bad_url, token_file, both):
         assert_no_leak(TOKEN, proc.stdout, proc.stderr)
         if backend.kind == "postgresql":
             password = backend.env["DATABASE_URL"].split(":")[2].split("@")[0]

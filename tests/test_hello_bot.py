@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
+import subprocess
+import sys
 
 import pytest
 from aiogram import Bot
@@ -16,7 +19,7 @@ from bots.hello_bot.handlers import build_dispatcher
 from bots.hello_bot.models import HelloBase, User
 from shared import Database
 
-from .conftest import provisioned_bot_env
+from .conftest import REPO, assert_no_leak, provisioned_bot_env
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -98,3 +101,21 @@ def test_display_name_fallbacks():
     assert User(telegram_id=5, first_name="John", last_name="Doe").display_name == "John Doe"
     assert User(telegram_id=5, username="jd", first_name="John").display_name == "jd"
     assert User(telegram_id=5).display_name == "User5"
+
+
+def test_main_reads_its_token_through_the_shared_setting_and_never_prints_it(tmp_path):
+    token = "123456:MAIN-TOKEN-NOT-REAL"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BOT_TOKEN", "DATABASE_URL"))}
+    cmd = [sys.executable, "-m", "bots.hello_bot"]
+    secret = tmp_path / "BOT_TOKEN"
+    secret.write_text(token + "\n")
+    runs = {
+        "BOT_TOKEN is not set": {},
+        "both BOT_TOKEN and BOT_TOKEN_FILE are set": {"BOT_TOKEN": token, "BOT_TOKEN_FILE": str(secret)},
+        "BOT_TOKEN_FILE: cannot read": {"BOT_TOKEN_FILE": str(tmp_path / "missing")},
+    }
+    for words, extra in runs.items():
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, **extra}, timeout=60, cwd=REPO)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert_no_leak(token, proc.stdout, proc.stderr)

@@ -15,7 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Mapped, configure_mappers, mapped_column
 from sqlalchemy.pool import StaticPool
 
-from shared import NAMING_CONVENTION, Base, ConfigError, Database, DatabaseSettings, TimestampMixin
+from shared import NAMING_CONVENTION, Base, ConfigError, Database, DatabaseSettings, TimestampMixin, setting
 
 from .conftest import assert_no_leak
 
@@ -103,6 +103,57 @@ def test_bad_configuration_names_the_variable_and_hides_the_password(env, names)
         DatabaseSettings.from_env(env=env)
     assert names in str(err.value)
     assert_no_leak(SECRET, str(err.value))
+
+
+# -- a bot's own settings: NAME or NAME_FILE ------------------------------------
+def test_setting_from_the_environment_or_a_file(tmp_path):
+    assert setting("BOT_TOKEN", env={"BOT_TOKEN": SECRET}) == SECRET
+    secret = tmp_path / "BOT_TOKEN"
+    secret.write_text(f"{SECRET}\n")  # a Docker secret: one trailing newline is dropped
+    assert setting("BOT_TOKEN", env={"BOT_TOKEN_FILE": str(secret)}) == SECRET
+    secret.write_text(f" {SECRET} \n\n")  # only one newline, and nothing else
+    assert setting("BOT_TOKEN", env={"BOT_TOKEN_FILE": str(secret)}) == f" {SECRET} \n"
+    secret.write_text(SECRET)
+    assert setting("BOT_TOKEN", env={"BOT_TOKEN_FILE": str(secret)}) == SECRET
+    # an empty variable is an unset one (a compose file's `BOT_TOKEN=` is no token)
+    assert setting("BOT_TOKEN", env={"BOT_TOKEN": "", "BOT_TOKEN_FILE": str(secret)}) == SECRET
+
+
+def test_setting_missing_gives_the_default_or_a_named_error(monkeypatch):
+    assert setting("BOT_TOKEN", env={}) is None
+    assert setting("BOT_TOKEN", env={"BOT_TOKEN": ""}, default="d") == "d"
+    assert setting("OTHER", env={"BOT_TOKEN": SECRET}, default="d") == "d"
+    with pytest.raises(ConfigError, match="BOT_TOKEN is not set") as err:
+        setting("BOT_TOKEN", env={}, required=True)
+    assert "BOT_TOKEN_FILE" in str(err.value)
+    monkeypatch.setenv("BOTFLEET_TEST_SETTING", SECRET)
+    assert setting("BOTFLEET_TEST_SETTING") == SECRET  # os.environ by default
+
+
+def test_setting_refuses_both_and_an_unreadable_file_without_showing_the_value(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text(SECRET)
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    not_utf8 = tmp_path / "latin1"
+    not_utf8.write_bytes(b"\xff" + SECRET.encode())
+    cases = [
+        ({"BOT_TOKEN": SECRET, "BOT_TOKEN_FILE": str(secret)}, "both BOT_TOKEN and BOT_TOKEN_FILE are set"),
+        ({"BOT_TOKEN_FILE": str(tmp_path / "missing")}, "BOT_TOKEN_FILE: cannot read"),
+        ({"BOT_TOKEN_FILE": str(tmp_path)}, "BOT_TOKEN_FILE: cannot read"),  # a folder
+        ({"BOT_TOKEN_FILE": str(not_utf8)}, "is not UTF-8 text"),
+        ({"BOT_TOKEN_FILE": str(empty)}, "BOT_TOKEN is not set"),  # required: an empty file is no value
+    ]
+    if os.geteuid() != 0:  # root reads any file
+        unreadable = tmp_path / "unreadable"
+        unreadable.write_text(SECRET)
+        unreadable.chmod(0)
+        cases.append(({"BOT_TOKEN_FILE": str(unreadable)}, "Permission denied"))
+    for env, words in cases:
+        with pytest.raises(ConfigError, match=words) as err:
+            setting("BOT_TOKEN", env=env, required=True)
+        assert len(str(err.value).splitlines()) == 1
+        assert_no_leak(SECRET, str(err.value))
 
 
 def test_missing_driver_is_a_clear_start_up_error(tmp_path):

@@ -4,3 +4,5 @@
     from bots.chat_bot.repository import ConversationRepository, FileRepository
     from bots.chat_bot.api import create_app          # needs fastapi
 """
+
+REQUIRED_SETTINGS: tuple[str, ...] = ()  # chat-bot needs no setting of its own (HOST/PORT are optional)

@@ -1,20 +1,17 @@
 """Serve feishu-bot's webhook: ``FEISHU_VERIFICATION_TOKEN=... python -m bots.feishu_bot``
-(DATABASE_URL / DATABASE_URL_FILE / DB_POOL_*, HOST, PORT)."""
+(or ``FEISHU_VERIFICATION_TOKEN_FILE``; DATABASE_URL / DATABASE_URL_FILE / DB_POOL_*, HOST, PORT)."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from shared import ConfigError, Database
+from shared import ConfigError, Database, setting
 
 
 def main() -> int:
-    token = os.environ.get("FEISHU_VERIFICATION_TOKEN")
-    if not token:
-        print("error: FEISHU_VERIFICATION_TOKEN is not set", file=sys.stderr)
-        return 2
     try:
+        token = setting("FEISHU_VERIFICATION_TOKEN", required=True)
         db = Database.from_env("feishu-bot")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

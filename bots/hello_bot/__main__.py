@@ -1,19 +1,16 @@
-"""Run hello-bot with long polling: ``BOT_TOKEN=... python -m bots.hello_bot``."""
+"""Run hello-bot with long polling: ``BOT_TOKEN=... python -m bots.hello_bot``
+(or ``BOT_TOKEN_FILE=/run/secrets/BOT_TOKEN``)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 
-from shared import ConfigError, Database
+from shared import ConfigError, Database, setting
 
 
 async def main() -> int:
-    token = os.environ.get("BOT_TOKEN")
-    if not token:
-        print("error: BOT_TOKEN is not set", file=sys.stderr)
-        return 2
+    token = setting("BOT_TOKEN", required=True)  # a ConfigError (exit 2) names it, never its value
     from aiogram import Bot
 
     from .handlers import build_dispatcher

@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from . import bots, fleet, migrations, ops, stack  # noqa: F401 - each registers its commands on `app`
+from . import bots, config, fleet, migrations, ops, stack  # noqa: F401 - each registers its commands on `app`
 from .common import app
 
 __all__ = ["app", "main", "run"]

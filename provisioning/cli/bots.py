@@ -30,6 +30,13 @@ def add_bot(
     server: Annotated[Optional[str], typer.Option("--server", help="Place a new bot on this server: 'default' or a "
                                                   "[servers.NAME] of fleet.toml.",
                                                   show_default="the one with the most headroom")] = None,
+    publish: Annotated[Optional[str], typer.Option("--publish", help="Publish the bot's HTTP port 8000 in the compose "
+                                                   "stack on PORT or ADDRESS:PORT of the host, for a reverse proxy "
+                                                   "('' = not published).", show_default="not published")] = None,
+    memory: Annotated[Optional[str], typer.Option("--memory", help="Memory limit of the bot's container (256M, 1G).",
+                                                  show_default="its code's measured default")] = None,
+    cpus: Annotated[Optional[str], typer.Option("--cpus", help="CPU limit of the bot's container (cores).",
+                                                show_default="[server] bot_cpus, 0.5")] = None,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -40,14 +47,14 @@ def add_bot(
     In a fleet with several servers a new bot goes to --server, or to the one with
     the most connection headroom; an existing bot stays where it is.
 
-    Example: provision add-bot hello-bot --pool-size 2 --max-overflow 3
+    Example: provision add-bot chat-bot --pool-size 2 --max-overflow 3 --publish 127.0.0.1:8081
     """
     from .. import commands
 
     opts = commands.BotOptions(
         pool_size=pool_size, max_overflow=max_overflow, replicas=replicas, statement_timeout=statement_timeout,
         idle_timeout=idle_timeout, code=code, db_host=db_host, db_port=db_port, rotate_password=rotate_password,
-        server=server,
+        server=server, publish=publish, memory=memory, cpus=cpus,
     )
     proj = project_of(project)
     result = commands.add_bot(proj, servers_of(proj, admin_url), name, opts, migrate=not no_migrate, progress=say)

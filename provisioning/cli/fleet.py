@@ -20,6 +20,8 @@ NoMigrateOpt = Annotated[bool, typer.Option("--no-migrate", help="Leave migratio
 def _print_plan(fleet_plan) -> None:
     from ..declarative import SYMBOL
 
+    for note in fleet_plan.notes:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
     if not fleet_plan.steps:
         typer.secho("nothing to do: the server and the files match fleet.toml", fg=typer.colors.GREEN)
         if fleet_plan.others:
@@ -82,6 +84,9 @@ def apply_cmd(
     no_migrate: NoMigrateOpt = False,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Bots migrated at once.",
                                                 show_default="CPUs x2, at most 8")] = None,
+    credentials_only: Annotated[bool, typer.Option(
+        "--credentials-only", help="The compose stack's provisioning service: converge only the default server's "
+        "bots, each with the password in its credentials file; write no file, prune nothing.")] = False,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -115,8 +120,8 @@ def apply_cmd(
     proj = project_of(project)
     with MigrationBar(quiet=as_json) as on_migrated:
         applied = commands.apply(proj, servers_of(proj, admin_url), prune=prune, ignore=tuple(ignore_stray or ()),
-                                 migrations=not no_migrate, jobs=jobs, confirm_removals=confirm,
-                                 on_migrated=on_migrated, progress=say)
+                                 migrations=not no_migrate, jobs=jobs, credentials_only=credentials_only,
+                                 confirm_removals=confirm, on_migrated=on_migrated, progress=say)
     if as_json:
         print_json(applied.as_dict())
     else:

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from .common import (
-    AdminUrlOpt, BotsArg, JsonOpt, MigrationBar, ProjectOpt, app, command, confirm_or_refuse, print_json, print_table,
-    project_of, rev, say, servers_of,
+    AdminUrlOpt, BotsArg, JsonOpt, MigrationBar, ProjectOpt, app, command, confirm_or_refuse, fail, print_json,
+    print_table, project_of, rev, say, servers_of,
 )
 
 LockWaitOpt = Annotated[
@@ -41,6 +41,11 @@ def migrate_cmd(
                                            "file (inside the compose network) instead of via its server's admin address; "
                                            "with --admin-url, the default server's bots still go there (behind PgBouncer).")] = False,
     lock_wait: LockWaitOpt = 60.0,
+    self_: Annotated[bool, typer.Option("--self", help="Inside a bot's container: migrate that bot alone, as its role, "
+                                        "with its own DATABASE_URL (or DATABASE_URL_FILE) and BOTFLEET_BOT/BOTFLEET_CODE; "
+                                        "no fleet.toml, no admin.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="With --self: migrate nothing, exit 1 unless the bot's "
+                                        "database is at the target (how the stack's bots wait for their schema).")] = False,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -54,6 +59,9 @@ def migrate_cmd(
     """
     from .. import commands
 
+    if self_:
+        _migrate_self(project, to, lock_wait, as_json, check)
+        return
     proj = project_of(project)
     servers = servers_of(proj, admin_url)
     if sql_only:
@@ -78,6 +86,32 @@ def migrate_cmd(
         _outcome_table(results)
     if any(not o.ok for o in results):
         raise typer.Exit(1)
+
+
+def _migrate_self(project, to: str, lock_wait: float, as_json: bool, check: bool) -> None:
+    import os
+    from pathlib import Path
+
+    from .. import commands
+    from ..errors import InvalidInput
+
+    bot, code = os.environ.get("BOTFLEET_BOT", ""), os.environ.get("BOTFLEET_CODE", "")
+    url, url_file = os.environ.get("DATABASE_URL"), os.environ.get("DATABASE_URL_FILE")
+    if not bot or not code or bool(url) == bool(url_file):
+        raise InvalidInput("migrate --self needs BOTFLEET_BOT, BOTFLEET_CODE and one of DATABASE_URL or DATABASE_URL_FILE")
+    if url_file:
+        url = Path(url_file).read_text(encoding="utf-8").strip()
+    root = (project or Path.cwd()).resolve()
+    outcome = commands.migrate_self(root, bot, code, url or "", to=to, check=check, lock_wait=lock_wait)
+    if outcome is None:
+        say(f"{bot}: code {code} has no migrations")
+        return
+    if as_json:
+        print_json(outcome.as_dict())
+    else:
+        say(f"{bot}: {outcome.status}: {rev(outcome.from_rev)} -> {rev(outcome.to_rev)}")
+    if not outcome.ok:
+        raise typer.Exit(1) if as_json else fail(outcome.error or f"{bot}: migration failed", 1)
 
 
 @app.command("current")

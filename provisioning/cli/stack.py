@@ -107,6 +107,8 @@ def render_cmd(
     pgbouncer: PgbouncerOpt = None,
     pgbouncer_pool_size: PoolOpt = None,
     bot_image: ImageOpt = None,
+    allow_missing_config: Annotated[bool, typer.Option("--allow-missing-config", help="Render even when a bot lacks a "
+                                                       "setting its code requires (it would crash-loop on start).")] = False,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
 ) -> None:
@@ -118,7 +120,8 @@ def render_cmd(
     """
     from .. import commands
 
-    result = commands.render(project_of(project), progress=say, postgres_memory=postgres_memory,
+    result = commands.render(project_of(project), allow_missing_config=allow_missing_config, progress=say,
+                             postgres_memory=postgres_memory,
                              max_connections=max_connections, bot_memory=bot_memory, postgres_major=postgres_major,
                              publish=publish, pgbouncer=pgbouncer, pgbouncer_pool_size=pgbouncer_pool_size,
                              bot_image=bot_image)
