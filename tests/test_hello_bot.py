@@ -119,3 +119,26 @@ def test_main_reads_its_token_through_the_shared_setting_and_never_prints_it(tmp
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
         assert_no_leak(token, proc.stdout, proc.stderr)
+
+
+def test_telegram_out_of_reach_at_start_is_waited_out_not_a_crash_loop(tmp_path):
+    """The bot's container must stay up (and healthy: its database answers) while Telegram is out
+    of reach: the real entry point against a Bot API address where nothing listens."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections to it are refused
+    env = {**os.environ, "BOT_TOKEN": "123456789:AAFakeTokenForTheOutageTest", "PYTHONPATH": str(REPO),
+           "TELEGRAM_API_URL": f"http://127.0.0.1:{port}", "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'h.db'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "bots.hello_bot"], env=env, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL, cwd=REPO)
+    try:
+        time.sleep(5)
+        assert proc.poll() is None, "the bot exited while Telegram was out of reach"
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+    assert err.count("Telegram is out of reach") >= 2, err
+    assert_no_leak("AAFakeTokenForTheOutageTest", err, where="the bot's log")
