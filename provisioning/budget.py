@@ -178,14 +178,17 @@ class BotShare:
     replicas: int
     share: int  # server connections this bot may hold (its role limit, or its PgBouncer cap + 1)
     client_connections: int  # what the bot's pools may open (to PgBouncer, when it is on)
+    memory_mb: int = 0  # its containers' memory limits, all replicas (the stack's bots)
 
 
-def bot_share(entry: BotEntry, server: StackSettings) -> BotShare:
+def bot_share(entry: BotEntry, server: StackSettings, fleet: Fleet | None = None) -> BotShare:
     clients = entry.pool_max * entry.replicas
     share = entry.connection_limit
     if server.pgbouncer:
         share = min(clients, server.pgbouncer_pool_size) + MIGRATION_MARGIN
-    return BotShare(entry.name, f"{entry.pool_size}+{entry.max_overflow}", entry.pool_max, entry.replicas, share, clients)
+    memory = memory_mb(bot_memory(fleet, entry), "memory") * entry.replicas if fleet is not None else 0
+    return BotShare(entry.name, f"{entry.pool_size}+{entry.max_overflow}", entry.pool_max, entry.replicas, share,
+                    clients, memory)
 
 
 @dataclass
@@ -201,6 +204,12 @@ class Budget:
     @property
     def total(self) -> int:
         return sum(b.share for b in self.bots)
+
+    @property
+    def bots_memory_mb(self) -> int:
+        """What the bots' containers may use together (their memory limits): the host needs it
+        beside postgres's."""
+        return sum(b.memory_mb for b in self.bots)
 
     @property
     def headroom(self) -> int:
@@ -223,7 +232,8 @@ class Budget:
             "provisioner_margin": PROVISIONER_MARGIN, "reserve": self.reserve, "pgbouncer": self.pgbouncer,
             "bots": [asdict(b) for b in self.bots], "total": self.total, "headroom": self.headroom,
             "memory": {"limit_mb": t.memory_mb, "shared_buffers_mb": t.shared_buffers_mb, "fixed_mb": t.fixed_mb,
-                       "per_connection_mb": t.per_connection_mb, "estimate_mb": t.memory_estimate_mb},
+                       "per_connection_mb": t.per_connection_mb, "estimate_mb": t.memory_estimate_mb,
+                       "bots_mb": self.bots_memory_mb},
             "fits": self.fits,
         }
 
@@ -248,7 +258,7 @@ def server_budget(fleet: Fleet, server: str, extra: BotEntry | None = None) -> B
             bots[extra.name] = extra
     if server == DEFAULT_SERVER:
         return Budget(tune(fleet.stack), fleet.stack.pgbouncer,
-                      [bot_share(bots[name], fleet.stack) for name in sorted(bots)])
+                      [bot_share(bots[name], fleet.stack, fleet) for name in sorted(bots)])
     spec = fleet.servers[server]  # its numbers were range-checked when fleet.toml was loaded
     tuning = Tuning(memory_mb=0, shared_buffers_mb=0, effective_cache_size_mb=0, maintenance_work_mem_mb=0,
                     autovacuum_work_mem_mb=0, work_mem_mb=0, max_connections=spec.max_connections,

@@ -756,7 +756,23 @@ def render(project: Project, *, allow_missing_config: bool = False, progress: Pr
         with project.editing() as fleet:
             fleet.stack = new
         progress(f"saved the stack settings in {project.registry.path}")
-    return compose.render(project, allow_missing_config=allow_missing_config)
+    result = compose.render(project, allow_missing_config=allow_missing_config)
+    published = budgets.parse_publish(project.fleet.stack.publish)
+    if published and _answers(*published):
+        progress(f"note: {published[0]}:{published[1]} already answers: unless that is this stack's postgres, "
+                 "docker compose up will fail to publish it (provision render --publish ADDRESS:PORT, or '' for none)")
+    return result
+
+
+def _answers(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on host:port (a port another server holds)."""
+    import socket
+
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=0.3):
+            return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- the embedded server

@@ -214,6 +214,10 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
     secret_defs.insert(1, {"key": "postgres_pgpass", "file": f"./{ADMIN_PGPASS}",
                            "name": f"botfleet_postgres_pgpass_{_sha(admin_password)}"})
     provision = {
+        # compose recreates (so runs again) a one-shot whose definition changed, else it keeps the
+        # exited container: this label changes with fleet.toml and every credentials file it reads.
+        "fleet_sha256": _sha(registry_text + "".join(s["key"] + _sha(s["target"]) for s in provision_secrets)
+                             + "".join(d["name"] for d in secret_defs), 64),
         # Converges the server, then migrates each bot as its own role, straight to postgres (never
         # through PgBouncer: a migration holds a session lock). A bot whose migration failed is kept
         # down by its own container's schema check, not the whole fleet.
@@ -323,8 +327,8 @@ def write(root: Path, result_plan: StackFiles) -> RenderResult:
             path = root / f.path
             if f.path not in to_write:
                 result.unchanged.append(f.path)
-                if f.secret and path.stat().st_mode & 0o077:
-                    path.chmod(0o600)
+                if f.secret and (path.stat().st_mode & 0o777) != f.mode:
+                    path.chmod(f.mode)  # back to what render writes (0600, or 0444 for a bot's own)
                 continue
             owner = path.stat() if path.exists() else None
             atomic_write(path, f.content, mode=f.mode)

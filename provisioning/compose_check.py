@@ -179,8 +179,10 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
                         "and no other credentials")
         if not svc.get("read_only") or "ALL" not in (svc.get("cap_drop") or []):
             errs.append(f"bot {bot}: must run with a read-only root and no capabilities")
-        if not _get(svc, "deploy", "resources", "limits", "cpus") or not _get(svc, "deploy", "resources", "limits", "pids"):
-            errs.append(f"bot {bot}: needs a CPU and a pids limit")
+        if not _get(svc, "deploy", "resources", "limits", "cpus"):
+            errs.append(f"bot {bot}: needs a CPU limit")
+        if not stack and not _get(svc, "deploy", "resources", "limits", "pids"):
+            errs.append(f"bot {bot}: needs a pids limit")  # (swarm's stack files cannot say one)
         if not stack:
             deps = svc.get("depends_on") or {}
             entry = fleet.bots.get(bot)

@@ -394,3 +394,40 @@ def test_render_refuses_a_bot_that_lacks_a_required_setting_and_settings_reach_b
     assert_no_leak(token, proc.stdout, proc.stderr, where="render output")
     chat = compose["services"]["chat-bot"]
     assert [s["source"] for s in chat["secrets"]] == ["chat-bot_database_url"], "each bot gets its own settings only"
+
+
+def test_render_says_when_the_published_port_is_already_taken(tmp_path):
+    import socket
+
+    root = make_project(tmp_path / "fleet")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run(root, "render", "--publish", f"127.0.0.1:{port}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: 127.0.0.1:{port} already answers" in proc.stderr
+    proc = run(root, "render", "--publish", "")
+    assert proc.returncode == 0 and "already answers" not in proc.stderr
+    assert "ports" not in compose_check.load_yaml((root / "compose.yaml").read_text())["services"]["postgres"]
+
+
+def test_a_second_render_keeps_the_modes_it_wrote(tmp_path):
+    root = make_project(tmp_path / "fleet")
+    assert run(root, "render").returncode == 0
+    (root / "secrets" / "postgres.pgpass").chmod(0o644)  # someone loosened it
+    assert run(root, "render").returncode == 0  # nothing to rewrite: every file unchanged
+    assert stat.S_IMODE((root / "secrets" / "hello-bot.url").stat().st_mode) == 0o444  # a bot's own, read as uid 10001
+    assert stat.S_IMODE((root / "secrets" / "postgres.pgpass").stat().st_mode) == 0o600
+
+
+def test_the_budget_counts_the_bots_memory_per_code_and_override(tmp_path):
+    root = make_project(tmp_path / "fleet")
+    budget = json.loads(run(root, "budget", "--json").stdout)
+    # hello-bot and acme-support run hello_bot's code (256M), chat-bot chat_bot's (192M) in 2 replicas;
+    # no-code-yet has no code, its code's name is unknown to the table: the default 256M
+    assert budget["memory"]["bots_mb"] == 256 + 256 + 2 * 192 + 256
+    text = (root / "fleet.toml").read_text().replace('[bots.chat-bot]\n', '[bots.chat-bot]\nmemory = "512M"\n')
+    (root / "fleet.toml").write_text(text)
+    assert json.loads(run(root, "budget", "--json").stdout)["memory"]["bots_mb"] == 256 + 256 + 2 * 512 + 256
+    assert "bot memory" in run(root, "budget").stdout

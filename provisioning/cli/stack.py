@@ -51,10 +51,12 @@ def _print_budget(b) -> None:
         rows.append(("memory", f"{t.memory_estimate_mb}MB of {t.memory_mb}MB: shared_buffers {t.shared_buffers_mb}MB + "
                                f"other fixed {t.fixed_mb - t.shared_buffers_mb}MB + {t.max_connections} connections x "
                                f"{t.per_connection_mb}MB (work_mem {t.work_mem_mb}MB + backend)"))
+        rows.append(("bot memory", f"{b.bots_memory_mb}MB of container memory limits besides postgres's "
+                             f"(host total {b.bots_memory_mb + t.memory_mb}MB)"))
     else:
         rows.append(("memory", "not botfleet's to budget (a server it does not run)"))
     for label, value in rows:
-        typer.echo(f"{label:<10}{value}")
+        typer.echo(f"{label:<11}{value}")
     typer.secho("fits" if b.fits else "does NOT fit", fg=typer.colors.GREEN if b.fits else typer.colors.RED, bold=True)
 
 
@@ -138,5 +140,6 @@ def render_cmd(
         typer.echo(f"  not in the stack: {note}")
     b = result.budget
     typer.secho(f"stack: {len(result.bots)} bot(s); connections {b['reserve'] + b['total']} of {b['max_connections']} "
-                f"(headroom {b['headroom']}); memory {b['memory']['estimate_mb']}MB of {b['memory']['limit_mb']}MB",
+                f"(headroom {b['headroom']}); memory {b['memory']['estimate_mb']}MB of {b['memory']['limit_mb']}MB, "
+                f"bots {b['memory']['bots_mb']}MB",
                 fg=typer.colors.GREEN, bold=True)

@@ -1,0 +1,309 @@
+"""The production path, end to end, on a real Docker engine with Compose v2.
+
+As an operator would: a fleet of the three example bots developed against the embedded
+server (`provision add-bot`, `provision config set`), `provision render`, then
+`docker compose up -d --wait` from an empty volume. The project's own rendered files and
+Dockerfile are used unchanged; the one override file (OVERRIDE below) only gives image
+builds the host's network, which pip needs in this sandbox.
+
+Needs the engine of e2e/engine.sh (`bash e2e/engine.sh up`); a missing engine is a
+failure, not a skip. Loopback only; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROVISION = str(Path(os.sys.executable).with_name("provision"))
+RUN = secrets.token_hex(3)
+BOTS = {"chat-bot": "chat-bot", "feishu-bot": "feishu-bot", "hello-bot": "hello-bot"}
+FEISHU_TOKEN = "e2e-verification-" + secrets.token_hex(8)
+BOT_TOKEN = "123456789:AAE2eFakeTokenForTheStack" + secrets.token_hex(4)
+# The budget's assumption: a bot's resident memory after start-up stays below this share of its limit.
+MEMORY_HEADROOM = 0.75
+# Each override, and why (the rest is the project's own compose.yaml, unchanged):
+# - build.network host: pip inside a build reaches PyPI only through the host's network here.
+OVERRIDE_WHY = "build.network: host (pip in the image build needs the host's network in this sandbox)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_env() -> dict[str, str]:
+    out = subprocess.run(["bash", str(REPO / "e2e" / "engine.sh"), "env"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    env = dict(os.environ)
+    for part in out.stdout.replace("\n", ";").split(";"):
+        part = part.strip().removeprefix("export ").strip()
+        if "=" in part:
+            key, value = part.split("=", 1)
+            env[key] = value
+    env.update(DOCKER_BUILDKIT="0", COMPOSE_DOCKER_CLI_BUILD="0", NO_COLOR="1", COLUMNS="200")
+    env.pop("ADMIN_DATABASE_URL", None)
+    env.pop("BOTFLEET_TEST_ADMIN_URL", None)
+    return env
+
+
+class Stack:
+    """A fleet folder (a copy of the botfleet checkout, as an operator clones it) and its stack."""
+
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root = root
+        self.env = {**env, "BOTFLEET_HOME": str(root)}
+        self.ports: dict[str, int] = {}
+
+    def provision(self, *args: str, admin: bool = False, check: bool = True) -> subprocess.CompletedProcess:
+        env = dict(self.env)
+        if admin:  # the stack's own postgres, through its published port and the rendered passfile
+            env["ADMIN_DATABASE_URL"] = (f"postgresql://postgres@127.0.0.1:{self.ports['postgres']}/postgres"
+                                         f"?passfile={self.root / 'secrets' / 'postgres.pgpass'}")
+        proc = subprocess.run([PROVISION, *args], capture_output=True, text=True, env=env, cwd=self.root,
+                              timeout=300, stdin=subprocess.DEVNULL)
+        if check:
+            assert proc.returncode == 0, f"provision {' '.join(args)}: {proc.stderr}"
+        return proc
+
+    def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = ["docker", "compose", "-f", "compose.yaml", "-f", "e2e.override.yaml", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=self.root, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        if check:
+            assert proc.returncode == 0, f"docker compose {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    def docker(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["docker", *args], capture_output=True, text=True, env=self.env, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        if check:
+            assert proc.returncode == 0, f"docker {' '.join(args)}: {proc.stderr[-2000:]}"
+        return proc
+
+    def write_override(self) -> None:
+        from provisioning.compose_check import load_yaml
+
+        compose = load_yaml((self.root / "compose.yaml").read_text())
+        services = [name for name, svc in compose["services"].items() if "build" in svc]
+        assert services, "the rendered compose.yaml builds no image"
+        text = f"# e2e only: {OVERRIDE_WHY}\nservices:\n" + "".join(
+            f"  {s}:\n    build:\n      network: host\n" for s in services)
+        (self.root / "e2e.override.yaml").write_text(text)
+
+    def containers(self) -> dict[str, dict]:
+        out = self.compose("ps", "--all", "--format", "json").stdout
+        rows = [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")]
+        if len(rows) == 0 and out.strip().startswith("["):
+            rows = json.loads(out)
+        return {r["Service"]: r for r in rows}
+
+    def admin(self, dbname: str = "postgres") -> psycopg.Connection:
+        password = (self.root / "secrets" / "postgres-password").read_text().strip()
+        return psycopg.connect(host="127.0.0.1", port=self.ports["postgres"], user="postgres", password=password,
+                               dbname=dbname, autocommit=True, connect_timeout=10)
+
+    def http(self, bot: str, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.ports[bot]}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=15) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode(errors="replace")
+
+    def up(self) -> None:
+        self.compose("up", "-d", "--wait", "--wait-timeout", "300", timeout=900)
+
+    def logs(self) -> str:
+        return self.compose("logs", "--no-color", "--tail", "60", check=False).stdout
+
+
+@pytest.fixture(scope="module")
+def stack(request):
+    env = engine_env()
+    version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, env=env, timeout=30)
+    assert version.returncode == 0 and "v2." in version.stdout, (
+        f"Compose v2 on the e2e engine is required (bash e2e/engine.sh up): {version.stdout}{version.stderr}")
+    ping = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, env=env,
+                          timeout=30)
+    assert ping.returncode == 0, f"the e2e Docker engine does not answer (bash e2e/engine.sh up): {ping.stderr}"
+
+    root = Path(tempfile.mkdtemp(prefix=f"botfleet-e2e-{RUN}-"))
+    root.chmod(0o755)  # the embedded server's OS user traverses it
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    for rel in (f.decode() for f in files if f):
+        if rel.startswith(("tests/", "bench/", ".ci/")):
+            continue
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, root / rel)
+    s = Stack(root, env)
+    s.ports = {"postgres": free_port(), "chat-bot": free_port(), "feishu-bot": free_port(), "acme-chat": free_port()}
+    try:
+        yield s
+    finally:
+        if request.session.testsfailed and (root / "compose.yaml").exists():
+            print(s.logs())
+        if (root / "compose.yaml").exists():
+            s.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
+        s.provision("server", "stop", check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_01_a_fleet_developed_on_the_embedded_server_comes_up_from_an_empty_volume(stack: Stack):
+    # The developer's flow: bots on the embedded server, settings, one render.
+    stack.provision("add-bot", "chat-bot", "--publish", f"127.0.0.1:{stack.ports['chat-bot']}")
+    stack.provision("add-bot", "feishu-bot", "--publish", f"127.0.0.1:{stack.ports['feishu-bot']}")
+    stack.provision("add-bot", "hello-bot")
+    stack.provision("config", "set", "hello-bot", f"BOT_TOKEN={BOT_TOKEN}")
+    stack.provision("config", "set", "feishu-bot", f"FEISHU_VERIFICATION_TOKEN={FEISHU_TOKEN}")
+    stack.provision("render", "--publish", f"127.0.0.1:{stack.ports['postgres']}")
+    stack.write_override()
+    stack.compose("build", timeout=1800)
+    stack.up()
+    ps = stack.containers()
+    assert ps["postgres"]["Health"] == "healthy", ps["postgres"]
+    assert ps["provision"]["State"] == "exited" and ps["provision"]["ExitCode"] == 0, stack.logs()
+    for bot in BOTS:
+        assert ps[bot]["State"] == "running" and ps[bot]["Health"] == "healthy", (bot, ps[bot], stack.logs())
+
+
+def test_02_the_bots_answer_through_their_published_ports_and_write_their_own_databases(stack: Stack):
+    code, conv = stack.http("chat-bot", "POST", "/conversations", {"title": "e2e"})
+    assert code == 201, conv
+    for i, role in enumerate(("user", "assistant", "user")):
+        code, msg = stack.http("chat-bot", "POST", f"/conversations/{conv['id']}/messages",
+                               {"role": role, "content": f"message {i}"})
+        assert code == 201, msg
+    code, context = stack.http("chat-bot", "GET", f"/conversations/{conv['id']}/context?limit=2")
+    assert code == 200 and [m["content"] for m in context] == ["message 1", "message 2"], context
+
+    code, body = stack.http("feishu-bot", "POST", "/webhook/event",
+                            {"type": "url_verification", "challenge": "e2e-challenge", "token": FEISHU_TOKEN})
+    assert code == 200 and body == {"challenge": "e2e-challenge"}
+    event = {"uuid": f"e2e-{RUN}", "token": FEISHU_TOKEN, "type": "event_callback",
+             "event": {"type": "p2p_chat_create", "open_id": "ou_e2e"}}
+    assert stack.http("feishu-bot", "POST", "/webhook/event", event) == (200, {"ok": True, "duplicate": False})
+    assert stack.http("feishu-bot", "POST", "/webhook/event", event) == (200, {"ok": True, "duplicate": True})
+
+    with stack.admin("chat_bot_db") as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 3
+        assert conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'messages'").fetchone()[0] == "chat_bot_user"
+    with stack.admin("feishu_bot_db") as conn:
+        assert conn.execute("SELECT count(*) FROM events WHERE event_id = %s", (f"e2e-{RUN}",)).fetchone()[0] == 1
+        assert conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'events'").fetchone()[0] == "feishu_bot_user"
+
+
+def test_03_a_bot_cannot_open_another_bots_database_from_its_container(stack: Stack):
+    script = ("import psycopg, sys; from shared.settings import DatabaseSettings as S; "
+              "u = S.from_env('chat-bot').url; "
+              "kw = dict(host=u.host, port=u.port, user=u.username, password=u.password); "
+              "psycopg.connect(dbname='chat_bot_db', **kw).close(); print('own ok'); "
+              "\ntry:\n    psycopg.connect(dbname='feishu_bot_db', **kw)\n"
+              "except psycopg.OperationalError as e:\n    print('refused:', str(e).splitlines()[0]); sys.exit(0)\n"
+              "sys.exit(1)")
+    proc = stack.compose("exec", "-T", "chat-bot", "python", "-c", script, check=False)
+    assert proc.returncode == 0 and "own ok" in proc.stdout and "refused:" in proc.stdout, proc.stdout + proc.stderr
+    assert "permission denied" in proc.stdout or "not permitted" in proc.stdout or "CONNECT" in proc.stdout, proc.stdout
+
+
+def test_04_no_password_in_any_containers_environment_or_command(stack: Stack):
+    passwords = []
+    for bot in BOTS:
+        env_text = (stack.root / "secrets" / f"{bot}.env").read_text()
+        url = next(line for line in env_text.splitlines() if line.startswith("DATABASE_URL="))
+        passwords.append(url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1])
+    passwords += [BOT_TOKEN, FEISHU_TOKEN, (stack.root / "secrets" / "postgres-password").read_text().strip()]
+    for service, row in stack.containers().items():
+        inspect = json.loads(stack.docker("inspect", row["ID"]).stdout)[0]
+        shown = json.dumps({"env": inspect["Config"]["Env"], "cmd": inspect["Config"]["Cmd"],
+                            "args": inspect.get("Args"), "entrypoint": inspect["Config"]["Entrypoint"]})
+        leaked = [i for i, pw in enumerate(passwords) if pw and pw in shown]
+        assert leaked == [], f"{service}: a secret is in its environment or command"
+
+
+def test_05_a_bot_added_later_comes_up_without_recreating_the_others(stack: Stack):
+    before = {s: r["ID"] for s, r in stack.containers().items() if s in BOTS or s == "postgres"}
+    stack.provision("add-bot", "acme-chat", "--code", "chat-bot", "--publish", f"127.0.0.1:{stack.ports['acme-chat']}")
+    stack.provision("render")
+    stack.write_override()
+    stack.up()
+    ps = stack.containers()
+    assert ps["acme-chat"]["Health"] == "healthy", stack.logs()
+    assert {s: ps[s]["ID"] for s in before} == before, "running services were recreated"
+    code, conv = stack.http("acme-chat", "POST", "/conversations", {"title": "acme"})
+    assert code == 201, conv
+    with stack.admin("acme_chat_db") as conn:
+        assert conn.execute("SELECT count(*) FROM conversations").fetchone()[0] == 1
+
+
+def test_06_a_rotated_password_reaches_the_bot_and_the_old_one_is_refused(stack: Stack):
+    env_file = stack.root / "secrets" / "chat-bot.env"
+    old = next(l for l in env_file.read_text().splitlines() if l.startswith("DATABASE_URL=")).split(":")[2].split("@")[0]
+    rotated = stack.provision("rotate-password", "chat-bot", admin=True)
+    stack.provision("render")
+    recreate = next(l.strip() for l in rotated.stdout.splitlines() if l.strip().startswith("docker compose up"))
+    assert recreate == "docker compose up -d --force-recreate chat-bot"
+    stack.compose("up", "-d", "--wait", "--wait-timeout", "300", "--force-recreate", "chat-bot", timeout=600)
+    assert stack.containers()["chat-bot"]["Health"] == "healthy", stack.logs()
+    code, conv = stack.http("chat-bot", "POST", "/conversations", {"title": "after rotation"})
+    assert code == 201, conv
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(host="127.0.0.1", port=stack.ports["postgres"], user="chat_bot_user", password=old,
+                        dbname="chat_bot_db", connect_timeout=10).close()
+
+
+def test_07_down_then_up_keeps_every_row_and_down_v_provisions_again_from_nothing(stack: Stack):
+    with stack.admin("chat_bot_db") as conn:
+        rows = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    stack.compose("down", timeout=300)
+    stack.up()
+    with stack.admin("chat_bot_db") as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == rows
+    stack.compose("down", "-v", timeout=300)
+    stack.up()
+    ps = stack.containers()
+    assert all(ps[b]["Health"] == "healthy" for b in (*BOTS, "acme-chat")), stack.logs()
+    with stack.admin("chat_bot_db") as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0  # a new volume: migrated, empty
+        assert conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database "
+                            "WHERE datname = 'chat_bot_db'").fetchone()[0] == "botfleet bot chat-bot"
+
+
+def test_08_each_bot_fits_its_memory_limit_with_the_budgets_headroom(stack: Stack):
+    ps = stack.containers()
+    ids = [ps[b]["ID"] for b in (*BOTS, "acme-chat")]
+    out = stack.docker("stats", "--no-stream", "--format", "{{json .}}", *ids).stdout
+    figures = []
+    for line in out.splitlines():
+        row = json.loads(line)
+        used, limit = (part.strip() for part in row["MemUsage"].split("/"))
+        figures.append((row["Name"], used, limit, row["MemPerc"]))
+        assert float(row["MemPerc"].rstrip("%")) < MEMORY_HEADROOM * 100, row
+    print("\nbot memory after start-up (docker stats):")
+    for name, used, limit, perc in figures:
+        print(f"  {name:<40} {used:>10} of {limit:<10} {perc}")
+
+
+def test_09_the_stack_file_loads_with_docker_stack_config(stack: Stack):
+    proc = subprocess.run(["docker", "stack", "config", "-c", "compose.stack.yaml"], capture_output=True, text=True,
+                          env=stack.env, cwd=stack.root, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "unsupported" not in (proc.stdout + proc.stderr).lower(), proc.stderr
+    assert "services:" in proc.stdout
