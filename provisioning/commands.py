@@ -396,7 +396,7 @@ def doctor(project: Project, servers: Servers, *, fix: bool = False, ignore: tup
         for i, server in enumerate(opened):
             reports.append(audit.run(server, project, repair=fix, ignore=ignore, progress=progress, files=i == 0))
     return Report([f for r in reports for f in r.found], [f for r in reports for f in r.tried],
-                  [f for r in reports for f in r.remaining])
+                  [f for r in reports for f in r.remaining], [n for r in reports for n in r.notes])
 
 
 def plan(project: Project, servers: Servers, *, prune: bool = False, ignore: tuple[str, ...] = (),
@@ -444,7 +444,8 @@ def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tu
     default_url = None
     if credentials_only and prune:
         raise InvalidInput("the stack's provisioning never prunes")
-    with servers.visit([DEFAULT_SERVER] if credentials_only else servers.fleet_wide()) as opened:
+    # The stack's service runs on the stack's own postgres: botfleet's to close.
+    with servers.visit([DEFAULT_SERVER] if credentials_only else servers.fleet_wide(), owned=credentials_only) as opened:
         fleet_plan = declarative.plan(opened, project, prune=prune, ignore=ignore, migrations=migrations,
                                       credentials_only=credentials_only, progress=progress)
         if fleet_plan.problems:

@@ -48,14 +48,26 @@ def inspect(conn: psycopg.Connection, name: str) -> DatabaseState | None:
 
 
 def create(conn: psycopg.Connection, spec: DatabaseSpec) -> None:
-    """CREATE DATABASE (needs an autocommit connection), then lock it down."""
+    """CREATE DATABASE (needs an autocommit connection), then lock it down.
+
+    It is created refusing every connection and opened only once PUBLIC's rights are revoked
+    and the marker is on it: a crash in between leaves a database no one can open, which
+    :func:`half_made` recognises and the next run finishes."""
     conn.execute(
-        sql.SQL("CREATE DATABASE {} WITH OWNER {} ENCODING 'UTF8' TEMPLATE template0 CONNECTION LIMIT {}").format(
+        sql.SQL("CREATE DATABASE {} WITH OWNER {} ENCODING 'UTF8' TEMPLATE template0 CONNECTION LIMIT {} "
+                "ALLOW_CONNECTIONS false").format(
             sql.Identifier(spec.name), sql.Identifier(spec.owner), sql.Literal(spec.connection_limit)
         )
     )
     with conn.transaction():
         _lock_down(conn, spec)
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(spec.name)))
+
+
+def half_made(spec: DatabaseSpec, state: DatabaseState) -> bool:
+    """A database :func:`create` began and a crash interrupted: the bot's role owns it, it has
+    no comment yet, and it still refuses every connection (so nothing could have used it)."""
+    return state.owner == spec.owner and state.comment is None and not state.allow_connections
 
 
 def _lock_down(conn: psycopg.Connection, spec: DatabaseSpec) -> None:

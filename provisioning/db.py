@@ -193,3 +193,45 @@ def advisory_lock(conn: psycopg.Connection, name: str, *, timeout_s: float = 60.
     finally:
         if not conn.closed:
             conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, key))
+
+
+# --- botfleet's own database on each server: where its admin session (and its advisory locks) live.
+# The maintenance database `postgres` is open to every role by default, so a bot could take
+# botfleet's locks there and block it; PUBLIC may not connect to this one.
+STATE_DATABASE = "botfleet"
+STATE_COMMENT = "botfleet: the provisioner's own sessions and locks; no bot may connect"
+MAINTENANCE_DATABASES = ("postgres", "template1")
+
+
+def ensure_state_database(conn: psycopg.Connection) -> None:
+    """Create botfleet's own database, closed to PUBLIC, when the server has none (concurrent
+    callers are fine: the loser of the race finds it made)."""
+    if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (STATE_DATABASE,)).fetchone():
+        return
+    ident = sql.Identifier(STATE_DATABASE)
+    try:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ALLOW_CONNECTIONS false").format(ident))
+    except psycopg.errors.DuplicateDatabase:
+        return
+    with conn.transaction():
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(STATE_COMMENT)))
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident))
+
+
+def open_maintenance_databases(conn: psycopg.Connection) -> list[str]:
+    """The maintenance databases every role (so every bot) may connect to."""
+    rows = conn.execute(
+        "SELECT d.datname FROM pg_database d WHERE d.datname = ANY(%s) AND EXISTS ("
+        " SELECT 1 FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a"
+        " WHERE a.grantee = 0 AND a.privilege_type = 'CONNECT') ORDER BY 1", (list(MAINTENANCE_DATABASES),)).fetchall()
+    return [r[0] for r in rows]
+
+
+def close_maintenance_databases(conn: psycopg.Connection) -> list[str]:
+    """REVOKE CONNECT ON the maintenance databases FROM PUBLIC, on a server botfleet runs (its
+    embedded one, the stack's): bots reach their own database only. Returns what it closed."""
+    closed = open_maintenance_databases(conn)
+    for name in closed:
+        conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+    return closed

@@ -116,7 +116,7 @@ def _bot_step(server: Server, project: Project, entry: BotEntry, observed: recon
     """The create/update step of one registry bot (None: nothing to do). ``credentials_only``:
     the env file is not botfleet's to write here (the stack's service): only its password counts."""
     for kind, name, state in (("role", entry.role, observed.role), ("database", entry.database, observed.database)):
-        if state is not None and state.comment != reconcile.marker(entry.name):
+        if state is not None and not reconcile.ours(entry, observed, kind):
             # apply never adopts what it did not create; an operator who knows it is this
             # bot's can say so with `provision add-bot NAME` (which restores the marker).
             problems.append(f"{kind} {name!r} exists without botfleet's marker for bot {entry.name!r}; apply will "

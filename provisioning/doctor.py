@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from . import objects, reconcile, settings
-from .db import advisory_lock, connect, with_database
+from .db import advisory_lock, connect, open_maintenance_databases, with_database
 from .errors import one_line
 from .project import Project
 from .reconcile import MARKER_PREFIX
@@ -275,6 +275,8 @@ class Report:
     found: list[Finding]  # the first audit
     tried: list[Finding]  # repairs attempted (--fix)
     remaining: list[Finding]  # the last audit
+    # What the operator of a server botfleet does not run should do (they do not fail the audit).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -293,9 +295,12 @@ def run(
     """Audit; with ``repair``, fix and audit again (a repair can reveal more, e.g. a
     database that accepts connections again can be looked inside), a few rounds at most."""
     assert server.conn is not None
+    notes = [f"{'' if server.name == DEFAULT_SERVER else f'server {server.name}: '}every role, so every bot, may "
+             f"connect to the maintenance database {name}: REVOKE CONNECT ON DATABASE {name} FROM PUBLIC"
+             for name in open_maintenance_databases(server.conn)]
     found = audit(server, project, ignore=ignore, progress=progress, files=files)
     if not repair:
-        return Report(found, [], found)
+        return Report(found, [], found, notes)
     tried: dict[tuple, Finding] = {}
     current = found
     for _ in range(3):
@@ -304,4 +309,4 @@ def run(
         current = audit(server, project, ignore=ignore, files=files)
         if not any(f.status == "fixed" for f in attempt) or not any(f.fixable for f in current):
             break
-    return Report(found, list(tried.values()), current)
+    return Report(found, list(tried.values()), current, notes)

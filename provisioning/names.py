@@ -54,8 +54,9 @@ def validate(name: str, *, admin_role: str | None = None) -> BotNames:
             f"invalid bot name {name!r}: use 1-40 characters a-z, 0-9 and '-', starting with a letter"
         )
     stem = name.replace("-", "_")
-    reserved = name in RESERVED or stem.startswith("pg_") or name.startswith("pg-")
     derived = {f"{stem}_db", f"{stem}_user"}
+    # PostgreSQL reserves role names that start with pg_ ("pg" gives the role pg_user)
+    reserved = name in RESERVED or any(n.startswith("pg_") for n in (stem, *derived))
     if admin_role is not None and (admin_role in derived or admin_role in {name, stem}):
         reserved = True
     if reserved:

@@ -265,11 +265,23 @@ def changes(server: Server, project: Project, entry: BotEntry, observed: Observe
     return out
 
 
+def ours(entry: BotEntry, observed: Observed, kind: str) -> bool:
+    """Whether the bot's existing role (``kind`` "role") or database carries botfleet's marker
+    for this bot, or is a database an interrupted add-bot left half made (owned by the bot's
+    own marked role, never opened): the rerun finishes it."""
+    state = observed.role if kind == "role" else observed.database
+    if state is None or state.comment == marker(entry.name):
+        return True
+    role_ours = observed.role is not None and observed.role.comment == marker(entry.name)
+    return (kind == "database" and role_ours and observed.database is not None
+            and databases.half_made(database_spec(entry), observed.database))
+
+
 def check_managed(entry: BotEntry, observed: Observed, *, known: bool) -> None:
     """Refuse (NotManaged) a role or database with the bot's name that botfleet did not make
     for this bot, unless fleet.toml already names the bot (``known``: the operator says it is its)."""
-    for kind, name, state in (("role", entry.role, observed.role), ("database", entry.database, observed.database)):
-        if state is not None and state.comment != marker(entry.name) and not known:
+    for kind, name in (("role", entry.role), ("database", entry.database)):
+        if not ours(entry, observed, kind) and not known:
             raise NotManaged(f"{kind} {name!r} already exists and was not created by botfleet; "
                              "refusing to take it over (drop or rename it, or choose another bot name)")
 

@@ -46,7 +46,10 @@ MIN_CONNECTIONS = 20
 MAX_CONNECTIONS = 5000
 MAX_POOL = 1000
 MAX_REPLICAS = 100
-TIMEOUT_RE = re.compile(r"\d{1,9}(ms|s|min|h)?")
+TIMEOUT_RE = re.compile(r"(\d{1,9})(ms|s|min|h)?")
+# A role's timeout settings are int milliseconds on the server: at most 2^31 - 1 ms (about 24 days).
+TIMEOUT_UNIT_MS = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000}
+MAX_TIMEOUT_MS = 2**31 - 1
 HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
 
 DEFAULT_SERVER = "default"
@@ -170,8 +173,12 @@ def option_problem(key: str, value: Any) -> str | None:
         return f"{{key}} must be between 0 and {MAX_POOL}"
     if key == "replicas" and not 1 <= value <= MAX_REPLICAS:
         return f"{{key}} must be between 1 and {MAX_REPLICAS}"
-    if key in ("statement_timeout", "idle_in_transaction_session_timeout") and TIMEOUT_RE.fullmatch(value) is None:
-        return f"{{key}} must look like 30s, 500ms, 5min or 1h (got {value!r})"
+    if key in ("statement_timeout", "idle_in_transaction_session_timeout"):
+        match = TIMEOUT_RE.fullmatch(value)
+        if match is None:
+            return f"{{key}} must look like 30s, 500ms, 5min or 1h (got {value!r})"
+        if int(match.group(1)) * TIMEOUT_UNIT_MS[match.group(2) or "ms"] > MAX_TIMEOUT_MS:
+            return f"{{key}} {value!r} is longer than PostgreSQL allows (about 24 days; 0 turns it off)"
     if key == "db_port" and not 0 <= value <= 65535:
         return "{key} must be between 1 and 65535"
     if key == "db_host" and value != "" and HOST_RE.fullmatch(value) is None:

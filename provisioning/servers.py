@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 import psycopg
 
 from . import budget as budgets
-from .db import AdminInfo, admin_info, connect, describe, parse_url
+from .db import (
+    STATE_DATABASE, AdminInfo, admin_info, close_maintenance_databases, connect, describe, ensure_state_database,
+    parse_url, with_database,
+)
 from .embedded import EmbeddedServer
-from .errors import InvalidInput
+from .errors import InvalidInput, ProvisionError
 from .project import Project
 from .registry import DEFAULT_SERVER, BotEntry, Fleet
 
@@ -43,6 +46,7 @@ class Server:
     source: str  # "--admin-url", "ADMIN_DATABASE_URL", "embedded" or "fleet.toml [servers.NAME]"
     conn: psycopg.Connection | None = field(default=None, repr=False, compare=False)
     admin: AdminInfo | None = None
+    owned: bool = False  # botfleet runs this server (the embedded one, the stack's): it may close its doors
 
     def banner(self) -> str:
         label = "server" if self.name == DEFAULT_SERVER else f"server {self.name}"
@@ -89,7 +93,7 @@ class Servers:
         embedded = self.embedded()
         if start_embedded:
             embedded.start()
-        return Server(name, embedded.admin_url(), "embedded")
+        return Server(name, embedded.admin_url(), "embedded", owned=True)
 
     def embedded(self) -> EmbeddedServer:
         return EmbeddedServer(self.project.state_dir)
@@ -100,34 +104,55 @@ class Servers:
         self.say(server.banner())
         return server.url
 
-    def open(self, name: str = DEFAULT_SERVER) -> Server:
+    def open(self, name: str = DEFAULT_SERVER, *, owned: bool = False) -> Server:
         """The server, announced and connected, with its admin facts (InsufficientPrivilege
-        when the admin cannot provision there)."""
+        when the admin cannot provision there). The admin session lives in botfleet's own
+        database (created on first use), which no bot may open, so no bot can hold botfleet's
+        advisory locks. ``owned``: botfleet runs it (also the embedded one): the maintenance
+        databases are closed to PUBLIC."""
         server = self.choose(name)
+        server.owned = server.owned or owned
         self.say(server.banner())
         server.conn = connect(server.url)
         try:
             server.admin = admin_info(server.conn)
+            ensure_state_database(server.conn)
+            if server.conn.info.dbname != STATE_DATABASE:
+                try:
+                    state = connect(with_database(server.url, STATE_DATABASE))
+                except ProvisionError as err:
+                    if "permission denied" not in str(err):
+                        raise
+                    # made by another admin: work from the admin URL's database (doctor says so)
+                    self.say(f"note: {server.admin.role} may not connect to botfleet's database {STATE_DATABASE} on "
+                             f"this server; its locks stay in {server.conn.info.dbname} (GRANT CONNECT ON DATABASE "
+                             f"{STATE_DATABASE} TO {server.admin.role})")
+                else:
+                    server.conn.close()
+                    server.conn = state
+            if server.owned and server.admin.superuser:
+                for closed in close_maintenance_databases(server.conn):
+                    self.say(f"closed the maintenance database {closed} to PUBLIC (bots reach their own only)")
         except BaseException:
             server.close()
             raise
         return server
 
     @contextlib.contextmanager
-    def opened(self, name: str = DEFAULT_SERVER) -> Iterator[Server]:
-        server = self.open(name)
+    def opened(self, name: str = DEFAULT_SERVER, *, owned: bool = False) -> Iterator[Server]:
+        server = self.open(name, owned=owned)
         try:
             yield server
         finally:
             server.close()
 
     @contextlib.contextmanager
-    def visit(self, names: list[str]) -> Iterator[list[Server]]:
+    def visit(self, names: list[str], *, owned: bool = False) -> Iterator[list[Server]]:
         """Several servers open at once, closed at the end of the block."""
         opened: list[Server] = []
         try:
             for name in names:
-                opened.append(self.open(name))
+                opened.append(self.open(name, owned=owned))
             yield opened
         finally:
             for server in opened:

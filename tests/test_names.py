@@ -39,6 +39,7 @@ HOSTILE = [
     "public",
     "pg-catalog",
     "pg-x",
+    "pg",  # its role would be pg_user: PostgreSQL reserves pg_ role names
 ]
 
 
@@ -80,11 +81,15 @@ def test_cli_refuses_bad_options_before_touching_anything(fleet, admin):
     name = fleet.name("opts")
     for args in (["--pool-size", "0"], ["--max-overflow", "-1"], ["--replicas", "0"],
                  ["--statement-timeout", "1; DROP ROLE x"], ["--idle-timeout", "forever"],
-                 ["--db-port", "70000"], ["--db-host", "a b"], ["--pool-size", "two"]):
+                 ["--db-port", "70000"], ["--db-host", "a b"], ["--pool-size", "two"],
+                 ["--statement-timeout", "999999999h"], ["--idle-timeout", "25000000s"], ["--publish", "70000"],
+                 ["--memory", "lots"], ["--cpus", "-1"], ["--code", "../../../etc"], ["--code", "/etc"]):
         proc = fleet.run("add-bot", name, *args)
         assert proc.returncode == 2, (args, proc.stderr)
+        assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, (args, proc.stderr)
     assert snapshot(admin) == before
-    assert tree(fleet.root) == []
+    assert tree(fleet.root) == [], "a refused option writes no env file (nothing is left to clean up)"
+    assert fleet.run("add-bot", name, "--statement-timeout", "24h").returncode == 0  # within the server's range
 
 
 @pytest.mark.parametrize("name", ["x'; DROP ROLE postgres; --", "bot\n"], ids=["sql", "newline"])

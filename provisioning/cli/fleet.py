@@ -169,7 +169,7 @@ def doctor_cmd(
     if as_json:
         print_json({"ok": report.ok, "found": [f.as_dict() for f in report.found],
                     "fixed": [f.as_dict() for f in report.tried],
-                    "remaining": [f.as_dict() for f in report.remaining]})
+                    "remaining": [f.as_dict() for f in report.remaining], "notes": report.notes})
     else:
         for f in report.tried:
             colour = typer.colors.GREEN if f.status == "fixed" else typer.colors.RED
@@ -178,6 +178,8 @@ def doctor_cmd(
         for f in report.remaining:
             typer.secho(f"finding: {_who(f)}: {f.message}", fg=typer.colors.YELLOW)
             typer.echo(f"    fix: {f.fix}" + ("  (provision doctor --fix does this)" if f.fixable and not fix else ""))
+        for note in report.notes:
+            typer.secho(f"note: {note}", fg=typer.colors.YELLOW)
         fixed = sum(1 for f in report.tried if f.status == "fixed")
         if report.ok:
             typer.secho(f"doctor: no findings{f' ({fixed} fixed)' if fix else ''}", fg=typer.colors.GREEN, bold=True)

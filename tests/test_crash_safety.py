@@ -1,0 +1,73 @@
+"""A crash of add-bot at any statement never leaves a database that every role can open,
+and the rerun finishes what the crash interrupted.
+
+The kill is injected, not timed: strace delivers SIGKILL to `provision add-bot` at its Nth
+`sendto` system call (libpq sends each statement with one), for every N until the run
+completes untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from psycopg import sql
+
+from .conftest import PROVISION
+
+pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")
+
+
+def state(admin, name: str) -> dict | None:
+    stem = name.replace("-", "_")
+    row = admin.execute(
+        "SELECT d.datallowconn, shobj_description(d.oid, 'pg_database'),"
+        "       EXISTS (SELECT 1 FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a"
+        "               WHERE a.grantee = 0 AND a.privilege_type = 'CONNECT')"
+        " FROM pg_database d WHERE d.datname = %s", (f"{stem}_db",)).fetchone()
+    if row is None:
+        return None
+    return {"allow": row[0], "comment": row[1], "public_connect": row[2]}
+
+
+def test_a_kill_at_every_statement_of_add_bot_is_safe_and_a_rerun_finishes(fleet, admin):
+    name = fleet.name("crash")
+    killed_at = []
+    for n in range(1, 200):
+        proc = subprocess.run(
+            ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=sendto",
+             "-e", f"inject=sendto:signal=SIGKILL:when={n}", PROVISION, "add-bot", name, "--no-migrate"],
+            env=fleet.env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        db = state(admin, name)
+        # whatever the moment of the crash: no database of the bot that every role may open
+        assert db is None or not db["allow"] or not db["public_connect"], (n, db)
+        if proc.returncode == 0:
+            break  # no Nth statement: add-bot ran to its end
+        killed_at.append(n)
+        rerun = fleet.run("add-bot", name, "--no-migrate")
+        assert rerun.returncode == 0, (n, rerun.stderr)
+        db = state(admin, name)
+        assert db == {"allow": True, "comment": f"botfleet bot {name}", "public_connect": False}, (n, db)
+        # back to nothing for the next kill
+        assert fleet.run("remove-bot", name, "--yes", "--no-backup").returncode == 0
+    assert len(killed_at) >= 8, f"add-bot was killed at too few statements to mean much: {killed_at}"
+
+
+def test_a_half_made_database_is_closed_to_everyone_and_finished_by_the_rerun(fleet, admin, pg):
+    """The exact state a kill between CREATE DATABASE and its lock-down leaves."""
+    name = fleet.name("half")
+    fleet.add(name, "--no-migrate")
+    stem = name.replace("-", "_")
+    ident = sql.Identifier(f"{stem}_db")
+    admin.execute(sql.SQL("DROP DATABASE {}").format(ident))
+    admin.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 ALLOW_CONNECTIONS false").format(
+        ident, sql.Identifier(f"{stem}_user")))
+    assert state(admin, name) == {"allow": False, "comment": None, "public_connect": True}
+    with pytest.raises(Exception, match="is not currently accepting connections"):
+        pg.connect(f"{stem}_db").close()
+    plan = fleet.run("plan", "--no-migrate", "--ignore-stray", "*")
+    assert plan.returncode == 0 and "database accepts connections again" in plan.stdout, plan.stdout + plan.stderr
+    proc = fleet.run("add-bot", name, "--no-migrate")
+    assert proc.returncode == 0, proc.stderr
+    assert state(admin, name) == {"allow": True, "comment": f"botfleet bot {name}", "public_connect": False}

@@ -1,0 +1,70 @@
+"""A bot cannot block botfleet: botfleet's admin session, and so its advisory locks, live in
+its own database `botfleet`, which no bot may open; on a server botfleet runs, the maintenance
+databases `postgres` and `template1` are closed to the bots too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import psycopg
+import pytest
+
+from provisioning.db import LOCK_NAMESPACE, STATE_DATABASE, lock_key
+
+from .conftest import PROVISION
+
+
+def bot_login(fleet, name: str, dbname: str) -> psycopg.Connection:
+    port = fleet.server.embedded.status().port
+    return psycopg.connect(host="127.0.0.1", port=port, user=name.replace("-", "_") + "_user",
+                           password=fleet.password(name), dbname=dbname, autocommit=True, connect_timeout=5)
+
+
+def test_a_bot_holding_botfleets_lock_key_in_postgres_blocks_nothing(scram_fleet):
+    name = scram_fleet.name("lock")
+    scram_fleet.add(name, "--db-host", "127.0.0.1")
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        bot_login(scram_fleet, name, STATE_DATABASE).close()
+    # The maintenance database of a server botfleet does not run may stay open to every role:
+    # there the bot takes botfleet's own lock key for itself, and idles.
+    with bot_login(scram_fleet, name, "postgres") as squatter:
+        squatter.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, lock_key(name)))
+        started = time.monotonic()
+        proc = scram_fleet.run("rotate-password", name, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert time.monotonic() - started < 30, "rotate-password waited for the bot's lock"
+        assert json.loads(proc.stdout)["rotated"][0]["bot"] == name
+    # ... and doctor tells the operator of such a server what to run
+    report = json.loads(scram_fleet.run("doctor", "--json", "--ignore-stray", "*").stdout)
+    assert any("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC" in n for n in report["notes"]), report["notes"]
+
+
+def test_on_its_own_embedded_server_botfleet_closes_the_maintenance_databases(scram_fleet, tmp_path):
+    """The embedded server is botfleet's: no bot may connect to postgres or template1 there."""
+    root = scram_fleet.root
+    env = {k: v for k, v in scram_fleet.env().items() if k != "ADMIN_DATABASE_URL"}
+    name = scram_fleet.name("own")
+    try:
+        proc = subprocess.run([PROVISION, "add-bot", name, "--db-host", "127.0.0.1"], env=env, capture_output=True,
+                              text=True, timeout=180, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr
+        assert "closed the maintenance database postgres to PUBLIC" in proc.stderr
+        status = json.loads(subprocess.run([PROVISION, "server", "status", "--json"], env=env, capture_output=True,
+                                           text=True, timeout=60).stdout)
+        password = scram_fleet.password(name)
+        for dbname in ("postgres", "template1", STATE_DATABASE):
+            with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+                psycopg.connect(host="127.0.0.1", port=status["port"], user=name.replace("-", "_") + "_user",
+                                password=password, dbname=dbname, connect_timeout=5).close()
+        with psycopg.connect(host="127.0.0.1", port=status["port"], user=name.replace("-", "_") + "_user",
+                             password=password, dbname=name.replace("-", "_") + "_db", connect_timeout=5) as own:
+            assert own.execute("SELECT 1").fetchone() == (1,)
+        again = subprocess.run([PROVISION, "doctor", "--json"], env=env, capture_output=True, text=True, timeout=120)
+        assert json.loads(again.stdout)["notes"] == [], again.stdout
+    finally:
+        subprocess.run([PROVISION, "server", "stop"], env=env, capture_output=True, timeout=120)
+        scram_fleet.names.remove(name)  # it lives on the project's own embedded server, stopped with it
+    assert os.path.isdir(root / ".botfleet" / "pgdata")
