@@ -423,7 +423,7 @@ class Applied:
 
 
 def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tuple[str, ...] = (),
-          migrations: bool = True, jobs: int | None = None, credentials_only: bool = False,
+          migrations: bool = True, jobs: int | None = None, credentials_only: bool = False, owns_server: bool = False,
           confirm_removals: Callable[[declarative.FleetPlan], bool] = lambda _plan: False,
           on_migrated: Migrated | None = None, progress: Progress = _quiet) -> Applied:
     """Make the servers and the files match fleet.toml: exactly the steps ``plan`` lists.
@@ -434,7 +434,9 @@ def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tu
 
     ``credentials_only`` is the compose stack's provisioning service: the default server
     only (the stack's postgres), each password from the bot's credentials file, no file
-    written (fleet.toml and the secrets are read-only there), nothing pruned."""
+    written (fleet.toml and the secrets are read-only there), nothing pruned. ``owns_server``:
+    botfleet runs the default server (the stack's postgres): its maintenance databases are closed
+    to the bots."""
     from .declarative import CREATE, MIGRATE, REMOVE, UPDATE, StepResult, apply_files, migration_results
     from .migrate import plan_targets
 
@@ -444,8 +446,7 @@ def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tu
     default_url = None
     if credentials_only and prune:
         raise InvalidInput("the stack's provisioning never prunes")
-    # The stack's service runs on the stack's own postgres: botfleet's to close.
-    with servers.visit([DEFAULT_SERVER] if credentials_only else servers.fleet_wide(), owned=credentials_only) as opened:
+    with servers.visit([DEFAULT_SERVER] if credentials_only else servers.fleet_wide(), owned=owns_server) as opened:
         fleet_plan = declarative.plan(opened, project, prune=prune, ignore=ignore, migrations=migrations,
                                       credentials_only=credentials_only, progress=progress)
         if fleet_plan.problems:

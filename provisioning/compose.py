@@ -221,7 +221,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
         # Converges the server, then migrates each bot as its own role, straight to postgres (never
         # through PgBouncer: a migration holds a session lock). A bot whose migration failed is kept
         # down by its own container's schema check, not the whole fleet.
-        "command": ["provision", "apply", "--credentials-only", "--project-dir", "/app"],
+        "command": ["provision", "apply", "--credentials-only", "--owns-server", "--project-dir", "/app"],
         "secrets": provision_secrets, "memory": PROVISION_MEMORY,
     }
     publish = budgets.parse_publish(server.publish)

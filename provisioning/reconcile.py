@@ -266,15 +266,23 @@ def changes(server: Server, project: Project, entry: BotEntry, observed: Observe
 
 
 def ours(entry: BotEntry, observed: Observed, kind: str) -> bool:
-    """Whether the bot's existing role (``kind`` "role") or database carries botfleet's marker
-    for this bot, or is a database an interrupted add-bot left half made (owned by the bot's
-    own marked role, never opened): the rerun finishes it."""
+    """Whether the bot's existing role (``kind`` "role") or database is botfleet's for this bot.
+
+    A role: it carries botfleet's marker for this bot. A database: it carries the marker AND
+    its owner is the bot's own marked role (a comment alone is what any database's owner can
+    write), or it is one an interrupted add-bot left half made (owned by that role, never
+    opened), which the rerun finishes."""
     state = observed.role if kind == "role" else observed.database
-    if state is None or state.comment == marker(entry.name):
+    if state is None:
         return True
     role_ours = observed.role is not None and observed.role.comment == marker(entry.name)
-    return (kind == "database" and role_ours and observed.database is not None
-            and databases.half_made(database_spec(entry), observed.database))
+    if kind == "role":
+        return role_ours
+    database = observed.database
+    assert database is not None
+    if database.comment == marker(entry.name):
+        return role_ours and database.owner == entry.role
+    return role_ours and databases.half_made(database_spec(entry), database)
 
 
 def check_managed(entry: BotEntry, observed: Observed, *, known: bool) -> None:

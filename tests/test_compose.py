@@ -151,7 +151,7 @@ def test_rendered_files_pass_schema_and_semantic_checks(tmp_path):
     assert compose["services"]["postgres"]["ports"] == ["127.0.0.1:15432:5432"]
     # provision: converges the server from each bot's own credentials file, as the admin through a passfile
     provision = compose["services"]["provision"]
-    assert provision["command"] == ["provision", "apply", "--credentials-only", "--project-dir", "/app"]
+    assert provision["command"] == ["provision", "apply", "--credentials-only", "--owns-server", "--project-dir", "/app"]
     assert {s["source"] for s in provision["secrets"]} == {"postgres_pgpass", "acme-support_env", "chat-bot_env",
                                                            "hello-bot_env"}
     assert "passfile=/run/secrets/postgres_pgpass" in provision["environment"]["ADMIN_DATABASE_URL"]

@@ -374,7 +374,10 @@ def test_doctor_finds_deliberately_broken_setups_and_fix_repairs_them(fleet, pg,
         conn.execute("CREATE TABLE admin_owned (id int)")  # owned by the admin, not the bot
         conn.execute("CREATE SCHEMA admin_schema")
     fleet.env_file(a).chmod(0o644)
-    admin.execute(sql.SQL("CREATE DATABASE {}").format(ident(db(stray))))  # a stray bot database
+    # a stray bot (as botfleet leaves one: its marked role owns its marked database), not in the registry
+    admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident(role(stray))))
+    admin.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(ident(role(stray)), sql.Literal(f"botfleet bot {stray}")))
+    admin.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(ident(db(stray)), ident(role(stray))))
     admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident(db(stray)), sql.Literal(f"botfleet bot {stray}")))
 
     code, report, proc = doctor(fleet)
@@ -390,7 +393,8 @@ def test_doctor_finds_deliberately_broken_setups_and_fix_repairs_them(fleet, pg,
         ("limits", b, f"role {role(b)} connection limit is 50, the registry says 6", "CONNECTION LIMIT 6"),
         ("limits", b, f"role {role(b)} statement_timeout is 0, the registry says 30s", "statement_timeout"),
         ("env-file", a, "has mode 0644, not 0600", f"chmod 600 {fleet.env_file(a)}"),
-        ("stray", stray, f"database {db(stray)} (botfleet bot {stray}) not in the registry", f"provision remove-bot {stray}"),
+        ("stray", stray, f"database {db(stray)} and role {role(stray)} (botfleet bot {stray}) not in the registry",
+         f"provision remove-bot {stray}"),
     ]
     for check, bot, message, fix in expected:
         hits = [f for (c, bt, m), f in found.items() if c == check and bt == bot and message in m]
@@ -512,3 +516,18 @@ def test_every_operation_works_for_an_admin_without_superuser(fleet, pg, admin):
     finally:
         drop_bot_objects(admin, [a, b])
         admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(ops)))
+
+
+def test_a_forged_marker_does_not_make_a_database_botfleets(fleet, admin):
+    """Any database's owner can write its comment: remove-bot, add-bot and apply refuse a database
+    whose marker is not backed by the bot's own marked role owning it."""
+    spoof = fleet.name("spoof")
+    ident = sql.Identifier(db(spoof))
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(ident))  # owned by the admin, not by a bot
+    admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(f"botfleet bot {spoof}")))
+    before = snapshot(admin)
+    for args in (("remove-bot", spoof, "--yes", "--no-backup"), ("add-bot", spoof)):
+        proc = fleet.run(*args)
+        assert proc.returncode == 1 and "was not created by botfleet" in proc.stderr, (args, proc.stderr)
+    assert snapshot(admin) == before
+    assert admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (db(spoof),)).fetchone()[0] == 1

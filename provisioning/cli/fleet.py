@@ -87,6 +87,9 @@ def apply_cmd(
     credentials_only: Annotated[bool, typer.Option(
         "--credentials-only", help="The compose stack's provisioning service: converge only the default server's "
         "bots, each with the password in its credentials file; write no file, prune nothing.")] = False,
+    owns_server: Annotated[bool, typer.Option(
+        "--owns-server", help="botfleet runs the default server (the compose stack's postgres): close its maintenance "
+        "databases postgres and template1 to PUBLIC, so bots reach their own database only.")] = False,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -121,6 +124,7 @@ def apply_cmd(
     with MigrationBar(quiet=as_json) as on_migrated:
         applied = commands.apply(proj, servers_of(proj, admin_url), prune=prune, ignore=tuple(ignore_stray or ()),
                                  migrations=not no_migrate, jobs=jobs, credentials_only=credentials_only,
+                                 owns_server=owns_server,
                                  confirm_removals=confirm, on_migrated=on_migrated, progress=say)
     if as_json:
         print_json(applied.as_dict())
