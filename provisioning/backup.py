@@ -66,8 +66,8 @@ def dump(url: str, dbname: str, dest_dir: Path, bot: str, *, server_major: int, 
                 stdout=out, stderr=subprocess.PIPE, text=False, env=libpq_env(url, dbname), timeout=3600,
             )
         if proc.returncode != 0:
-            lines = proc.stderr.decode(errors="replace").strip().splitlines()
-            raise BackupFailed(f"pg_dump of {dbname} failed: {lines[-1] if lines else proc.returncode}; nothing was removed")
+            raise BackupFailed(f"pg_dump of {dbname} failed: {tool_error(proc.stderr, proc.returncode)}; "
+                               "nothing was removed")
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -81,6 +81,16 @@ def dump(url: str, dbname: str, dest_dir: Path, bot: str, *, server_major: int, 
 
 # dump() names files <bot>-<UTC yyyymmddThhmmss + microseconds>Z.dump: sorted by name is sorted by time.
 STAMP_RE = r"\d{8}T\d{12}Z"
+
+
+def tool_error(stderr: bytes, returncode: int) -> str:
+    """The cause in a PostgreSQL client tool's error output: its first "error:" line (the lines
+    after it are hints such as "Is the server running ...?"), else its last line."""
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line:
+            return line.split("error:", 1)[1].strip()
+    return lines[-1] if lines else f"exit code {returncode}"
 
 
 def checksum_path(path: Path) -> Path:

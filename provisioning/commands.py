@@ -368,18 +368,21 @@ def backup(project: Project, servers: Servers, bots: list[str], *, keep: int | N
 
 def restore(project: Project, servers: Servers, name: str, file: Path, *,
             confirm: Callable[[str], bool] = lambda _question: False, require_checksum: bool = True,
-            progress: Progress = _quiet) -> RestoreResult:
+            from_bot: str | None = None, progress: Progress = _quiet) -> RestoreResult:
     """Restore a pg_dump archive into a bot's database, as the bot's own role, in one
     transaction; a database that is not empty is replaced only when ``confirm`` says yes,
-    after a backup of what it held."""
+    after a backup of what it held. A dump of another bot's database is refused unless
+    ``from_bot`` names that bot."""
     from .restore import restore as restore_into
 
     chosen_bots(project, [name], all_bots=False)  # bad input fails before any server is started
+    if from_bot is not None:
+        validate(from_bot)
     if not file.is_file():
         raise InvalidInput(f"no such backup file: {file}")
     with servers.opened(project.fleet.bots[name].server) as server:
         return restore_into(server, project, name, file, confirm=confirm, require_checksum=require_checksum,
-                            progress=progress)
+                            from_bot=from_bot, progress=progress)
 
 
 # --------------------------------------------------------------------------- doctor, plan, apply

@@ -172,6 +172,20 @@ def lock_key(name: str) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
+def _lock_holder(conn: psycopg.Connection, key: int) -> str:
+    """Who holds botfleet's advisory lock ``key``, in words (never a query text)."""
+    row = conn.execute(
+        "SELECT a.usename, a.application_name, a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid AND l.objid = %s::oid LIMIT 1",
+        (LOCK_NAMESPACE & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
+    if row is None:
+        return "another session (gone by now)"
+    user, app, pid = row
+    if (app or "").startswith("botfleet"):
+        return f"another provision run (pid {pid} on the server, role {user})"
+    return f"a session that is not botfleet's (role {user}, application {app or '-'}, pid {pid} on the server)"
+
+
 @contextlib.contextmanager
 def advisory_lock(conn: psycopg.Connection, name: str, *, timeout_s: float = 60.0) -> Iterator[None]:
     """Hold botfleet's session-level advisory lock for one bot for the block.
@@ -185,7 +199,8 @@ def advisory_lock(conn: psycopg.Connection, name: str, *, timeout_s: float = 60.
         conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{ms}ms")))
         conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, key))
     except psycopg.errors.LockNotAvailable:
-        raise LockTimeout(f"bot {name!r} is being changed by another provision run; gave up after {timeout_s:g}s") from None
+        holder = _lock_holder(conn, key)
+        raise LockTimeout(f"bot {name!r} is being changed by {holder}; gave up after {timeout_s:g}s") from None
     finally:
         conn.execute("RESET lock_timeout")
     try:

@@ -172,6 +172,12 @@ def _role_changes(conn: psycopg.Connection, entry: BotEntry, state: roles.RoleSt
         stmt = sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(spec.comment))
         out.append(Change("marker", ROLE, "role marker comment", f"role {entry.role} lacks botfleet's marker comment",
                           q(stmt), True))
+    for database, settings in d.database_settings.items():
+        stmt = sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(ident, sql.Identifier(database))
+        shown = ", ".join(settings)
+        out.append(Change("limits", ROLE, f"role settings in database {database} ({shown}) reset",
+                          f"role {entry.role} has settings of its own in database {database} ({shown}): they override "
+                          "the registry's", q(stmt), True))
     return out
 
 
@@ -226,7 +232,11 @@ def _env_changes(fleet: Fleet, entry: BotEntry, observed: Observed) -> list[Chan
             out[-len(words)].finding = (f"{env.path} does not match the registry: "
                                         + ", ".join(f"{label} {have} (registry: {want})" for label, have, want in diffs))
     role = observed.role
-    if role is not None and role.verifier is not None and not passwords.verifier_matches(password, role.verifier):
+    if role is not None and role.verifier_read and role.verifier is None:
+        out.append(Change("password", PASSWORD, f"server password set to the one in {rel} (the role has none)",
+                          f"role {entry.role} has no password on the server (its bot cannot log in)",
+                          f"provision add-bot {entry.name}  (sets the server's password to the env file's)", False))
+    elif role is not None and role.verifier is not None and not passwords.verifier_matches(password, role.verifier):
         out.append(Change("password", PASSWORD, f"server password reset to the one in {rel}",
                           f"the password in {env.path} is not the role's password on the server",
                           f"provision add-bot {entry.name}  (sets the server's password to the env file's)", False))
@@ -344,6 +354,9 @@ def converge(server: Server, project: Project, entry: BotEntry, *, known: bool, 
                 repaired.append("password rotated" if rotate else "password reset (its env file was missing)")
             password = passwords.generate()
             set_password = new_password = True
+        elif role_state.verifier_read and role_state.verifier is None:
+            repaired.append("password on the server set to the one in the env file (the role had none)")
+            set_password = True
         elif role_state.verifier is not None and not passwords.verifier_matches(password, role_state.verifier):
             repaired.append("password on the server reset to the one in the env file")
             set_password = True

@@ -54,6 +54,7 @@ class Archive:
     pg_restore: Path
     entries: int
     checksum: bool  # verified against the .sha256 beside it
+    dbname: str | None = None  # the database it was dumped from (its table of contents says)
 
 
 @dataclass
@@ -91,7 +92,9 @@ def verify_archive(path: Path, server_major: int, *, require_checksum: bool = Tr
         reason = lines[-1].removeprefix("pg_restore: error: ") if lines else f"exit code {proc.returncode}"
         raise InvalidInput(f"{path} is not a pg_dump archive that pg_restore can read ({reason}); nothing was restored")
     entries = sum(1 for line in proc.stdout.splitlines() if line and not line.startswith(b";"))
-    return Archive(path, pg_restore, entries, checked)
+    dbname = next((line.split(b":", 1)[1].strip().decode(errors="replace") for line in proc.stdout.splitlines()
+                   if line.startswith(b";") and line[1:].strip().lower().startswith(b"dbname:")), None)
+    return Archive(path, pg_restore, entries, checked, dbname)
 
 
 def restore(
@@ -102,6 +105,7 @@ def restore(
     *,
     confirm: Callable[[str], bool] = lambda _question: False,
     require_checksum: bool = True,
+    from_bot: str | None = None,
     progress: Progress = _quiet,
 ) -> RestoreResult:
     """Restore ``file`` into bot ``name``'s database as the bot's role.
@@ -122,6 +126,13 @@ def restore(
     archive = verify_archive(file, admin.major, require_checksum=require_checksum)
     progress(f"{file.name}: " + ("checksum matches, " if archive.checksum else "no checksum, ")
              + f"{archive.entries} entries readable by {archive.pg_restore}")
+    # Another bot's dump would hand this bot's role that bot's rows: only when the operator says so.
+    source = validate(from_bot).database if from_bot else names.database
+    if archive.dbname is not None and archive.dbname != source:
+        hint = (f"pass --from-bot NAME (the bot whose database {archive.dbname} was) to restore it into {name} anyway"
+                if not from_bot else f"--from-bot {from_bot} names database {source}")
+        raise InvalidInput(f"{file} is a dump of database {archive.dbname}, not of {names.database}: {hint}; "
+                           "nothing was restored")
     if roles.inspect(conn, names.role, read_verifier=False) is None or databases.inspect(conn, names.database) is None:
         raise ProvisionError(f"{name} is not provisioned on this server; run: provision add-bot {name}")
     password = project.env(name).password(names.role)

@@ -44,15 +44,20 @@ class RoleState:
     connection_limit: int
     settings: dict[str, str]
     comment: str | None
-    verifier: str | None  # only readable by a superuser
+    verifier: str | None  # only readable by a superuser (see verifier_read)
     members: list[str] = field(default_factory=list)
+    # settings made for the role in one database (ALTER ROLE ... IN DATABASE ... SET): database -> settings
+    database_settings: dict[str, list[str]] = field(default_factory=dict)
+    verifier_read: bool = False  # verifier was read: None then means the role has no password
 
 
 _INSPECT = """
 SELECT r.rolcanlogin, r.rolsuper, r.rolcreatedb, r.rolcreaterole, r.rolreplication,
        r.rolbypassrls, r.rolconnlimit,
        (SELECT s.setconfig FROM pg_db_role_setting s WHERE s.setrole = r.oid AND s.setdatabase = 0),
-       shobj_description(r.oid, 'pg_authid'), {verifier}
+       shobj_description(r.oid, 'pg_authid'), {verifier},
+       (SELECT coalesce(jsonb_object_agg(d.datname, to_jsonb(s.setconfig)), '{{}}'::jsonb)
+        FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase WHERE s.setrole = r.oid)
 FROM pg_roles r WHERE r.rolname = %(name)s
 """
 # pg_authid (the password verifiers) is readable by superusers only; the
@@ -71,7 +76,8 @@ def inspect(conn: psycopg.Connection, name: str, *, read_verifier: bool = True) 
         return None
     flags = dict(zip(REQUIRED_FLAGS, row[0:6]))
     settings = dict(item.split("=", 1) for item in (row[7] or []))
-    return RoleState(flags=flags, connection_limit=row[6], settings=settings, comment=row[8], verifier=row[9])
+    return RoleState(flags=flags, connection_limit=row[6], settings=settings, comment=row[8], verifier=row[9],
+                     database_settings=dict(row[10]), verifier_read=read_verifier)
 
 
 def _options(flags: list[str], connection_limit: int | None, verifier: str | None) -> sql.Composed:
@@ -102,6 +108,7 @@ class RoleDiff:
     connection_limit: int | None  # the spec's limit, when the role's differs
     settings: dict[str, str]  # key -> wanted value, for the ones that differ
     comment: bool  # the marker comment differs
+    database_settings: dict[str, list[str]] = field(default_factory=dict)  # to reset: the role's own defaults rule
 
 
 def diff(spec: RoleSpec, state: RoleState) -> RoleDiff:
@@ -110,7 +117,7 @@ def diff(spec: RoleSpec, state: RoleState) -> RoleDiff:
     wrong = [f for f, want in REQUIRED_FLAGS.items() if state.flags[f] != want]
     limit = spec.connection_limit if state.connection_limit != spec.connection_limit else None
     settings = {k: v for k, v in spec.settings.items() if state.settings.get(k) != v}
-    return RoleDiff(wrong, limit, settings, state.comment != spec.comment)
+    return RoleDiff(wrong, limit, settings, state.comment != spec.comment, dict(state.database_settings))
 
 
 def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifier: str | None) -> RoleDiff:
@@ -125,6 +132,8 @@ def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifie
             conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(value)))
         if d.comment:
             conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(spec.comment)))
+        for database in d.database_settings:
+            conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(ident, sql.Identifier(database)))
     return d
 
 

@@ -68,3 +68,35 @@ def test_on_its_own_embedded_server_botfleet_closes_the_maintenance_databases(sc
         subprocess.run([PROVISION, "server", "stop"], env=env, capture_output=True, timeout=120)
         scram_fleet.names.remove(name)  # it lives on the project's own embedded server, stopped with it
     assert os.path.isdir(root / ".botfleet" / "pgdata")
+
+
+def test_the_lock_message_names_who_holds_it(pg):
+    """Someone else's session holding botfleet's lock is not "another provision run"."""
+    from provisioning.db import advisory_lock, connect, ensure_state_database, with_database
+    from provisioning.errors import LockTimeout
+
+    with pg.connect() as conn:
+        ensure_state_database(conn)
+    url = with_database(pg.url, STATE_DATABASE)
+    name = f"lock-msg-{os.getpid()}"
+    with psycopg.connect(url, autocommit=True, application_name="by-hand") as other, connect(url) as mine:
+        other.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, lock_key(name)))
+        with pytest.raises(LockTimeout) as err:
+            with advisory_lock(mine, name, timeout_s=0.5):
+                pass
+        assert "a session that is not botfleet's" in str(err.value) and "application by-hand" in str(err.value)
+        other.execute("SELECT pg_advisory_unlock_all()")
+        with psycopg.connect(url, autocommit=True, application_name="botfleet-provision") as run:
+            run.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, lock_key(name)))
+            with pytest.raises(LockTimeout, match="another provision run"):
+                with advisory_lock(mine, name, timeout_s=0.5):
+                    pass
+
+
+def test_a_tools_error_is_its_cause_not_its_hint():
+    from provisioning.backup import tool_error
+
+    stderr = (b'pg_dump: error: connection to server at "127.0.0.1", port 1 failed: Connection refused\n'
+              b"\tIs the server running on that host and accepting TCP/IP connections?\n")
+    assert tool_error(stderr, 1) == 'connection to server at "127.0.0.1", port 1 failed: Connection refused'
+    assert tool_error(b"", 3) == "exit code 3"

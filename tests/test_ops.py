@@ -160,7 +160,17 @@ def test_restore_round_trip_preserves_every_row_as_the_bots_own_objects(fleet, p
     assert before["public.notes"][0] == 5003 and before["app.events"][0] == 3000
     (made,) = backup(fleet, src)
 
-    proc = fleet.run("restore", dst, made["path"])
+    # another bot's dump: its rows would become dst's; refused unless the operator names its bot
+    refused = fleet.run("restore", dst, made["path"])
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr
+    assert f"is a dump of database {db(src)}, not of {db(dst)}" in errors[0] and "--from-bot" in errors[0]
+    with pg.connect(db(dst)) as conn:
+        assert objects.content(objects.inventory(conn)) == [], "a refused restore changes nothing"
+    wrong = fleet.run("restore", dst, made["path"], "--from-bot", dst)
+    assert wrong.returncode == 2 and f"--from-bot {dst} names database {db(dst)}" in wrong.stderr
+
+    proc = fleet.run("restore", dst, made["path"], "--from-bot", src)
     assert proc.returncode == 0, proc.stderr
     assert "checksum verified" in proc.stdout
     assert fingerprint(pg, dst) == before
@@ -250,7 +260,7 @@ def test_restore_verifies_the_file_before_touching_anything(fleet, pg, admin, tm
     assert not (fleet.root / "backups" / target).exists()
 
     # A dump without a checksum is accepted when the operator says so.
-    proc = fleet.run("restore", target, str(unchecked), "--no-checksum")
+    proc = fleet.run("restore", target, str(unchecked), "--no-checksum", "--from-bot", name)
     assert proc.returncode == 0, proc.stderr
     assert fingerprint(pg, target) == fingerprint(pg, name)
 
@@ -271,7 +281,7 @@ def test_a_failed_restore_leaves_the_database_as_it_was(fleet, pg, admin):
         conn.execute("CREATE EVENT TRIGGER on_ddl ON ddl_command_end EXECUTE FUNCTION public.on_ddl()")
     (made,) = backup(fleet, src)
 
-    proc = fleet.run("restore", dst, made["path"], "--yes")
+    proc = fleet.run("restore", dst, made["path"], "--yes", "--from-bot", src)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "event trigger" in errors[0] and "left as it was" in errors[0]
@@ -493,7 +503,7 @@ def test_every_operation_works_for_an_admin_without_superuser(fleet, pg, admin):
         proc = fleet.run("backup", a, "--json", env=env)
         assert proc.returncode == 0, proc.stderr
         path = json.loads(proc.stdout)[0]["path"]
-        proc = fleet.run("restore", b, path, "--yes", env=env)
+        proc = fleet.run("restore", b, path, "--yes", "--from-bot", a, env=env)
         assert proc.returncode == 0, proc.stderr
         assert fingerprint(pg, b) == expected
         old = fleet.password(a)
@@ -531,3 +541,31 @@ def test_a_forged_marker_does_not_make_a_database_botfleets(fleet, admin):
         assert proc.returncode == 1 and "was not created by botfleet" in proc.stderr, (args, proc.stderr)
     assert snapshot(admin) == before
     assert admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (db(spoof),)).fetchone()[0] == 1
+
+
+def test_a_bot_undoing_its_own_limits_or_password_is_found_and_repaired(scram_fleet):
+    """What a bot can do to itself: settings of its own in its database (statement_timeout = 0
+    there overrides the registry's 30s) and a NULL password. Done as the bot, over SCRAM."""
+    fleet = scram_fleet
+    name = fleet.name("self")
+    fleet.add(name, "--db-host", "127.0.0.1")
+    port = fleet.server.embedded.status().port
+    with psycopg.connect(host="127.0.0.1", port=port, user=role(name), password=fleet.password(name), dbname=db(name),
+                         autocommit=True) as bot:
+        bot.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET statement_timeout = 0").format(
+            sql.Identifier(role(name)), sql.Identifier(db(name))))
+        bot.execute(sql.SQL("ALTER ROLE {} PASSWORD NULL").format(sql.Identifier(role(name))))
+    report = json.loads(fleet.run("doctor", "--json", "--ignore-stray", "*").stdout)
+    found = {f["check"]: f for f in report["remaining"] if f["bot"] == name}
+    assert f"has settings of its own in database {db(name)} (statement_timeout=0)" in found["limits"]["message"]
+    assert "has no password on the server" in found["password"]["message"]
+    details = {tuple(s["details"]) for s in json.loads(fleet.run("plan", "--json", "--no-migrate", "--ignore-stray",
+                                                                   "*").stdout)["steps"] if s["subject"] == name}
+    assert any(f"role settings in database {db(name)} (statement_timeout=0) reset" in d for d in next(iter(details)))
+    proc = fleet.run("add-bot", name, "--db-host", "127.0.0.1")
+    assert proc.returncode == 0 and "the role had none" in proc.stdout, proc.stdout + proc.stderr
+    with psycopg.connect(host="127.0.0.1", port=port, user=role(name), password=fleet.password(name), dbname=db(name),
+                         autocommit=True) as bot:
+        assert bot.execute("SHOW statement_timeout").fetchone()[0] == "30s"
+    report = json.loads(fleet.run("doctor", "--json", "--ignore-stray", "*").stdout)
+    assert [f for f in report["remaining"] if f["bot"] == name] == []

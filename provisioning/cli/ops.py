@@ -70,6 +70,9 @@ def restore_cmd(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Replace a database that is not empty (after backing it up).")] = False,
     no_checksum: Annotated[bool, typer.Option("--no-checksum", help="Accept a file without a .sha256 beside it "
                                               "(a dump botfleet did not write).")] = False,
+    from_bot: Annotated[Optional[str], typer.Option("--from-bot", help="The file is a dump of this other bot's database: "
+                                                    "restore it into NAME all the same (its rows become NAME's).",
+                                                    show_default=False)] = None,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -96,7 +99,7 @@ def restore_cmd(
 
     proj = project_of(project)
     result = commands.restore(proj, servers_of(proj, admin_url), name, file.expanduser().resolve(), confirm=confirm,
-                              require_checksum=not no_checksum, progress=say)
+                              require_checksum=not no_checksum, from_bot=from_bot, progress=say)
     if as_json:
         print_json(result.as_dict())
         return

@@ -1,0 +1,37 @@
+"""fleet.toml cannot be turned into a weapon: every command loads it through the one
+validation (the one plan uses), so a hand-edited entry that names another bot's database, a
+role that is not the bot's, a path as a bot name or a line break in a value is refused, in
+one line and with exit code 2, by doctor --fix, backup --all and the rest, before anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import snapshot, tree
+
+CASES = {
+    "another bot's database": ('[bots.beta]\ndatabase = "{victim_db}"\n', "database and role must be beta_db"),
+    "a role that is not the bot's": ('[bots.beta]\nrole = "ops_admin"\n', "database and role must be beta_db"),
+    "a path as a bot name": ('[bots."../../../tmp/x/pwned"]\n', "invalid bot name"),
+    "quotes in a bot name": ("[bots.\"Robert'); DROP ROLE postgres;--\"]\n", "invalid bot name"),
+    "a line break in db_host": ('[bots.beta]\ndb_host = "x\\nDATABASE_URL=postgresql://evil@h/db"\n', "is not a host name"),
+    "negative replicas": ('[bots.beta]\nreplicas = -5\n', "replicas must be between 1 and 100"),
+    "a path as a code": ('[bots.beta]\ncode = "../../../etc"\n', "is not a bot code name"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_command_refuses_a_weaponised_registry_before_anything(fleet, admin, case):
+    victim = fleet.name("victim")
+    fleet.add(victim)
+    table, why = CASES[case]
+    path = fleet.root / "fleet.toml"
+    path.write_text(path.read_text() + "\n" + table.format(victim_db=victim.replace("-", "_") + "_db"))
+    before, files = snapshot(admin), tree(fleet.root)
+    for args in (("doctor", "--fix"), ("backup", "--all"), ("plan",), ("apply",), ("list",), ("add-bot", victim),
+                 ("rotate-password", "--all"), ("render",), ("migrate", "--all")):
+        proc = fleet.run(*args)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and why in errors[0], (args, proc.stderr)
+    assert snapshot(admin) == before
+    assert tree(fleet.root) == files
