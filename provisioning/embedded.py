@@ -179,7 +179,7 @@ class EmbeddedServer:
                     parent.chmod(mode | 0o001)
 
     def init(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._prepare_os_user()
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
         self._chown(self.pgdata)
@@ -194,7 +194,7 @@ class EmbeddedServer:
     def start(self) -> Status:
         """Initialise on first use, then start if not running. Idempotent and safe
         against concurrent callers."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with file_lock(self._lock):
             if not (self.pgdata / "PG_VERSION").exists():
                 self.init()

@@ -38,8 +38,9 @@ def atomic_write(path: Path, data: str, *, mode: int = 0o644) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created if needed) for the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """An exclusive advisory lock on ``path`` (created if needed) for the block. Its folder is
+    made private (0700) when it does not exist yet: botfleet's state is nobody else's."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from .envfile import EnvFile
+from .errors import InvalidInput
 from .registry import Fleet, Registry
 
 
@@ -25,8 +27,29 @@ class Project:
     @property
     def fleet(self) -> Fleet:
         if self._fleet is None:
+            self.check_private()
             self._fleet = self.registry.load()
         return self._fleet
+
+    def check_private(self) -> None:
+        """Refuse (InvalidInput) a project whose secrets could be read or chosen by someone else:
+        secrets/, backups/ or .botfleet/ that is a symbolic link or writable by group or others,
+        or a bot's env file that is a symbolic link (botfleet would follow it and write a password
+        where another user decides). Run where fleet.toml is loaded: before any command acts."""
+        for folder in (self.root / "secrets", self.root / "backups", self.state_dir):
+            if folder.is_symlink():
+                raise InvalidInput(f"{folder} is a symbolic link: botfleet keeps secrets and state only in a folder "
+                                   "of the project's own (replace the link with a real folder)")
+            if folder.is_dir() and folder.stat().st_mode & 0o022:
+                mode = stat.S_IMODE(folder.stat().st_mode)
+                raise InvalidInput(f"{folder} is writable by group or others (mode {mode:04o}): another user could "
+                                   f"swap its files; chmod go-w {folder}")
+        secrets = self.root / "secrets"
+        if secrets.is_dir():
+            for path in sorted(secrets.glob("*.env")):
+                if path.is_symlink():
+                    raise InvalidInput(f"{path} is a symbolic link: a bot's credentials file must be a file of its own "
+                                       "(replace the link with the file)")
 
     def reload(self) -> Fleet:
         self._fleet = None

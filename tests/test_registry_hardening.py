@@ -35,3 +35,39 @@ def test_every_command_refuses_a_weaponised_registry_before_anything(fleet, admi
         assert proc.returncode == 2 and len(errors) == 1 and why in errors[0], (args, proc.stderr)
     assert snapshot(admin) == before
     assert tree(fleet.root) == files
+
+
+@pytest.mark.parametrize("make", ["secrets-link", "env-link", "secrets-group-writable", "backups-world-writable",
+                                  "state-link"])
+def test_symlinks_and_loose_folders_under_the_project_are_refused(fleet, admin, tmp_path, make):
+    """A secrets/ (or an env file) that is a link lets another local user choose where a bot's
+    password goes; a group- or world-writable folder lets them swap its files."""
+    name = fleet.name("priv")
+    fleet.add(name)
+    root = fleet.root
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o777)
+    if make == "secrets-link":
+        (root / "secrets").rename(elsewhere / "secrets")
+        (root / "secrets").symlink_to(elsewhere / "secrets")
+    elif make == "env-link":
+        env = root / "secrets" / f"{name}.env"
+        env.rename(elsewhere / "x.env")
+        env.symlink_to(elsewhere / "x.env")
+    elif make == "secrets-group-writable":
+        (root / "secrets").chmod(0o770)
+    elif make == "backups-world-writable":
+        (root / "backups").mkdir()
+        (root / "backups").chmod(0o777)
+    else:
+        (root / ".botfleet").rename(elsewhere / "state")
+        (root / ".botfleet").symlink_to(elsewhere / "state")
+    before, files = snapshot(admin), tree(root)
+    targets = {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()}
+    for args in (("add-bot", name, "--rotate-password"), ("doctor", "--fix"), ("backup", "--all"), ("list",)):
+        proc = fleet.run(*args)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1, (args, proc.stderr)
+        assert "symbolic link" in errors[0] or "writable by group or others" in errors[0], errors
+    assert snapshot(admin) == before and tree(root) == files
+    assert {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()} == targets, "nothing written through a link"
