@@ -135,9 +135,8 @@ def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set
         out += _inside(server, entry, observed.extra)
     needed = settings.missing(project, entry.name, settings.of(observed.env))
     if needed:
-        hint = settings.missing_hint(entry.name, needed)
         out.append(Finding("config", entry.name, f"{entry.name} lacks {', '.join(needed)}, which its code requires: "
-                           "it would crash-loop on start", hint[hint.index("(") + 1:-1], False))
+                           "it would crash-loop on start", settings.set_command(entry.name, needed), False))
     path = observed.env.path
     if observed.env.exists:
         mode = stat.S_IMODE(path.stat().st_mode)

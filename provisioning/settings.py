@@ -107,10 +107,14 @@ def missing(project: Project, bot: str, have: Mapping[str, str] | None = None) -
     return [key for key in required_settings(project.root, project.fleet.bots[bot].code) if not have.get(key)]
 
 
+def set_command(bot: str, keys: list[str]) -> str:
+    """The command that sets ``keys`` (never a value)."""
+    return f"provision config set {bot} " + " ".join(f"{k}=..." for k in keys)
+
+
 def missing_hint(bot: str, keys: list[str]) -> str:
-    """One line: what is missing and the command that sets it (never a value)."""
-    example = " ".join(f"{k}=..." for k in keys)
-    return f"{bot} needs {', '.join(keys)} (provision config set {bot} {example})"
+    """One line: what is missing and the command that sets it."""
+    return f"{bot} needs {', '.join(keys)} ({set_command(bot, keys)})"
 
 
 @dataclass
