@@ -216,8 +216,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
     provision = {
         # compose recreates (so runs again) a one-shot whose definition changed, else it keeps the
         # exited container: this label changes with fleet.toml and every credentials file it reads.
-        "fleet_sha256": _sha(registry_text + "".join(s["key"] + _sha(s["target"]) for s in provision_secrets)
-                             + "".join(d["name"] for d in secret_defs), 64),
+        "fleet_sha256": _sha(registry_text + "".join(d["name"] for d in secret_defs), 64),  # names carry hashes
         # Converges the server, then migrates each bot as its own role, straight to postgres (never
         # through PgBouncer: a migration holds a session lock). A bot whose migration failed is kept
         # down by its own container's schema check, not the whole fleet.
