@@ -71,11 +71,13 @@ def do_run_migrations(connection: Connection) -> None:
 async def run_async_migrations() -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
+    from shared.database import tls_arguments
     from shared.settings import DatabaseSettings
 
     code = config.get_main_option("botfleet_code") or "bot"
     settings = DatabaseSettings.from_env(code.replace("_", "-"))
-    engine = create_async_engine(settings.url, poolclass=pool.NullPool)
+    url, connect_args = (settings.url, {}) if settings.is_sqlite else tls_arguments(settings.url, settings.source)
+    engine = create_async_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(do_run_migrations)

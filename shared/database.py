@@ -8,16 +8,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.engine import URL
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from .settings import ConfigError, DatabaseSettings
+
+
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def tls_arguments(url: URL, source: str) -> tuple[URL, dict[str, Any]]:
+    """libpq's ``sslmode``/``sslrootcert`` in a URL (the compose stack's bots get
+    ``sslmode=verify-full&sslrootcert=...``), as asyncpg's ``ssl`` argument: SQLAlchemy would
+    hand them to asyncpg as keywords it does not know. Other query parameters pass through."""
+    query = dict(url.query)
+    mode, root = query.pop("sslmode", None), query.pop("sslrootcert", None)
+    if mode is None and root is None:
+        return url, {}
+    mode = str(mode or "prefer")
+    if mode not in _SSL_MODES:
+        raise ConfigError(f"{source}: sslmode must be one of {', '.join(_SSL_MODES)}")
+    url = url.set(query=query)
+    if mode == "disable":
+        return url, {"ssl": False}
+    if mode in ("allow", "prefer", "require"):
+        return url, {"ssl": mode}
+    try:
+        context = ssl.create_default_context(cafile=str(root) if root else None)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"{source}: cannot load sslrootcert {root}: {getattr(err, 'strerror', None) or err}") from None
+    context.check_hostname = mode == "verify-full"
+    return url, {"ssl": context}
 
 
 def make_engine(settings: DatabaseSettings, *, application_name: str | None = None, echo: bool = False) -> AsyncEngine:
@@ -28,6 +57,7 @@ def make_engine(settings: DatabaseSettings, *, application_name: str | None = No
     every session sees the same data).
     """
     kwargs: dict[str, Any] = {"echo": echo}
+    url = settings.url
     if settings.is_sqlite:
         if settings.url.database in (None, "", ":memory:"):
             kwargs["poolclass"] = StaticPool
@@ -36,10 +66,13 @@ def make_engine(settings: DatabaseSettings, *, application_name: str | None = No
             pool_size=settings.pool_size, max_overflow=settings.max_overflow, pool_timeout=settings.pool_timeout,
             pool_recycle=settings.pool_recycle, pool_pre_ping=True,
         )
+        url, connect_args = tls_arguments(url, settings.source)
         if application_name:
-            kwargs["connect_args"] = {"server_settings": {"application_name": application_name}}
+            connect_args["server_settings"] = {"application_name": application_name}
+        if connect_args:
+            kwargs["connect_args"] = connect_args
     try:
-        return create_async_engine(settings.url, **kwargs)
+        return create_async_engine(url, **kwargs)
     except (NoSuchModuleError, ImportError) as err:
         missing = getattr(err, "name", None) or settings.url.drivername
         raise ConfigError(

@@ -22,6 +22,7 @@ a failure per remaining test; an embedded server's log is kept when the session 
 from __future__ import annotations
 
 import functools
+import glob
 import logging
 import os
 import re
@@ -231,6 +232,15 @@ _EMBEDDED: list[EmbeddedServer] = []  # every embedded cluster this session star
 _URLS: list[str] = []  # every server URL handed to tests
 _KEPT_LOGS: list[Path] = []  # embedded server logs kept for a failed session
 _STATE = {"last_failed": False, "server_down": False}
+
+
+def tls_binaries() -> Path:
+    """The machine's PostgreSQL binaries (Debian's), for what needs TLS: the embedded wheel's are
+    built without it, and the stack's rendered postgresql.conf turns it on."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
+    if not found:
+        pytest.fail("no PostgreSQL binaries built with TLS under /usr/lib/postgresql (Debian's postgresql package)")
+    return Path(found[-1]).parent
 
 
 def _log_tail(path: Path, lines: int = 40) -> str:

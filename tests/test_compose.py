@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tomllib
@@ -20,7 +21,7 @@ import pytest
 from provisioning import compose_check
 from provisioning.registry import Registry
 
-from .conftest import assert_no_leak, provision, snapshot, tree
+from .conftest import assert_no_leak, provision, snapshot, tls_binaries, tree
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("BOTFLEET_REGEN_GOLDEN") == "1"
@@ -93,6 +94,12 @@ def make_project(root: Path, *, pgbouncer: bool = False) -> Path:
     for bot in ("hello-bot", "chat-bot", "acme-support"):
         write_env(root, bot, host, port)
     (root / "secrets" / "postgres-password").write_text(ADMIN_FAKE + "\n")
+    # A fixed TLS pair (a test key, made for these golden files), so the output is the same every time.
+    (root / "deploy").mkdir(exist_ok=True)
+    shutil.copyfile(GOLDEN / "tls" / "postgres-tls.crt", root / "deploy" / "postgres-tls.crt")
+    key = root / "secrets" / "postgres-tls.key"
+    shutil.copyfile(GOLDEN / "tls" / "postgres-tls.key", key)
+    key.chmod(0o600)
     return root
 
 
@@ -119,6 +126,7 @@ def test_render_matches_golden_files(tmp_path, pgbouncer):
     check_golden(root, "compose.yaml", f"compose{suffix}.yaml")
     check_golden(root, "compose.stack.yaml", f"compose{suffix}.stack.yaml")
     check_golden(root, "deploy/postgresql.conf", "postgresql.conf")
+    check_golden(root, "deploy/pg_hba.conf", "pg_hba.conf")
     if pgbouncer:
         check_golden(root, "deploy/pgbouncer.ini", "pgbouncer.ini")
     assert "not in the stack: no-code-yet: no code under bots/ yet" in proc.stdout
@@ -310,7 +318,7 @@ def test_postgresql_conf_is_read_by_a_real_postgres(tmp_path):
 
     root = make_project(tmp_path / "fleet")
     assert run(root, "render", "--postgres-memory", "1G").returncode == 0
-    server = EmbeddedServer(tmp_path / "pg" / ".botfleet")
+    server = EmbeddedServer(tmp_path / "pg" / ".botfleet", bin_dir=tls_binaries())  # the conf turns TLS on
     server.init()
     conf = server.state_dir / "rendered.conf"
     conf.write_text((root / "deploy/postgresql.conf").read_text())
