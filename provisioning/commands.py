@@ -885,3 +885,15 @@ def config_list(project: Project, bot: str) -> ConfigListing:
     except InvalidInput:
         pass  # no code under bots/ yet: its name as fleet.toml gives it
     return ConfigListing(bot, code, str(project.env_path(bot)), values, list(required), missing)
+
+
+# --------------------------------------------------------------------------- one bot from the shell: info, env, run, psql
+
+# The verbs live in the ``access`` service (how the host reaches a bot); here so that every
+# command stays one function of this module.
+from .access import BotEnvironment, BotInfo  # noqa: E402,F401
+from .access import environment as bot_env  # noqa: E402,F401
+from .access import info as bot_info  # noqa: E402,F401
+from .access import psql as bot_psql  # noqa: E402,F401
+from .access import run as bot_run  # noqa: E402,F401
+from .access import stored_url as bot_url  # noqa: E402,F401

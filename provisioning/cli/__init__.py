@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from . import bots, config, fleet, migrations, ops, stack  # noqa: F401 - each registers its commands on `app`
+from . import bots, config, everyday, fleet, migrations, ops, stack  # noqa: F401 - each registers its commands on `app`
 from .common import app
 
 __all__ = ["app", "main", "run"]
@@ -37,11 +37,22 @@ def run(argv: list[str] | None = None) -> int:
             code = 2
         elif getattr(err, "exit_code", None) == 2 and hasattr(err, "format_message"):
             hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            _json_error(argv, f"{err.format_message()}{hint}", 2)
             typer.secho(f"error: {err.format_message()}{hint}", err=True, fg=typer.colors.RED)
             code = 2
         else:
             raise
     return code if isinstance(code, int) else 0
+
+
+def _json_error(argv: list[str] | None, message: str, code: int) -> None:
+    """A usage error of a --json run is also a JSON object on stdout (as the commands' errors
+    are: common.fail); ``--json`` after ``--`` belongs to the command ``run`` runs."""
+    import json
+
+    args = sys.argv[1:] if argv is None else argv
+    if "--json" in (args[:args.index("--")] if "--" in args else args):
+        typer.echo(json.dumps({"error": message, "exit_code": code}))
 
 
 def main() -> None:
