@@ -340,7 +340,7 @@ def test_rotate_all_and_refusals(fleet, admin):
         assert proc.returncode == 2 and needle in proc.stderr
     assert {n: fleet.password(n) for n in (a, b)} == before
 
-    proc = fleet.run("rotate-password", "--all", "--json")
+    proc = fleet.run("rotate-password", "--all", "--yes", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert sorted(r["bot"] for r in out["rotated"]) == sorted([a, b])

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from .common import (
-    AdminUrlOpt, AllOpt, BotsArg, JsonOpt, ProjectOpt, app, command, confirm_or_refuse, print_json, print_table,
-    project_of, say, server_app, servers_of, size,
+    AdminUrlOpt, AllOpt, BotsArg, JsonOpt, ProjectOpt, app, command, confirm_by_typing, confirm_or_refuse, print_json,
+    print_table, project_of, say, server_app, servers_of, size,
 )
 
 
@@ -111,7 +111,7 @@ def remove_bot(
     validate(name)
     if not yes:
         what = "WITHOUT a backup" if no_backup else "after a pg_dump backup"
-        confirm_or_refuse(f"Drop bot {name!r} (database, role, credentials) {what}?",
+        confirm_by_typing(name, f"remove-bot drops {name}'s database, role and credentials {what}.",
                           f"remove-bot {name} drops its database: pass --yes to confirm")
     proj = project_of(project)
     result = commands.remove_bot(proj, servers_of(proj, admin_url), name, backup=not no_backup, server=server,
@@ -166,6 +166,7 @@ def list_cmd(
 def rotate_cmd(
     bots: BotsArg = None,
     all_bots: AllOpt = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="With --all: do not ask for confirmation.")] = False,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -177,6 +178,8 @@ def rotate_cmd(
     container right away with the command printed at the end. One bot's
     failure never stops the others (exit code 1 if any failed).
 
+    --all asks first (or needs --yes).
+
     Example: provision rotate-password hello-bot && docker compose up -d --force-recreate hello-bot
     """
     from .. import commands
@@ -186,6 +189,9 @@ def rotate_cmd(
     if not chosen:
         typer.echo("no bots in the registry: provision add-bot NAME")
         return
+    if all_bots and not yes:
+        confirm_or_refuse(f"Give all {len(chosen)} bots new passwords (each container then needs recreating)?",
+                          "rotate-password --all changes every bot's password: pass --yes to confirm")
     result = commands.rotate_password(proj, servers_of(proj, admin_url), chosen, progress=say)
     if as_json:
         print_json(result.as_dict())

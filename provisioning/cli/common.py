@@ -55,7 +55,16 @@ def say(msg: str) -> None:
     typer.secho(msg, err=True, fg=typer.colors.BRIGHT_BLACK)
 
 
-def fail(msg: str, code: int) -> typer.Exit:
+def fail(msg: str, code: int, *, as_json: bool = False) -> typer.Exit:
+    """The error's one red line on stderr (and, for a --json run, ``{"error", "exit_code"}``
+    on stdout, so a script reading stdout sees the failure too); the Exit to raise."""
+    if as_json:
+        import json
+
+        try:
+            typer.echo(json.dumps({"error": msg, "exit_code": code}))
+        except BrokenPipeError:
+            pass
     typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
 
@@ -78,8 +87,22 @@ def confirm_or_refuse(question: str, refusal: str) -> None:
 
     if not sys.stdin.isatty():
         raise InvalidInput(refusal)
-    if not typer.confirm(question, default=False):
+    if not typer.confirm(question, default=False, err=True):  # stdout may be --json
         raise fail("aborted; nothing was changed", 1)
+
+
+def confirm_by_typing(expected: str, warning: str, refusal: str) -> None:
+    """Ask the operator to type ``expected`` (a bot's name, as dokku does before it destroys
+    something): a reflexive "y" cannot confirm it. Without a terminal, refuse with ``refusal``
+    (InvalidInput, nothing changed); anything else typed aborts (exit 1, nothing changed)."""
+    from ..errors import InvalidInput
+
+    if not sys.stdin.isatty():
+        raise InvalidInput(refusal)
+    typer.secho(warning, err=True, fg=typer.colors.YELLOW)
+    typed = typer.prompt(f"Type {expected} to confirm", default="", show_default=False, err=True)
+    if typed.strip() != expected:
+        raise fail(f"what was typed is not {expected}; aborted, nothing was changed", 1)
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -90,27 +113,29 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from ..errors import ProvisionError
 
+        as_json = bool(kwargs.get("as_json"))  # under --json an error is also a JSON object on stdout
+        failed = functools.partial(fail, as_json=as_json)
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except ProvisionError as err:
-            raise fail(str(err), err.exit_code) from None
+            raise failed(str(err), err.exit_code) from None
         except BrokenPipeError:
             # stdout closed early (`provision list | head`): not an error worth a word.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             raise typer.Exit(1) from None
         except OSError as err:
-            raise fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err), 1) from None
+            raise failed(f"{err.strerror or err}: {err.filename}" if err.filename else str(err), 1) from None
         except KeyboardInterrupt:
-            raise fail("interrupted; run the command again to finish (it converges)", 130) from None
+            raise failed("interrupted; run the command again to finish (it converges)", 130) from None
         except Exception as err:  # noqa: BLE001 - the boundary
             diag = getattr(err, "diag", None)
             if type(err).__module__.startswith("psycopg") and diag is not None and diag.message_primary:
                 # A server-side refusal (permissions, a concurrent DROP, ...): its primary
                 # message is one line and never carries a password.
-                raise fail(f"PostgreSQL refused: {diag.message_primary}", 1) from None
+                raise failed(f"PostgreSQL refused: {diag.message_primary}", 1) from None
             project = kwargs.get("project") or Path.cwd()
             log = Path(project) / ".botfleet" / "provision.log"
             try:
@@ -120,7 +145,7 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
                 where = f"details in {log}"
             except OSError:
                 where = "details could not be logged"
-            raise fail(f"unexpected {type(err).__name__} (this is a bug in botfleet); {where}", 1) from None
+            raise failed(f"unexpected {type(err).__name__} (this is a bug in botfleet); {where}", 1) from None
 
     return wrapper
 
