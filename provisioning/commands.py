@@ -212,7 +212,12 @@ def _migrate_new_bot(project: Project, url: str, name: str, progress: Progress) 
 def remove_bot(project: Project, servers: Servers, name: str, *, backup: bool = True, server: str | None = None,
                progress: Progress = _quiet) -> reconcile.Removed:
     """Back up (pg_dump -Fc into backups/NAME/), then drop a bot's database, role, env file and
-    registry entry. ``server``: where a bot that fleet.toml no longer names lives."""
+    registry entry. ``server``: where a bot that fleet.toml no longer names lives.
+
+    A bot fleet.toml no longer names is removed only from a server that has its database or
+    role: when the server chosen (``server``, else the default one) has neither, nothing is
+    removed, its env file (the only copy of its password) is kept, and the refusal
+    (InvalidInput) names the server that has them (``--server NAME``)."""
     validate(name)
     entry = project.fleet.bots.get(name)
     where = entry.server if entry is not None else (server or DEFAULT_SERVER)
@@ -221,11 +226,59 @@ def remove_bot(project: Project, servers: Servers, name: str, *, backup: bool = 
     with servers.opened(where) as srv:
         assert srv.admin is not None
         validate(name, admin_role=srv.admin.role)
+        if entry is None and not _has_bot(srv, name):
+            _refuse_unplaced(project, servers, name, where)
         result = reconcile.remove(srv, project, name, backup=backup, progress=progress)
     warning = compose.rerender_if_present(project)
     if warning:
         progress(warning)
     return result
+
+
+def _has_bot(server: Server, name: str) -> bool:
+    """Whether ``server`` (open) holds the bot's database or its role."""
+    from . import databases, roles
+
+    assert server.conn is not None
+    names = derive(name)
+    return (roles.inspect(server.conn, names.role, read_verifier=False) is not None
+            or databases.inspect(server.conn, names.database) is not None)
+
+
+def _refuse_unplaced(project: Project, servers: Servers, name: str, where: str) -> None:
+    """For a bot fleet.toml does not name and server ``where`` does not hold: refuse (InvalidInput,
+    nothing changed), naming the fleet's server that holds it, or, when none does, keeping its env
+    file (a server fleet.toml does not name may hold it). Returns when there is nothing anywhere
+    (no env file either): removing it is then a no-op."""
+    found, unreached = [], []
+    for other in servers.fleet_wide():
+        if other == where:
+            continue
+        try:
+            with servers.opened(other) as srv:
+                if _has_bot(srv, name):
+                    found.append(other)
+        except ProvisionError:
+            unreached.append(other)
+    env_path = project.env_path(name)
+    kept = f"; its credentials {env_path} are kept" if env_path.exists() else ""
+    if found:
+        raise InvalidInput(f"{name} is not in fleet.toml and server {where} has no database or role of it; server "
+                           f"{found[0]} has: provision remove-bot {name} --server {found[0]} (nothing was changed{kept})")
+    if not env_path.exists():
+        return
+    from .envfile import EnvFile
+
+    creds = EnvFile.read(env_path).credentials()
+    points = f" (its DATABASE_URL points at {creds.host}:{creds.port}/{creds.database})" if creds else ""
+    looked = [where] + [n for n in servers.fleet_wide() if n != where and n not in unreached]
+    missed = f"; server {', '.join(unreached)} not reached" if unreached else ""
+    raise InvalidInput(
+        f"{name} is not in fleet.toml and no database or role of it is on {'server' if len(looked) == 1 else 'servers'} "
+        f"{', '.join(looked)}{missed}; "
+        f"its credentials {env_path}{points} are kept, the only copy of its password: if a server fleet.toml "
+        f"does not name holds it, add it as [servers.NAME] and run provision remove-bot {name} --server NAME; "
+        "if the bot is gone, delete the file yourself (nothing was changed)")
 
 
 _LIVE_DATABASES = """

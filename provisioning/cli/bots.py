@@ -101,7 +101,7 @@ def remove_bot(
 ) -> None:
     """Back up (pg_dump -Fc into backups/NAME/), then drop a bot's database, role, env file and registry entry.
 
-    Asks first (or needs --yes). Removing a bot that is already gone is harmless.
+    Asks first (or needs --yes). Removing a bot that is already gone is harmless. A bot fleet.toml no longer names is removed from --server (default: the default server) only if that server holds its database or role; else nothing is removed, its env file is kept, and the error names the server that holds it.
 
     Example: provision remove-bot hello-bot --yes
     """
