@@ -13,7 +13,10 @@ The model (documented in compose/README.md):
   + 24 MB for the background processes;
 - each connection costs work_mem + 3 MB (an idle backend that has run queries
   holds ~2.5 MB of private memory; bench/bench_load.py measures it);
-- max_connections: the operator's number, or (M - fixed) / per-connection cost;
+- max_connections: the operator's number, or (M - fixed) / per-connection cost
+  with both counted at their exact shares of M (work_mem as M/256, not rounded
+  down), so that more memory never affords fewer connections and a refusal's
+  memory advice is a value that fits (see ``derived_max_connections``);
 - reserve: superuser_reserved_connections (3) + the provisioner's margin (2:
   an admin session and a pg_dump);
 - each bot's share is its role's CONNECTION LIMIT, ``(pool_size +
@@ -153,21 +156,68 @@ class Tuning:
 def tune(server: StackSettings) -> Tuning:
     """The postgres settings derived from the memory limit (and max_connections, if set)."""
     validate_stack(server)
-    mem = memory_mb(server.postgres_memory, "postgres_memory")
-    tuning = Tuning(
+    return tuning_for(memory_mb(server.postgres_memory, "postgres_memory"), server.max_connections)
+
+
+def _work_mem_mb(mem: int) -> int:
+    """work_mem for a memory limit: M/256, 1-64 MB (rounded down)."""
+    return min(max(mem // 256, 1), 64)
+
+
+def derived_max_connections(mem: int) -> int:
+    """max_connections derived from a memory limit M (MB, at least 128), never fewer at a larger M.
+
+    What M affords once the fixed part is taken, each connection charged the backend's 3 MB
+    plus work_mem's exact share of M (M/256, 1-64 MB), not the rounded work_mem: the rounded
+    one steps up by 1 MB every 256 MB, which made the count fall as the memory rose (768M
+    afforded fewer than 704M). The fixed part is its exact share, 1/4 + 1/16 + 2 x 1/64 of M,
+    plus the background processes. Both exact shares are at least what the rounded settings
+    take, so the memory estimate always fits; on a multiple of 256M the count is the rounded
+    model's own. Then within MIN_CONNECTIONS-MAX_CONNECTIONS."""
+    share = 16 + 4 + AUTOVACUUM_WORKERS  # the fixed part in 64ths of M
+    free_64ths = (64 - share) * mem - 64 * BACKGROUND_MB  # 64 x (M - fixed)
+    per_256ths = min(max(mem, 256), 64 * 256) + 256 * CONNECTION_OVERHEAD_MB  # 256 x a connection's cost
+    afford = free_64ths * 4 // per_256ths
+    return min(max(afford, MIN_CONNECTIONS), MAX_CONNECTIONS)
+
+
+def tuning_for(mem: int, max_connections: int = 0) -> Tuning:
+    """The tuning of a memory limit (MB), with max_connections set (or 0: derived from it)."""
+    derived = max_connections == 0
+    return Tuning(
         memory_mb=mem,
         shared_buffers_mb=mem // 4,
         effective_cache_size_mb=mem // 2,
         maintenance_work_mem_mb=max(mem // 16, 8),
         autovacuum_work_mem_mb=max(mem // 64, 2),
-        work_mem_mb=min(max(mem // 256, 1), 64),
-        max_connections=server.max_connections,
-        max_connections_derived=server.max_connections == 0,
+        work_mem_mb=_work_mem_mb(mem),
+        max_connections=derived_max_connections(mem) if derived else max_connections,
+        max_connections_derived=derived,
     )
-    if tuning.max_connections_derived:
-        afford = (mem - tuning.fixed_mb) // tuning.per_connection_mb
-        tuning = Tuning(**{**asdict(tuning), "max_connections": min(max(afford, MIN_CONNECTIONS), MAX_CONNECTIONS)})
-    return tuning
+
+
+ADVICE_STEP_MB = 64
+ADVICE_LIMIT_MB = 1024 * 1024  # 1T: beyond it the advice is not memory
+
+
+def memory_to_fit(connections: int, max_connections: int, memory: int) -> int | None:
+    """The smallest memory limit (MB: ``memory`` itself, else a multiple of 64M above it) whose
+    tuning has ``connections`` and fits its memory estimate, with ``max_connections`` set (or 0:
+    derived from the memory). None when no memory up to 1T does."""
+    mem = max(memory, 128)
+    while mem <= ADVICE_LIMIT_MB:
+        t = tuning_for(mem, max_connections)
+        if t.max_connections >= connections and t.memory_estimate_mb <= mem:
+            return mem
+        if t.max_connections_derived and t.max_connections >= MAX_CONNECTIONS:
+            return None  # derived: more memory gives no more connections
+        mem = (mem // ADVICE_STEP_MB + 1) * ADVICE_STEP_MB
+    return None
+
+
+def memory_text(mb: int) -> str:
+    """Megabytes as --postgres-memory takes them (1G, 1216M)."""
+    return f"{mb // 1024}G" if mb % 1024 == 0 else f"{mb}M"
 
 
 @dataclass(frozen=True)
@@ -281,17 +331,79 @@ def explain(budget: Budget, what: str) -> str:
         return (f"{problem}; nothing was changed. Options: raise that server's max_connections in fleet.toml "
                 "(if the server really allows that many), shrink pools (--pool-size 1 --max-overflow 1), "
                 "or place the bot on another server (--server NAME)")
-    per_mb = t.per_connection_mb
-    more_mb = t.memory_mb + max(-budget.headroom, 0) * per_mb + max(t.memory_estimate_mb - t.memory_mb, 0)
-    options = [f"raise the memory (provision render --postgres-memory {-(-more_mb // 64) * 64}M)"]
+    need = budget.reserve + budget.total
+    options = []
     if budget.headroom < 0:
-        options.append(f"raise max_connections (--max-connections {t.max_connections - budget.headroom}, if memory allows)")
+        # Each option is a value that fits this fleet (the tuning recomputed for it), or is left out.
+        derived = memory_to_fit(need, 0, t.memory_mb)
+        if derived is not None:
+            options.append(f"raise the memory (provision render --postgres-memory {memory_text(derived)}"
+                           + ("" if t.max_connections_derived else " --max-connections 0") + ")")
+        fixed = memory_to_fit(need, need, t.memory_mb)
+        if fixed is not None and need <= MAX_CONNECTIONS:
+            options.append(f"raise max_connections (provision render --max-connections {need}"
+                           + ("" if fixed == t.memory_mb else f" --postgres-memory {memory_text(fixed)}") + ")")
         options.append("shrink pools (provision add-bot NAME --pool-size 1 --max-overflow 1)")
         if not budget.pgbouncer:
             options.append("or put PgBouncer in front (provision render --pgbouncer)")
     else:
+        more = memory_to_fit(t.max_connections, t.max_connections, t.memory_mb)
+        if more is not None:
+            options.append(f"raise the memory (provision render --postgres-memory {memory_text(more)})")
         options.append("or lower --max-connections (0 derives it from the memory)")
     return f"{problem}; nothing was changed. Options: " + ", ".join(options)
+
+
+@dataclass(frozen=True)
+class ServerRoom:
+    """A server that botfleet does not size (the default server when no stack is rendered): its
+    own max_connections less its superuser_reserved_connections, against the fleet's bots there,
+    each counted at its role's CONNECTION LIMIT. Other users of that server are not counted."""
+
+    server: str
+    max_connections: int
+    superuser_reserved_connections: int
+    limits: dict[str, int] = field(default_factory=dict)  # bot -> its role's CONNECTION LIMIT
+
+    @property
+    def available(self) -> int:
+        return self.max_connections - self.superuser_reserved_connections
+
+    @property
+    def total(self) -> int:
+        return sum(self.limits.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.available
+
+
+def server_room(fleet: Fleet, server: str, max_connections: int, superuser_reserved: int,
+                extra: BotEntry | None = None) -> ServerRoom:
+    """The room on ``server`` (its settings as the server reports them) for the fleet's bots placed
+    there, with ``extra`` added (or replacing its namesake) when it goes there."""
+    bots = fleet.on(server)
+    if extra is not None:
+        bots.pop(extra.name, None)
+        if extra.server == server:
+            bots[extra.name] = extra
+    return ServerRoom(server, max_connections, superuser_reserved,
+                      {name: bots[name].connection_limit for name in sorted(bots)})
+
+
+def require_room(room: ServerRoom, what: str) -> None:
+    """Raise BudgetExceeded, in one line with the numbers and the ways out, when the bots'
+    connection limits do not fit the server's own max_connections."""
+    if room.fits:
+        return
+    raise BudgetExceeded(
+        f"{what} needs {room.total} connections (the connection limits of {len(room.limits)} bots on server "
+        f"{room.server}) but it allows {room.available} (max_connections {room.max_connections} - "
+        f"superuser_reserved_connections {room.superuser_reserved_connections}): {room.total - room.available} "
+        "too many; nothing was changed. Options: fewer replicas or smaller pools (--replicas 1, --pool-size 1 "
+        "--max-overflow 1: a bot's limit is (pool_size + max_overflow) x replicas + 1), or raise that server's "
+        f"max_connections (ALTER SYSTEM SET max_connections = {room.total + room.superuser_reserved_connections}, "
+        "then restart it)")
 
 
 def require_fit(budget: Budget, what: str) -> None:

@@ -187,10 +187,33 @@ def add_bot(project: Project, servers: Servers, name: str, opts: BotOptions | No
         opts = dataclasses.replace(opts, server=place(fleet, entry))
         progress(f"placing {name} on server {opts.server} (the most headroom)")
     with servers.opened(opts.server or entry.server) as server:
+        _require_server_room(server, project, dataclasses.replace(entry, server=server.name))
         result = provision_on(server, project, name, opts, progress=progress)
     if migrate and result.has_code:
         result.migration = _migrate_new_bot(project, server.url, name, progress)
     return result
+
+
+_SERVER_LIMITS = ("SELECT current_setting('max_connections')::int, "
+                  "current_setting('superuser_reserved_connections')::int")
+
+
+def _require_server_room(server: Server, project: Project, entry: BotEntry) -> None:
+    """add-bot's connection budget on the default server when no stack is rendered (with one, the
+    stack's budget holds: compose.require_room): the server's own max_connections less its
+    superuser_reserved_connections must hold the fleet's connection limits there, this bot's
+    included. Refused (BudgetExceeded, exit 2) before any change; a rerun of a bot that asks for
+    no more connections than it has is never refused, so drift can always be repaired."""
+    if entry.server != DEFAULT_SERVER or compose.stack_present(project.root):
+        return
+    assert server.conn is not None
+    max_connections, reserved = server.conn.execute(_SERVER_LIMITS).fetchone()
+    fleet = project.fleet
+    after = budgets.server_room(fleet, entry.server, max_connections, reserved, extra=entry)
+    known = entry.name in fleet.bots
+    if after.fits or (known and after.total <= budgets.server_room(fleet, entry.server, max_connections, reserved).total):
+        return
+    budgets.require_room(after, f"resizing {entry.name}" if known else f"adding {entry.name}")
 
 
 def _migrate_new_bot(project: Project, url: str, name: str, progress: Progress) -> Outcome | None:
@@ -802,14 +825,18 @@ def budget(project: Project, **preview: Any) -> dict[str, budgets.Budget]:
 
 def render(project: Project, *, allow_missing_config: bool = False, progress: Progress = _quiet,
            **settings: Any) -> compose.RenderResult:
-    """Write the compose stack from fleet.toml; ``settings`` change [server] first (saved once
-    they are valid and the fleet fits them). A bot that lacks a setting its code requires is
-    refused unless ``allow_missing_config``."""
+    """Write the compose stack from fleet.toml; ``settings`` change [server] first. A bot that
+    lacks a setting its code requires is refused unless ``allow_missing_config``.
+
+    A refused render changes nothing: the whole stack is planned and checked with the new
+    settings (budget, credentials, settings, validation, files botfleet did not write) before
+    they are saved in fleet.toml and anything is written."""
     current_fleet = project.fleet
     new = stack_settings(current_fleet.stack, **settings)
     budgets.validate_stack(new)
     preview = dataclasses.replace(current_fleet, stack=new)
-    budgets.require_fit(budgets.compute(preview), "the fleet")  # refuse before saving anything
+    budgets.require_fit(budgets.compute(preview), "the fleet")
+    compose.refuse_foreign(project.root, compose.prepare(project, preview, allow_missing_config=allow_missing_config))
     if new != current_fleet.stack:
         with project.editing() as fleet:
             fleet.stack = new

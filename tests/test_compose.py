@@ -367,13 +367,6 @@ def test_add_bot_refuses_a_bot_that_does_not_fit(fleet, admin):
     assert b not in compose["services"] and not (fleet.root / "secrets" / f"{b}.url").exists()
 
 
-def test_add_bot_without_a_stack_has_no_budget(fleet):
-    """A project that never rendered a stack (a host PostgreSQL, the embedded one) is not limited."""
-    name = fleet.name("nostack")
-    fleet.add(name, "--pool-size", "200", "--max-overflow", "100")
-    assert not (fleet.root / "compose.yaml").exists()
-
-
 def test_render_refuses_a_bot_that_lacks_a_required_setting_and_settings_reach_bots_as_files(tmp_path):
     root = make_project(tmp_path / "fleet")
     (root / "bots" / "hello_bot" / "__init__.py").write_text('REQUIRED_SETTINGS = ("BOT_TOKEN",)\n')
