@@ -72,7 +72,7 @@ def budget_cmd(
 ) -> None:
     """The shared PostgreSQL's connection and memory budget: max_connections, the reserve, each bot's share, the sum and the headroom, and the memory estimate against the container limit.
 
-    Options preview a change without saving it. Exit code 2 when the fleet does not fit.
+    Options preview a change without saving it. Exit code 2 when the fleet does not fit, with the ways out (the smallest --postgres-memory at which it fits, among them).
     A fleet with several servers gets one budget per server.
 
     Example: provision budget --postgres-memory 1G
@@ -116,7 +116,7 @@ def render_cmd(
 ) -> None:
     """Write the compose stack from fleet.toml: compose.yaml (docker compose), compose.stack.yaml (docker stack deploy), deploy/postgresql.conf, and the secret files they mount.
 
-    Validated (Compose Specification schema and semantic checks) before anything is written; options are remembered in fleet.toml. Refuses when the fleet does not fit the connection or memory budget. Once a project has a stack, add-bot and remove-bot re-render it. Needs no server.
+    Validated (Compose Specification schema and semantic checks) before anything is written; options are remembered in fleet.toml. Refuses when the fleet does not fit the connection or memory budget; a refused render changes nothing (the new options are saved only once the whole stack is checked with them). Once a project has a stack, add-bot and remove-bot re-render it. Needs no server.
 
     Example: provision render --postgres-memory 1G --pgbouncer
     """
