@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -315,3 +316,29 @@ def test_rotate_password_all_asks_and_refuses_without_a_terminal(fleet):
     assert all(fleet.env_file(n).read_text() != before[n] for n in (a, b))
     # one named bot is not asked about
     assert fleet.run("rotate-password", a).returncode == 0
+
+
+# -- the README's examples, as written ----------------------------------------------------------
+
+def readme_block(title: str) -> list[str]:
+    """The command lines of the first ```bash block after the README heading ``title``."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split(f"### {title}", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_examples_work_as_written(code_fleet):
+    """Each line of the README's block, in a shell, with the bot's name made unique."""
+    name = code_fleet.name("readme")
+    code_fleet.add(name, "--code", "hello-bot")
+    lines = readme_block("One bot from the shell: `info`, `env`, `run`, `psql`")
+    assert len(lines) >= 8
+    env = code_fleet.env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for line in lines:
+        script = "set -e\n" + line.replace("hello-bot", name) + '\necho "DATABASE_URL=${DATABASE_URL:+set}"'
+        proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                              stdin=subprocess.DEVNULL, cwd=code_fleet.root)
+        assert proc.returncode == 0, (line, masked_err(proc, code_fleet.password(name)))
+        if line.startswith("eval"):
+            assert "DATABASE_URL=set" in proc.stdout
