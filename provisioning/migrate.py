@@ -24,15 +24,24 @@ Per bot (``migrate_one``):
 
 A bot's conninfo holds its password: it is passed to workers through a pipe
 (never argv), is excluded from ``repr`` and never appears in an Outcome.
+
+Workers die with the process that forked them (``_die_with_parent``): a killed
+``provision migrate --all`` leaves no worker waiting forever for work that will
+never come, and a worker killed mid-migration takes its transaction with it
+(the server rolls it back when the session ends).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import io
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -285,7 +294,38 @@ def migrate_one(target: Target, dest: str = "head", *, downgrade: bool = False, 
     return outcome
 
 
-def _init_worker() -> None:
+# prctl(2) option: the signal a process gets when the thread that forked it ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when ``parent`` (the migrating command) ends, however it ends.
+
+    A pool's workers block reading the task queue, whose write end every worker also holds,
+    so a parent killed with SIGKILL would leave them blocked forever. On Linux the kernel sends
+    SIGKILL when the parent goes (PR_SET_PDEATHSIG); elsewhere a watchdog thread checks the
+    parent every second. A parent that died before this ran is caught by the getppid check."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent:
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="botfleet-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(parent: int) -> None:
+    _die_with_parent(parent)
     # A forked worker must not reuse the parent's event loop policy state.
     asyncio.set_event_loop_policy(None)
 
@@ -320,7 +360,8 @@ def migrate_many(
             results[target.bot] = migrate_one(target, dest, lock_wait=lock_wait)
             on_done(results[target.bot])
     else:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_init_worker,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(migrate_one, t, dest, lock_wait=lock_wait): t for t in targets}
             for future in as_completed(futures):
                 target = futures[future]
