@@ -9,24 +9,34 @@ command to run.
 
 What differs from fleet.toml (role, database, schema, env file, password) comes
 from the one reconciliation add-bot and plan use (``reconcile``); the checks
-here are doctor's own audit: memberships, other bots' grants, objects inside a
-bot database that the bot does not own, event triggers, strays, file modes.
+here are doctor's own audit: memberships in both directions (the roles a bot's
+role is a member of, and the roles that are members of it), every grant of the
+bot's database and of the objects inside it to another role, default privileges,
+objects inside a bot database that the bot does not own, event triggers, a login
+as each bot with its env file's password, strays, file modes, and what a killed
+run leaves behind (temporary files, backups without a checksum, scratch databases).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import re
 import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
+from . import files as project_files
 from . import objects, reconcile, settings
-from .db import advisory_lock, connect, open_maintenance_databases, with_database
-from .errors import one_line
+from .backup import STAMP_RE, checksum_path
+from .db import (
+    LOCK_NAMESPACE, advisory_lock, as_role, connect, lock_key, open_maintenance_databases, parse_url, with_database,
+)
+from .errors import ProvisionError, one_line
 from .project import Project
 from .reconcile import MARKER_PREFIX
 from .registry import DEFAULT_SERVER, BotEntry, Fleet
@@ -41,7 +51,8 @@ def _quiet(_msg: str) -> None:
 
 @dataclass
 class Finding:
-    check: str  # access, attributes, membership, ownership, limits, marker, env-file, password, missing, stray
+    check: str  # access, attributes, membership, ownership, limits, marker, env-file, password, login, missing,
+    # stray, leftover
     bot: str | None
     message: str
     fix: str  # the SQL statement or command that repairs it
@@ -58,10 +69,11 @@ class Finding:
 _SERVER_DATABASES = "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE NOT datistemplate"
 _SERVER_ROLES = "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles"
 _DATABASE_ACL = """
-SELECT pg_get_userbyid(a.grantee), string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type)
-FROM pg_database d, aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+SELECT r.rolname, r.rolsuper OR (r.rolcreatedb AND r.rolcreaterole),
+       string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type)
+FROM pg_database d, aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a JOIN pg_roles r ON r.oid = a.grantee
 WHERE d.datname = %(db)s AND a.grantee <> d.datdba AND a.grantee <> 0
-GROUP BY 1 ORDER BY 1
+GROUP BY 1, 2 ORDER BY 1
 """
 _MEMBERSHIPS = """
 SELECT g.rolname, gr.rolname FROM pg_auth_members am
@@ -69,6 +81,22 @@ JOIN pg_roles g ON g.oid = am.roleid JOIN pg_roles m ON m.oid = am.member
 LEFT JOIN pg_roles gr ON gr.oid = am.grantor
 WHERE m.rolname = %(role)s ORDER BY 1
 """
+# The other direction: roles that are members OF the bot's role (they act as the bot), and
+# whether each is one botfleet accepts as an admin (see _members).
+_MEMBERS = """
+SELECT m.rolname, gr.rolname, m.rolsuper OR (m.rolcreatedb AND m.rolcreaterole) FROM pg_auth_members am
+JOIN pg_roles g ON g.oid = am.roleid JOIN pg_roles m ON m.oid = am.member
+LEFT JOIN pg_roles gr ON gr.oid = am.grantor
+WHERE g.rolname = %(role)s ORDER BY 1, 2
+"""
+_VALID_UNTIL = """
+SELECT rolvaliduntil::text, rolvaliduntil < now() FROM pg_roles
+WHERE rolname = %(role)s AND rolvaliduntil IS NOT NULL AND rolvaliduntil <> 'infinity'
+"""
+# How long doctor waits for a login as a bot.
+LOGIN_TIMEOUT_S = 5
+# A temporary file of an atomic write untouched this long has no writer left (see files.stale_temp_files).
+STALE_TEMP_S = 60.0
 _EVENT_TRIGGERS = "SELECT evtname, pg_get_userbyid(evtowner) FROM pg_event_trigger ORDER BY 1"
 
 
@@ -78,11 +106,14 @@ class _Inside:
 
     foreign: list[objects.DbObject]
     triggers: list[tuple[str, str]]
+    grants: list[objects.Grant] = field(default_factory=list)
+    defaults: list[objects.DefaultGrant] = field(default_factory=list)
 
 
 def _read_inside(role: str) -> Callable[[psycopg.Connection], _Inside]:
     def read(conn: psycopg.Connection) -> _Inside:
-        return _Inside(objects.not_owned_by(objects.inventory(conn), role), conn.execute(_EVENT_TRIGGERS).fetchall())
+        return _Inside(objects.not_owned_by(objects.inventory(conn), role), conn.execute(_EVENT_TRIGGERS).fetchall(),
+                       objects.foreign_grants(conn, role), objects.foreign_default_grants(conn, role))
     return read
 
 
@@ -93,6 +124,7 @@ def audit(
     ignore: tuple[str, ...] = (),
     progress: Progress = _quiet,
     files: bool = True,
+    notes: list[str] | None = None,
 ) -> list[Finding]:
     """Every finding, registry bot by registry bot, then strays. Reads only.
 
@@ -101,27 +133,33 @@ def audit(
     ``files``: also check the project's secrets folder (once per run).
     ``ignore``: glob patterns of bot names that belong to another fleet on the same
     server; their databases, roles and env files are not reported as strays.
+    ``notes``: what could not be checked is added here (it is no finding).
     """
     assert server.conn is not None
     fleet = project.fleet.only(server.name)
     server_dbs = dict(server.conn.execute(_SERVER_DATABASES).fetchall())
     server_roles = dict(server.conn.execute(_SERVER_ROLES).fetchall())
     bot_roles = {e.role for e in fleet.bots.values()}
+    registry_roles = set(bot_roles)
     bot_roles |= {r for r, c in server_roles.items() if (c or "").startswith(MARKER_PREFIX)}
     findings: list[Finding] = []
     names = sorted(fleet.bots)
     for i, name in enumerate(names, 1):
         progress(f"checking {name} ({i}/{len(names)})")
-        findings += _check_bot(server, project, fleet.bots[name], bot_roles)
+        findings += _check_bot(server, project, fleet.bots[name], bot_roles, registry_roles,
+                               notes if notes is not None else [])
     findings += _strays(fleet, server_dbs, server_roles, ignore)
+    findings += _scratch_databases(server, project)
     if files:
         findings += _files(project, ignore)
+        findings += _leftover_files(project)
     for f in findings:
         f.server = server.name
     return findings
 
 
-def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set[str]) -> list[Finding]:
+def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set[str], registry_roles: set[str],
+               notes: list[str]) -> list[Finding]:
     """The reconcile's changes as findings, then the audit-only checks of doctor's own."""
     observed = reconcile.observe(server, project, entry, read_inside=_read_inside(entry.role))
     out = [Finding(c.check, entry.name, c.finding, c.fix, c.safe,
@@ -129,10 +167,12 @@ def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set
            for c in reconcile.changes(server, project, entry, observed) if c.finding]
     if observed.role is not None:
         out += _memberships(server, entry, bot_roles)
+        out += _members(server, entry, bot_roles, registry_roles)
     if observed.database is not None:
         out += _grants(server, entry, bot_roles)
     if isinstance(observed.extra, _Inside):
         out += _inside(server, entry, observed.extra)
+    out += _credentials(server, entry, observed, known=any(f.check == "password" for f in out), notes=notes)
     needed = settings.missing(project, entry.name, settings.of(observed.env))
     if needed:
         out.append(Finding("config", entry.name, f"{entry.name} lacks {', '.join(needed)}, which its code requires: "
@@ -164,18 +204,49 @@ def _memberships(server: Server, entry: BotEntry, bot_roles: set[str]) -> list[F
     return out
 
 
+def _members(server: Server, entry: BotEntry, bot_roles: set[str], registry_roles: set[str]) -> list[Finding]:
+    """Roles that are members of the bot's role: each can act as the bot (read and change its
+    rows, alter its tables). Left out: admins (botfleet grants a non-superuser admin membership
+    in each bot role it creates, and such a role can take any bot's role anyway) and the fleet's
+    own bots on this server (that bot's own audit reports its membership, once)."""
+    conn, admin = server.conn, server.admin
+    assert conn is not None and admin is not None
+    out = []
+    for member, grantor, admin_like in conn.execute(_MEMBERS, {"role": entry.role}).fetchall():
+        if member == admin.role or admin_like or member in registry_roles:
+            continue
+        stmt = sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(entry.role), sql.Identifier(member))
+        if admin.major >= 16 and grantor:
+            stmt = sql.SQL("{} GRANTED BY {}").format(stmt, sql.Identifier(grantor))
+        other = "another bot's role" if member in bot_roles else "a role outside the fleet"
+        out.append(Finding("membership", entry.name, f"role {member} ({other}) is a member of {entry.role}: it can act "
+                           f"as the bot and read and change everything in {entry.database}", stmt.as_string(conn), True,
+                           repair=_run(conn, stmt)))
+    return out
+
+
 def _grants(server: Server, entry: BotEntry, bot_roles: set[str]) -> list[Finding]:
-    """Other bots' roles granted rights on this bot's database (PUBLIC is the reconcile's)."""
+    """Roles other than the owner granted rights on this bot's database (PUBLIC is the
+    reconcile's). botfleet grants none; admins (superusers pass every check anyway) are left out."""
     conn = server.conn
     assert conn is not None
     out = []
-    for grantee, privileges in conn.execute(_DATABASE_ACL, {"db": entry.database}).fetchall():
-        if grantee not in bot_roles:
-            continue  # a role outside the fleet that the operator granted on purpose
+    for grantee, admin_like, privileges in conn.execute(_DATABASE_ACL, {"db": entry.database}).fetchall():
+        if admin_like:
+            continue
+        who = f"another bot's role {grantee}" if grantee in bot_roles else f"role {grantee} (not a bot of this fleet)"
         stmt = sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(sql.Identifier(entry.database), sql.Identifier(grantee))
-        out.append(Finding("access", entry.name, f"another bot's role {grantee} has {privileges} on database "
-                           f"{entry.database}", stmt.as_string(conn), True, repair=_run(conn, stmt)))
+        out.append(Finding("access", entry.name, f"{who} has {privileges} on database {entry.database}",
+                           stmt.as_string(conn), True, repair=_run(conn, stmt)))
     return out
+
+
+def _in_database(server: Server, database: str, stmt: sql.Composable) -> Callable[[], None]:
+    """A repair that runs ``stmt`` inside ``database`` (ACLs and owners there are per database)."""
+    def run() -> None:
+        with connect(with_database(server.url, database)) as db_conn:
+            db_conn.execute(stmt)
+    return run
 
 
 def _inside(server: Server, entry: BotEntry, inside: _Inside) -> list[Finding]:
@@ -184,17 +255,157 @@ def _inside(server: Server, entry: BotEntry, inside: _Inside) -> list[Finding]:
     out = []
     for obj in inside.foreign:
         stmt = obj.reassign(entry.role)
-
-        def run(stmt: sql.Composable = stmt) -> None:
-            with connect(with_database(server.url, entry.database)) as db_conn:
-                db_conn.execute(stmt)
         out.append(Finding("ownership", entry.name, f"{obj} in {entry.database} is owned by {obj.owner}, "
-                           f"not by {entry.role}", f"{stmt.as_string(conn)}  (in {entry.database})", True, repair=run))
+                           f"not by {entry.role}", f"{stmt.as_string(conn)}  (in {entry.database})", True,
+                           repair=_in_database(server, entry.database, stmt)))
+    # After the owners: once an object is the bot's, REVOKE acts as its owner.
+    for grant in [*inside.grants, *inside.defaults]:
+        stmt = grant.revoke()
+        out.append(Finding("access", entry.name, f"{grant} in {entry.database}: botfleet never grants it",
+                           f"{stmt.as_string(conn)}  (in {entry.database})", True,
+                           repair=_in_database(server, entry.database, stmt)))
     for trigger, owner in inside.triggers:
         stmt = sql.SQL("DROP EVENT TRIGGER {}").format(sql.Identifier(trigger))
         out.append(Finding("ownership", entry.name, f"event trigger {trigger} in {entry.database} (owner {owner}) runs on "
                            "the bot's DDL, and a bot cannot restore it from a backup",
                            f"{stmt.as_string(conn)}  (in {entry.database}; botfleet never drops it for you)", False))
+    return out
+
+
+def _credentials(server: Server, entry: BotEntry, observed: reconcile.Observed, *, known: bool,
+                 notes: list[str]) -> list[Finding]:
+    """Whether the bot can log in with its env file's password: a password that expired (VALID
+    UNTIL, which botfleet never sets), then a real login as the bot into its database.
+
+    ``known``: a password finding is already there (the reconcile compared the verifier): no login."""
+    conn = server.conn
+    assert conn is not None
+    password = observed.env.password(entry.role) if observed.env.exists else None
+    role, database = observed.role, observed.database
+    if role is None or database is None or password is None:
+        return []  # reported as missing by the reconcile
+    row = conn.execute(_VALID_UNTIL, {"role": entry.role}).fetchone()
+    if row is not None:
+        until, expired = row
+        stmt = sql.SQL("ALTER ROLE {} VALID UNTIL {}").format(sql.Identifier(entry.role), sql.Literal("infinity"))
+        when = (f"expired at {until}: its bot can no longer log in" if expired
+                else f"expires at {until}: its bot cannot log in after that")
+        return [Finding("login", entry.name, f"the password of role {entry.role} {when} (botfleet never sets VALID UNTIL)",
+                        stmt.as_string(conn), True, repair=_run(conn, stmt))]
+    if known or not role.flags.get("rolcanlogin") or not database.allow_connections:
+        return []  # the reconcile's findings say why it cannot log in
+    failure, where = _login(server.url, entry, password)
+    if failure is None:
+        return []
+    if where is None:  # the server was not reached over TCP: no word on the password
+        notes.append(f"{entry.name}: could not log in as {entry.role} to check its password: {failure}")
+        return []
+    return [Finding("login", entry.name, f"{entry.role} cannot log in to {entry.database} at {where} with the password "
+                    f"in {observed.env.path}: {failure}",
+                    f"provision add-bot {entry.name}  (sets the server's password to the env file's)", False)]
+
+
+def _login(admin_url: str, entry: BotEntry, password: str) -> tuple[str | None, str | None]:
+    """Log in as the bot, as its bot would: over TCP, on the host and port of the admin URL (the
+    env file's host may be a compose service name), or 127.0.0.1 when the admin comes through a
+    local socket (local logins are often trusted: a wrong password would pass there).
+
+    Returns (None, None) when it logs in, or when the bot's connections are all in use
+    ("too many connections": the password was not even checked, that is no credentials problem);
+    else the cause (never the password) and where the server said it: None when it did not answer."""
+    params = parse_url(as_role(admin_url, entry.role, password, entry.database, application_name="botfleet-doctor"))
+    if not params.get("host") or params["host"].startswith("/"):
+        params["host"] = "127.0.0.1"
+    params["connect_timeout"] = str(LOGIN_TIMEOUT_S)
+    where = f"{params['host']}:{params.get('port') or 5432}"
+    try:
+        psycopg.connect(make_conninfo(**params), autocommit=True).close()
+        return None, None
+    except psycopg.OperationalError as err:
+        text = str(err).replace(password, "<password>")
+    low = text.lower()
+    if "too many connections" in low or "too many clients" in low or "connection slots are reserved" in low:
+        return None, None
+    if "FATAL:" not in text:
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "no answer")
+        return f"{first.rsplit('failed: ', 1)[-1]} ({where})", None
+    return text.rsplit("FATAL:", 1)[1].strip().splitlines()[0], where
+
+
+def _leftover_files(project: Project) -> list[Finding]:
+    """What killed runs leave in the project: atomic writes' temporary files (an env file's may
+    hold a password), backups without their checksum, checksums without their backup."""
+    out: list[Finding] = []
+    folders = [project.root, project.root / "secrets", project.state_dir, project.root / "deploy"]
+    folders += [p for p in sorted((project.root / "secrets").glob("*.settings")) if p.is_dir() and not p.is_symlink()]
+    for folder in folders:
+        for path in project_files.stale_temp_files(folder, STALE_TEMP_S):
+            secret = " (it may hold a password)" if folder.name == "secrets" or folder.suffix == ".settings" else ""
+            out.append(Finding("leftover", None, f"{path}: the temporary file of a write that was killed before it "
+                               f"replaced {project_files.temp_target(path)}{secret}", f"rm {path}", True,
+                               repair=lambda path=path: project_files.remove_stale_temp_file(path, STALE_TEMP_S)))
+    backups = project.root / "backups"
+    bot_dirs = sorted(p for p in backups.iterdir() if p.is_dir() and not p.is_symlink()) if backups.is_dir() else []
+    for folder in bot_dirs:
+        dump_name = re.compile(re.escape(folder.name) + "-" + STAMP_RE + r"\.dump")
+        for path in sorted(folder.iterdir()):
+            if not path.is_file() or path.is_symlink():
+                continue
+            if dump_name.fullmatch(path.name) and not checksum_path(path).exists():
+                # User data, maybe the only copy of a removed bot: reported, never deleted.
+                out.append(Finding("leftover", None, f"backup {path} has no checksum beside it: it may be a dump that "
+                                   "was killed while it was written", f"cd {folder} && pg_restore --file=/dev/null "
+                                   f"{path.name} && sha256sum {path.name} > {checksum_path(path).name}  (keeps it when "
+                                   f"it reads through; else rm {path})", False))
+            elif path.name.endswith(".dump.sha256"):
+                dump = path.with_name(path.name.removesuffix(".sha256"))
+                if path.stat().st_size == 0:
+                    what = f"{path} is empty: the checksum of {dump.name} was never written (a full disk or a kill)"
+                elif not dump.exists():
+                    what = f"{path} is the checksum of a backup that is gone"
+                else:
+                    continue
+                out.append(Finding("leftover", None, what, f"rm {path}", True,
+                                   repair=lambda path=path: path.unlink(missing_ok=True)))
+    return out
+
+
+def _scratch_in_use(conn: psycopg.Connection, name: str, *, keep: bool = False) -> bool:
+    """Whether a live run holds the scratch database's advisory lock (revisions.scratch_database
+    holds it for the database's whole life); with ``keep``, a free lock stays taken."""
+    key = (LOCK_NAMESPACE, lock_key(name))
+    if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()[0]:  # type: ignore[index]
+        return True
+    if not keep:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+    return False
+
+
+def _scratch_databases(server: Server, project: Project) -> list[Finding]:
+    """Scratch databases of this project (provision check, revision --autogenerate) whose run
+    died: named as botfleet names them, and nobody holds their lock."""
+    from .revisions import scratch_prefix
+
+    conn = server.conn
+    assert conn is not None
+    prefix = scratch_prefix(project.root)
+    names = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY 1",
+                                        (prefix,)).fetchall()]
+    out = []
+    for name in names:
+        if not re.fullmatch(re.escape(prefix) + "[0-9a-f]{8}", name) or _scratch_in_use(conn, name):
+            continue
+        stmt = sql.SQL("DROP DATABASE {}").format(sql.Identifier(name))
+
+        def drop(name: str = name, stmt: sql.Composable = stmt) -> None:
+            if _scratch_in_use(conn, name, keep=True):
+                raise ProvisionError(f"{name} is in use by a running provision check")
+            try:  # no FORCE: a session still in it makes the drop fail, not end that session
+                conn.execute(stmt)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, lock_key(name)))
+        out.append(Finding("leftover", None, f"database {name} is a scratch database a killed provision check (or "
+                           "revision --autogenerate) left on the server", stmt.as_string(conn), True, repair=drop))
     return out
 
 
@@ -263,7 +474,7 @@ def fix(conn: psycopg.Connection, findings: list[Finding], progress: Progress = 
                 try:
                     finding.repair()  # type: ignore[misc]
                     finding.status = "fixed"
-                except (psycopg.Error, OSError) as err:
+                except (psycopg.Error, OSError, ProvisionError) as err:
                     finding.status, finding.error = "not fixed", one_line(err)
                 tried.append(finding)
     return tried
@@ -297,7 +508,7 @@ def run(
     notes = [f"{'' if server.name == DEFAULT_SERVER else f'server {server.name}: '}every role, so every bot, may "
              f"connect to the maintenance database {name}: REVOKE CONNECT ON DATABASE {name} FROM PUBLIC"
              for name in open_maintenance_databases(server.conn)]
-    found = audit(server, project, ignore=ignore, progress=progress, files=files)
+    found = audit(server, project, ignore=ignore, progress=progress, files=files, notes=notes)
     if not repair:
         return Report(found, [], found, notes)
     tried: dict[tuple, Finding] = {}

@@ -9,6 +9,7 @@ depends on (or touches) any deployed bot's data.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,22 +23,33 @@ from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
 from . import codes
-from .db import with_database
+from .db import advisory_lock, with_database
 from .errors import ProvisionError
 from .migrate import Target, alembic_config, metadata_for, migrate_one, script_directory
 
 SCRATCH_PREFIX = "botfleet_scratch_"
 
 
+def scratch_prefix(root: Path) -> str:
+    """How a project's scratch databases are named: botfleet's prefix, then a hash of the project's
+    folder (no path on the server), so ``doctor`` finds the ones its own project's killed runs left
+    and never touches another fleet's on the same server."""
+    return f"{SCRATCH_PREFIX}{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}_"
+
+
 @contextlib.contextmanager
-def scratch_database(conn: psycopg.Connection, admin_url: str) -> Iterator[str]:
-    """A new empty database owned by the admin, dropped (with its sessions) afterwards."""
-    name = SCRATCH_PREFIX + secrets.token_hex(4)
-    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name)))
-    try:
-        yield with_database(admin_url, name)
-    finally:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+def scratch_database(conn: psycopg.Connection, admin_url: str, root: Path) -> Iterator[str]:
+    """A new empty database owned by the admin, dropped (with its sessions) afterwards.
+
+    Its advisory lock is held on ``conn`` from before it exists until it is gone: a scratch
+    database whose lock nobody holds was left by a run that died, which ``doctor --fix`` drops."""
+    name = scratch_prefix(root) + secrets.token_hex(4)
+    with advisory_lock(conn, name):
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name)))
+        try:
+            yield with_database(admin_url, name)
+        finally:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _at_head(root: Path, package: str, conninfo: str) -> None:
@@ -54,7 +66,7 @@ def _sync_engine(conninfo: str):
 def model_differences(conn: psycopg.Connection, admin_url: str, root: Path, package: str) -> list[str]:
     """What autogenerate would add to code ``package``'s migrations (empty: in sync)."""
     metadata = metadata_for(str(root), package)
-    with scratch_database(conn, admin_url) as conninfo:
+    with scratch_database(conn, admin_url, root) as conninfo:
         _at_head(root, package, conninfo)
         engine = _sync_engine(conninfo)
         try:
@@ -98,7 +110,7 @@ def new_revision(
         written += [Path(s.path) for s in _as_list(scripts)]
     else:
         assert conn is not None and admin_url is not None
-        with scratch_database(conn, admin_url) as conninfo:
+        with scratch_database(conn, admin_url, root) as conninfo:
             _at_head(root, found.package, conninfo)
             engine = _sync_engine(conninfo)
             try:
