@@ -162,7 +162,10 @@ def doctor_cmd(
     role attributes, memberships between roles, objects not owned by the bot,
     connection limits and timeouts, env files (0600, URL matching the registry),
     bots missing on the server and botfleet databases or roles the registry does
-    not know. --fix repairs what is safe, then checks again.
+    not know; roles that are members of a bot's role or hold privileges on its
+    objects (default privileges too); a login as each bot with its env file's
+    password; what killed runs left (temporary files, backups without a checksum,
+    scratch databases). --fix repairs what is safe, then checks again.
 
     Example: provision doctor --fix
     """
