@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import secrets as pysecrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from .db import STATE_DATABASE
 from .compose_check import COMPOSE_FILE, STACK_FILE, StackFiles, PlannedFile, validate
 from .errors import InvalidInput, ProvisionError, StackInvalid
 from .files import atomic_write, file_lock
-from .envfile import database_url
+from .envfile import EnvFile, database_url
 from .project import Project
 from .registry import DEFAULT_SERVER, BotEntry, Fleet, publish_address
 
@@ -114,15 +115,17 @@ def endpoint(fleet: Fleet) -> tuple[str, int]:
     return ("pgbouncer", PGBOUNCER_PORT) if fleet.stack.pgbouncer else ("postgres", 5432)
 
 
-def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_config: bool = False) -> StackFiles:
+def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_config: bool = False,
+            envs: Mapping[str, EnvFile] | None = None) -> StackFiles:
     """Every file of the stack, from the registry and the env files; writes nothing.
 
     Raises InvalidInput for settings that cannot be rendered, BudgetExceeded
-    when the fleet does not fit, StackInvalid when a bot's env file does not
-    point at the stack (with the command that fixes it). ``fleet``: other settings
+    when the fleet does not fit, StackInvalid when a bot has no credentials in its env
+    file (with the command that fixes it). ``fleet``: other settings
     than fleet.toml's (a preview), else the project's. A bot whose code requires a setting
     its env file lacks would crash-loop on start: refused (InvalidInput) unless
-    ``allow_missing_config``.
+    ``allow_missing_config``. ``envs``: bots' env files as they will be (plan's preview of
+    what apply writes), instead of the ones on disk.
     """
     root = project.root
     fleet = fleet or project.fleet
@@ -155,7 +158,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
         if local and entry.db_host and want != (host, port):
             skipped.append(f"{name}: its DATABASE_URL points at {want[0]}:{want[1]} (runs outside the stack)")
             continue
-        env = project.env(name)
+        env = envs[name] if envs is not None and name in envs else project.env(name)
         creds = env.credentials(entry.role)
         if creds is None:
             missing.append(name)

@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 from . import budget as budgets
 from . import codes, compose, reconcile, settings
-from .errors import InvalidInput, ProvisionError, StackInvalid
+from .envfile import EnvFile
+from .errors import InvalidInput, ProvisionError
 from .migrate import MigrationFailed, head_of, script_directory
 from .names import validate
 from .project import Project
@@ -156,15 +157,32 @@ def _migration_step(project: Project, entry: BotEntry, observed: reconcile.Obser
     return Step(MIGRATE, entry.name, [f"{observed.revision or 'base'} -> {head or 'base'} (code {found.package})"], server)
 
 
-def _file_steps(project: Project) -> list[Step]:
-    """What a re-render would write or delete, for a project with a rendered stack."""
+# The password a bot's env file is planned with while apply has yet to generate it: every
+# file that carries it (the bot's secrets/NAME.url, the compose files naming its secrets)
+# differs from what is on disk, as it will once apply has written the real one.
+_NEW_PASSWORD = "not-yet-generated"
+
+
+def _env_after(project: Project, entry: BotEntry, observed: reconcile.Observed) -> EnvFile:
+    """The bot's env file as apply (converge) will leave it: its password kept, or a new one
+    where converge makes one (no password in the file, or no role on the server)."""
+    password = observed.env.password(entry.role) if observed.role is not None else None
+    text = reconcile.expected_env(project.fleet, entry, observed.env, password or _NEW_PASSWORD)
+    return EnvFile.parse(observed.env.path, text)
+
+
+def _file_steps(project: Project, envs: dict[str, EnvFile]) -> list[Step]:
+    """What apply's re-render will write or delete, for a project with a rendered stack:
+    the stack planned from the env files as apply leaves them (``envs``), compared with the
+    disk. A render apply cannot do (a bot lacking a required setting, a file botfleet did not
+    write) is one step that says so, as apply's result will."""
     if not compose.stack_present(project.root):
         return []
     try:
-        planned = compose.prepare(project)
-    except StackInvalid:
-        # Some bots' env files are about to be (re)written: the stack follows them.
-        return [Step(FILE, compose.COMPOSE_FILE, ["re-rendered after the bots' env files are written"])]
+        planned = compose.prepare(project, envs=envs)
+        compose.refuse_foreign(project.root, planned)
+    except ProvisionError as err:
+        return [Step(FILE, compose.COMPOSE_FILE, [f"will not be written: {err}"])]
     changed, gone = compose.pending(project.root, planned)
     return ([Step(FILE, f.path, ["new" if not (project.root / f.path).exists() else "changed"]) for f in changed]
             + [Step(FILE, rel, ["deleted (no longer part of the stack)"]) for rel in gone])
@@ -211,6 +229,7 @@ def plan(
 
     steps: list[Step] = []
     migrate: list[Step] = []
+    envs: dict[str, EnvFile] = {}  # each bot's env file as apply leaves it (the stack follows them)
     names = sorted(bots)
     for i, name in enumerate(names, 1):
         progress(f"comparing {name} ({i}/{len(names)})")
@@ -220,6 +239,8 @@ def plan(
         step = _bot_step(server, project, entry, observed, problems, credentials_only=credentials_only)
         if step is not None:
             steps.append(step)
+        if not credentials_only:
+            envs[name] = _env_after(project, entry, observed)
         if migrations:
             m = _migration_step(project, entry, observed, server.name)
             if m is not None:
@@ -246,7 +267,7 @@ def plan(
     steps += migrate
     notes: list[str] = []
     if not credentials_only:
-        steps += _file_steps(project)
+        steps += _file_steps(project, envs)
         notes = [settings.missing_hint(bot, keys) for bot in sorted(bots) if (keys := settings.missing(project, bot))]
     return FleetPlan(steps, problems, others, notes)
 
