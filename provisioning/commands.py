@@ -24,11 +24,11 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import budget as budgets
 from . import codes, compose, declarative, reconcile
-from .backup import BackupResult, backup_bot, dump
+from .backup import BackupResult, DumpFile, backup_bot, dump
 from .doctor import Report
 from .errors import InvalidInput, ProvisionError
 from .migrate import DEFAULT_LOCK_WAIT, MigrationFailed, Outcome, Target, is_unknown
@@ -49,6 +49,10 @@ def _quiet(_msg: str) -> None:
 # --------------------------------------------------------------------------- add-bot
 
 
+# add-bot's --db-host / --db-port value that undoes an override: back to the bot's server's endpoint.
+RESET = "default"
+
+
 @dataclass
 class BotOptions:
     """What the operator asked for; None means "keep the registry's value, else the default"."""
@@ -59,23 +63,41 @@ class BotOptions:
     statement_timeout: str | None = None
     idle_timeout: str | None = None
     code: str | None = None
+    # The host and port in the bot's env file (how the host reaches its server, e.g. to run the
+    # bot on the host); RESET ("default") goes back to its server's endpoint. Not where it runs.
     db_host: str | None = None
-    db_port: int | None = None
+    db_port: int | str | None = None  # a port, a port as text, or RESET
     rotate_password: bool = False
     server: str | None = None  # DEFAULT_SERVER or a [servers.NAME]; None = keep (new bots: placed)
     publish: str | None = None  # "" = not published
     memory: str | None = None
     cpus: str | None = None
 
+    def host(self) -> str | None:
+        """``db_host`` as fleet.toml keeps it: "" for RESET (its server's), None to keep."""
+        return "" if self.db_host == RESET else self.db_host
+
+    def port(self) -> int | None:
+        """``db_port`` as fleet.toml keeps it: 0 for RESET (its server's), None to keep.
+        InvalidInput for anything else that is not a port from 1 to 65535."""
+        if self.db_port is None:
+            return None
+        if self.db_port == RESET:
+            return 0
+        text = str(self.db_port)
+        port = int(text) if text.isascii() and text.isdigit() else -1
+        if not 1 <= port <= 65535:
+            raise InvalidInput(f"--db-port must be between 1 and 65535, or {RESET!r} for its server's port "
+                               f"(got {text[:20]!r})")
+        return port
+
     def validate(self) -> None:
         """Validate the values given (InvalidInput, exit 2), in add-bot's flag names."""
         check_options({"pool_size": self.pool_size, "max_overflow": self.max_overflow, "replicas": self.replicas,
                        "statement_timeout": self.statement_timeout,
                        "idle_in_transaction_session_timeout": self.idle_timeout,
-                       "db_host": self.db_host, "db_port": self.db_port, "publish": self.publish,
+                       "db_host": self.host(), "db_port": self.port(), "publish": self.publish,
                        "memory": self.memory, "cpus": self.cpus}, flags=True)
-        if self.db_port == 0:
-            raise InvalidInput("--db-port must be between 1 and 65535")
         if self.code is not None and CODE_RE.fullmatch(self.code) is None:
             raise InvalidInput(f"--code {self.code!r} is not a bot code name (a-z, 0-9, '-' or '_', starting with a letter)")
 

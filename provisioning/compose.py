@@ -126,6 +126,10 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
     its env file lacks would crash-loop on start: refused (InvalidInput) unless
     ``allow_missing_config``. ``envs``: bots' env files as they will be (plan's preview of
     what apply writes), instead of the ones on disk.
+
+    Where a bot runs is the stack here: a bot on the default server always reaches the
+    stack's postgres (or PgBouncer), whatever its env file says for the host (its
+    db_host/db_port); a bot on a [servers.NAME] reaches that server's bot_host/bot_port.
     """
     root = project.root
     fleet = fleet or project.fleet
@@ -151,13 +155,9 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
             skipped.append(f"{name}: no code under bots/ yet")
             continue
         package = code_dir.name
-        # A bot on a [servers.NAME] runs in the stack but talks to its own server
-        # (the endpoint fleet.toml gives it), not to the stack's postgres.
+        # A bot on a [servers.NAME] runs in the stack but talks to its own server, not to the
+        # stack's postgres. Its db_host/db_port are only its env file's, for the host.
         local = entry.server == DEFAULT_SERVER
-        want = fleet.endpoint(entry)
-        if local and entry.db_host and want != (host, port):
-            skipped.append(f"{name}: its DATABASE_URL points at {want[0]}:{want[1]} (runs outside the stack)")
-            continue
         env = envs[name] if envs is not None and name in envs else project.env(name)
         creds = env.credentials(entry.role)
         if creds is None:
@@ -170,7 +170,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
             unset.append(settings.missing_hint(name, needed))
         # Inside the stack the bot reaches its server where the stack says, whatever its env
         # file says for the host (a fleet developed against the embedded server deploys as it is).
-        stack_host, stack_port = (host, port) if local else want
+        stack_host, stack_port = (host, port) if local else fleet.server_endpoint(entry)
         url = database_url(entry.role, creds.password, stack_host, stack_port, entry.database)
         if local and not server.pgbouncer:
             url += "?" + TLS_QUERY  # PgBouncer's clients are on its own network; it speaks TLS to postgres

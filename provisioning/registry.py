@@ -112,7 +112,9 @@ class BotEntry:
     replicas: int = 1
     statement_timeout: str = DEFAULT_STATEMENT_TIMEOUT
     idle_in_transaction_session_timeout: str = DEFAULT_IDLE_TIMEOUT
-    db_host: str = ""  # how this bot reaches the server; "" = its server's endpoint
+    # How the host reaches the bot's server, in its env file only (a bot run on the host for
+    # development); "" / 0 = its server's endpoint. The compose stack ignores them.
+    db_host: str = ""
     db_port: int = 0
     server: str = DEFAULT_SERVER  # DEFAULT_SERVER or a [servers.NAME]
     publish: str = ""  # ADDRESS:PORT on the host for the bot's HTTP port 8000 ("" = not published)
@@ -241,12 +243,19 @@ class Fleet:
         """The same fleet with only the bots placed on ``server``."""
         return Fleet(self.stack, self.on(server), self.servers)
 
-    def endpoint(self, entry: BotEntry) -> tuple[str, int]:
-        """Where the bot's DATABASE_URL points: its own override, else its server's."""
+    def server_endpoint(self, entry: BotEntry) -> tuple[str, int]:
+        """Where bots reach the bot's server: its [servers.NAME]'s bot_host/bot_port, else
+        [server]'s (the stack's postgres). Which server a bot uses is its ``server``, nothing else."""
         if entry.server in self.servers:
-            host, port = self.servers[entry.server].endpoint()
-        else:
-            host, port = self.stack.bot_host, self.stack.bot_port
+            return self.servers[entry.server].endpoint()
+        return self.stack.bot_host, self.stack.bot_port
+
+    def endpoint(self, entry: BotEntry) -> tuple[str, int]:
+        """Where the DATABASE_URL of the bot's env file (secrets/NAME.env, read on the host)
+        points: its db_host/db_port, else its server's endpoint. The rendered stack does not
+        follow db_host/db_port (compose.prepare): they say how the host reaches the server, not
+        where the bot runs."""
+        host, port = self.server_endpoint(entry)
         return entry.db_host or host, entry.db_port or port
 
 

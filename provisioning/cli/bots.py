@@ -23,8 +23,13 @@ def add_bot(
     statement_timeout: Annotated[Optional[str], typer.Option(help="Role default statement_timeout.", show_default="30s")] = None,
     idle_timeout: Annotated[Optional[str], typer.Option(help="Role default idle_in_transaction_session_timeout.", show_default="60s")] = None,
     code: Annotated[Optional[str], typer.Option(help="Deploy this existing bots/<CODE> as a new instance (white-label).", show_default="NAME")] = None,
-    db_host: Annotated[Optional[str], typer.Option(help="Host in the bot's DATABASE_URL.", show_default="the fleet's bot_host, 'postgres'")] = None,
-    db_port: Annotated[Optional[int], typer.Option(help="Port in the bot's DATABASE_URL.", show_default="5432")] = None,
+    db_host: Annotated[Optional[str], typer.Option(help="Host in the DATABASE_URL of the bot's env file, for running "
+                                                   "it on the host (the compose stack always uses its server's "
+                                                   "own address); 'default' goes back to its server's.",
+                                                   show_default="its server's bot_host, 'postgres'")] = None,
+    db_port: Annotated[Optional[str], typer.Option(help="Port in the DATABASE_URL of the bot's env file (1-65535); "
+                                                   "'default' goes back to its server's.",
+                                                   show_default="its server's bot_port, 5432")] = None,
     rotate_password: Annotated[bool, typer.Option("--rotate-password", help="Give an existing bot a new password.")] = False,
     no_migrate: Annotated[bool, typer.Option("--no-migrate", help="Do not run the bot's migrations to head.")] = False,
     server: Annotated[Optional[str], typer.Option("--server", help="Place a new bot on this server: 'default' or a "
