@@ -89,10 +89,6 @@ JOIN pg_roles g ON g.oid = am.roleid JOIN pg_roles m ON m.oid = am.member
 LEFT JOIN pg_roles gr ON gr.oid = am.grantor
 WHERE g.rolname = %(role)s ORDER BY 1, 2
 """
-_VALID_UNTIL = """
-SELECT rolvaliduntil::text, rolvaliduntil < now() FROM pg_roles
-WHERE rolname = %(role)s AND rolvaliduntil IS NOT NULL AND rolvaliduntil <> 'infinity'
-"""
 # How long doctor waits for a login as a bot.
 LOGIN_TIMEOUT_S = 5
 # A temporary file of an atomic write untouched this long has no writer left (see files.stale_temp_files).
@@ -274,8 +270,8 @@ def _inside(server: Server, entry: BotEntry, inside: _Inside) -> list[Finding]:
 
 def _credentials(server: Server, entry: BotEntry, observed: reconcile.Observed, *, known: bool,
                  notes: list[str]) -> list[Finding]:
-    """Whether the bot can log in with its env file's password: a password that expired (VALID
-    UNTIL, which botfleet never sets), then a real login as the bot into its database.
+    """Whether the bot can log in with its env file's password: a real login as the bot into its
+    database (an expiring password, VALID UNTIL, is the reconcile's: add-bot lifts it too).
 
     ``known``: a password finding is already there (the reconcile compared the verifier): no login."""
     conn = server.conn
@@ -284,15 +280,7 @@ def _credentials(server: Server, entry: BotEntry, observed: reconcile.Observed, 
     role, database = observed.role, observed.database
     if role is None or database is None or password is None:
         return []  # reported as missing by the reconcile
-    row = conn.execute(_VALID_UNTIL, {"role": entry.role}).fetchone()
-    if row is not None:
-        until, expired = row
-        stmt = sql.SQL("ALTER ROLE {} VALID UNTIL {}").format(sql.Identifier(entry.role), sql.Literal("infinity"))
-        when = (f"expired at {until}: its bot can no longer log in" if expired
-                else f"expires at {until}: its bot cannot log in after that")
-        return [Finding("login", entry.name, f"the password of role {entry.role} {when} (botfleet never sets VALID UNTIL)",
-                        stmt.as_string(conn), True, repair=_run(conn, stmt))]
-    if known or not role.flags.get("rolcanlogin") or not database.allow_connections:
+    if known or role.valid_until or not role.flags.get("rolcanlogin") or not database.allow_connections:
         return []  # the reconcile's findings say why it cannot log in
     failure, where = _login(server.url, entry, password)
     if failure is None:

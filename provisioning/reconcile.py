@@ -172,6 +172,11 @@ def _role_changes(conn: psycopg.Connection, entry: BotEntry, state: roles.RoleSt
         stmt = sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(spec.comment))
         out.append(Change("marker", ROLE, "role marker comment", f"role {entry.role} lacks botfleet's marker comment",
                           q(stmt), True))
+    if d.valid_until:
+        stmt = sql.SQL("ALTER ROLE {} VALID UNTIL {}").format(ident, sql.Literal("infinity"))
+        out.append(Change("login", ROLE, f"role password expiry ({d.valid_until}) lifted",
+                          f"the password of role {entry.role} expires at {d.valid_until} (VALID UNTIL, which botfleet "
+                          "never sets): its bot cannot log in after that", q(stmt), True))
     for database, settings in d.database_settings.items():
         stmt = sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(ident, sql.Identifier(database))
         shown = ", ".join(settings)

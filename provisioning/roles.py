@@ -49,6 +49,7 @@ class RoleState:
     # settings made for the role in one database (ALTER ROLE ... IN DATABASE ... SET): database -> settings
     database_settings: dict[str, list[str]] = field(default_factory=dict)
     verifier_read: bool = False  # verifier was read: None then means the role has no password
+    valid_until: str | None = None  # the password's expiry (VALID UNTIL), when it has one; botfleet never sets it
 
 
 _INSPECT = """
@@ -57,7 +58,8 @@ SELECT r.rolcanlogin, r.rolsuper, r.rolcreatedb, r.rolcreaterole, r.rolreplicati
        (SELECT s.setconfig FROM pg_db_role_setting s WHERE s.setrole = r.oid AND s.setdatabase = 0),
        shobj_description(r.oid, 'pg_authid'), {verifier},
        (SELECT coalesce(jsonb_object_agg(d.datname, to_jsonb(s.setconfig)), '{{}}'::jsonb)
-        FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase WHERE s.setrole = r.oid)
+        FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase WHERE s.setrole = r.oid),
+       CASE WHEN r.rolvaliduntil <> 'infinity' THEN r.rolvaliduntil::text END
 FROM pg_roles r WHERE r.rolname = %(name)s
 """
 # pg_authid (the password verifiers) is readable by superusers only; the
@@ -77,11 +79,14 @@ def inspect(conn: psycopg.Connection, name: str, *, read_verifier: bool = True) 
     flags = dict(zip(REQUIRED_FLAGS, row[0:6]))
     settings = dict(item.split("=", 1) for item in (row[7] or []))
     return RoleState(flags=flags, connection_limit=row[6], settings=settings, comment=row[8], verifier=row[9],
-                     database_settings=dict(row[10]), verifier_read=read_verifier)
+                     database_settings=dict(row[10]), verifier_read=read_verifier, valid_until=row[11])
 
 
-def _options(flags: list[str], connection_limit: int | None, verifier: str | None) -> sql.Composed:
+def _options(flags: list[str], connection_limit: int | None, verifier: str | None,
+             no_expiry: bool = False) -> sql.Composed:
     parts = [sql.SQL(FLAG_SQL[f]) for f in flags]
+    if no_expiry:
+        parts.append(sql.SQL("VALID UNTIL {}").format(sql.Literal("infinity")))
     if connection_limit is not None:
         parts.append(sql.SQL("CONNECTION LIMIT {}").format(sql.Literal(connection_limit)))
     if verifier is not None:
@@ -109,6 +114,7 @@ class RoleDiff:
     settings: dict[str, str]  # key -> wanted value, for the ones that differ
     comment: bool  # the marker comment differs
     database_settings: dict[str, list[str]] = field(default_factory=dict)  # to reset: the role's own defaults rule
+    valid_until: str | None = None  # the password expires then: lifted (a bot's password does not expire)
 
 
 def diff(spec: RoleSpec, state: RoleState) -> RoleDiff:
@@ -117,7 +123,8 @@ def diff(spec: RoleSpec, state: RoleState) -> RoleDiff:
     wrong = [f for f, want in REQUIRED_FLAGS.items() if state.flags[f] != want]
     limit = spec.connection_limit if state.connection_limit != spec.connection_limit else None
     settings = {k: v for k, v in spec.settings.items() if state.settings.get(k) != v}
-    return RoleDiff(wrong, limit, settings, state.comment != spec.comment, dict(state.database_settings))
+    return RoleDiff(wrong, limit, settings, state.comment != spec.comment, dict(state.database_settings),
+                    state.valid_until)
 
 
 def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifier: str | None) -> RoleDiff:
@@ -126,8 +133,9 @@ def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifie
     d = diff(spec, state)
     ident = sql.Identifier(spec.name)
     with conn.transaction():
-        if d.wrong_flags or d.connection_limit is not None or verifier is not None:
-            conn.execute(sql.SQL("ALTER ROLE {} WITH {}").format(ident, _options(d.wrong_flags, d.connection_limit, verifier)))
+        if d.wrong_flags or d.connection_limit is not None or verifier is not None or d.valid_until:
+            options = _options(d.wrong_flags, d.connection_limit, verifier, no_expiry=bool(d.valid_until))
+            conn.execute(sql.SQL("ALTER ROLE {} WITH {}").format(ident, options))
         for key, value in d.settings.items():
             conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(value)))
         if d.comment:
