@@ -175,6 +175,8 @@ def provision_on(server: Server, project: Project, name: str, opts: BotOptions, 
     entry = desired_entry(project, names, existing, opts)
     if entry.server != DEFAULT_SERVER and entry.server not in fleet.servers:
         raise InvalidInput(f"no server {entry.server!r} in fleet.toml ([servers.NAME] tables)")
+    if existing is not None:
+        _refuse_code_change(server, project, existing, entry)
     compose.require_room(project.root, fleet, entry)  # a bot that would not fit is refused before any change
     done = reconcile.converge(server, project, entry, known=existing is not None, rotate=opts.rotate_password,
                               credentials_only=credentials_only, progress=progress)
@@ -189,6 +191,24 @@ def provision_on(server: Server, project: Project, name: str, opts: BotOptions, 
         env_file=str(project.env_path(name)), status=done.status, changes=done.changes, code=entry.code,
         has_code=project.code_dir(entry.code) is not None, password_changed=done.password_changed, server=entry.server,
     )
+
+
+def _refuse_code_change(server: Server, project: Project, existing: BotEntry, entry: BotEntry) -> None:
+    """Refuse (InvalidInput, nothing changed) giving a bot another code while its database holds a
+    revision the new code's migrations do not know: its tables are the old code's and every
+    migration of it would fail. A database never migrated (no alembic_version) may change code."""
+    from .migrate import start_over, unknown_to_code
+
+    if existing.code.replace("-", "_") == entry.code.replace("-", "_"):
+        return
+    observed = reconcile.observe(server, project, entry)
+    if observed.inside_error:
+        raise ProvisionError(f"{entry.name}: cannot read its database's migration revision ({observed.inside_error}); "
+                             f"its code stays {existing.code} (nothing was changed)")
+    why = unknown_to_code(project.root, entry.code, observed.revision)
+    if why:
+        raise InvalidInput(f"{entry.name} cannot change code from {existing.code} to {entry.code}: {why}; "
+                           f"{start_over(entry.name, entry.code)} (nothing was changed)")
 
 
 def add_bot(project: Project, servers: Servers, name: str, opts: BotOptions | None = None, *, migrate: bool = True,

@@ -34,7 +34,7 @@ from . import budget as budgets
 from . import codes, compose, reconcile, settings
 from .envfile import EnvFile
 from .errors import InvalidInput, ProvisionError
-from .migrate import MigrationFailed, head_of, script_directory
+from .migrate import MigrationFailed, head_of, script_directory, start_over, unknown_to_code
 from .names import validate
 from .project import Project
 from .registry import DEFAULT_SERVER, BotEntry
@@ -69,7 +69,8 @@ class FleetPlan:
     # botfleet bots on the server that are neither in fleet.toml nor this project's
     # (no secrets/NAME.env): another fleet's. Never changed.
     others: list[str] = field(default_factory=list)
-    # What apply cannot do for the operator: a setting a bot's code requires that is not set.
+    # What apply cannot do for the operator: a setting a bot's code requires that is not set, a
+    # database at a revision its bot's code does not know (not migrated).
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -139,8 +140,16 @@ def _bot_step(server: Server, project: Project, entry: BotEntry, observed: recon
     return Step(UPDATE, entry.name, details, server.name) if details else None
 
 
-def _migration_step(project: Project, entry: BotEntry, observed: reconcile.Observed, server: str) -> Step | None:
-    """A step when the bot's code has migrations and its database is not at head."""
+def _migration_step(project: Project, entry: BotEntry, observed: reconcile.Observed, server: str,
+                    notes: list[str]) -> Step | None:
+    """A step when the bot's code has migrations and its database is not at head. A database at
+    a revision its code's migrations do not know (its code changed, in fleet.toml, under a
+    database another code migrated) gets no step, which could only fail: a note says why."""
+    why = unknown_to_code(project.root, entry.code, observed.revision)
+    if why:
+        notes.append(f"{entry.name}: {why}, so it is not migrated: set its code back in fleet.toml, or "
+                     f"{start_over(entry.name, entry.code)}")
+        return None
     try:
         found = codes.with_migrations(project.root, entry.code)
     except (codes.NoMigrations, InvalidInput):
@@ -230,6 +239,7 @@ def plan(
     steps: list[Step] = []
     migrate: list[Step] = []
     envs: dict[str, EnvFile] = {}  # each bot's env file as apply leaves it (the stack follows them)
+    mismatches: list[str] = []  # bots whose database another code migrated
     names = sorted(bots)
     for i, name in enumerate(names, 1):
         progress(f"comparing {name} ({i}/{len(names)})")
@@ -242,7 +252,7 @@ def plan(
         if not credentials_only:
             envs[name] = _env_after(project, entry, observed)
         if migrations:
-            m = _migration_step(project, entry, observed, server.name)
+            m = _migration_step(project, entry, observed, server.name, mismatches)
             if m is not None:
                 migrate.append(m)
     others: list[str] = []
@@ -265,10 +275,10 @@ def plan(
                 steps.append(Step(KEEP, bot, [*objects, "not in fleet.toml (apply --prune backs it up, then removes it)"],
                                   server.name))
     steps += migrate
-    notes: list[str] = []
+    notes: list[str] = list(mismatches)
     if not credentials_only:
         steps += _file_steps(project, envs)
-        notes = [settings.missing_hint(bot, keys) for bot in sorted(bots) if (keys := settings.missing(project, bot))]
+        notes += [settings.missing_hint(bot, keys) for bot in sorted(bots) if (keys := settings.missing(project, bot))]
     return FleetPlan(steps, problems, others, notes)
 
 

@@ -169,6 +169,7 @@ def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set
     if isinstance(observed.extra, _Inside):
         out += _inside(server, entry, observed.extra)
     out += _credentials(server, entry, observed, known=any(f.check == "password" for f in out), notes=notes)
+    out += _revision(project, entry, observed)
     needed = settings.missing(project, entry.name, settings.of(observed.env))
     if needed:
         out.append(Finding("config", entry.name, f"{entry.name} lacks {', '.join(needed)}, which its code requires: "
@@ -180,6 +181,19 @@ def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set
             out.append(Finding("env-file", entry.name, f"{path} has mode {mode:04o}, not 0600",
                                f"chmod 600 {path}", True, repair=lambda: path.chmod(0o600)))
     return out
+
+
+def _revision(project: Project, entry: BotEntry, observed: reconcile.Observed) -> list[Finding]:
+    """A database at a revision its bot's code's migrations do not know: another code migrated
+    it (the bot's code was changed in fleet.toml) or it is ahead of this checkout. Every migration
+    of it would fail, and in the stack the bot stays down; nothing here can repair it."""
+    from .migrate import start_over, unknown_to_code
+
+    why = unknown_to_code(project.root, entry.code, observed.revision)
+    if why is None:
+        return []
+    return [Finding("revision", entry.name, why,
+                    f"set its code back in fleet.toml, or {start_over(entry.name, entry.code)}", False)]
 
 
 def _run(conn: psycopg.Connection, stmt: sql.Composable) -> Callable[[], None]:

@@ -276,6 +276,34 @@ def is_unknown(script: ScriptDirectory, rev: str) -> bool:
         return True
 
 
+def unknown_to_code(root: Path, code: str, revision: str | None) -> str | None:
+    """Why code ``code``'s migrations cannot carry on a bot database at ``revision``: it is none
+    of their revisions (another code migrated that database, or it is ahead of this checkout),
+    in words that name the code that has it when one under migrations/ does. None when they
+    know it, when the database was never migrated (``revision`` None: any code may start it),
+    or when there is no such code under bots/."""
+    if revision is None:
+        return None
+    try:
+        package = codes.with_migrations(root, code).package
+        if not is_unknown(script_directory(str(root), package), revision):
+            return None
+    except codes.NoMigrations:
+        package = codes.find(root, code).package  # a code without migrations knows no revision
+    except InvalidInput:
+        return None
+    owner = next((p for p in codes.migration_codes(root)
+                  if p != package and not is_unknown(script_directory(str(root), p), revision)), None)
+    whose = f"a revision of code {owner}" if owner else "a revision none of this project's codes has"
+    return f"its database is at revision {revision} ({whose}), which code {package}'s migrations do not know"
+
+
+def start_over(bot: str, code: str) -> str:
+    """The ways out for a bot whose database another code migrated, as commands to run."""
+    return (f"deploy {code} as a new bot (provision add-bot NEW-NAME --code {code}), or, to start {bot} over: "
+            f"provision backup {bot}, provision remove-bot {bot}, provision add-bot {bot} --code {code}")
+
+
 def migrate_one(target: Target, dest: str = "head", *, downgrade: bool = False, lock_wait: float = DEFAULT_LOCK_WAIT) -> Outcome:
     """Upgrade (or downgrade) one bot; never raises: failures are in the Outcome."""
     started = time.perf_counter()

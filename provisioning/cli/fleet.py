@@ -54,9 +54,11 @@ def plan_cmd(
 
     Lists bots to create, bots whose role, database or env file drifted from
     their entry (pools, replicas, limits, timeouts), bots behind their
-    migrations, bots on the server that fleet.toml no longer names, and the
-    compose files a re-render would write. A registry that cannot be applied
-    (a bad name or value, a fleet over its budget) is exit code 2.
+    migrations, bots on the server that fleet.toml no longer names, and each
+    compose file apply's re-render will write or delete. A bot whose database
+    is at a revision its code does not know is a note, not a migration. A
+    registry that cannot be applied (a bad name or value, a fleet over its
+    budget) is exit code 2.
 
     Example: provision plan --prune
     """
