@@ -24,11 +24,11 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from . import budget as budgets
 from . import codes, compose, declarative, reconcile
-from .backup import BackupResult, DumpFile, backup_bot, dump
+from .backup import BackupResult, backup_bot, dump
 from .doctor import Report
 from .errors import InvalidInput, ProvisionError
 from .migrate import DEFAULT_LOCK_WAIT, MigrationFailed, Outcome, Target, is_unknown
