@@ -860,7 +860,9 @@ def stack_settings(stack: StackSettings, **changes: Any) -> StackSettings:
 
 def budget(project: Project, **preview: Any) -> dict[str, budgets.Budget]:
     """Each server's connection and memory budget (``preview``: [server] settings to try
-    without saving). A budget that does not fit is returned as it is (``fits`` False)."""
+    without saving). A budget that does not fit is returned as it is (``fits`` False).
+    Read-only: a folder without fleet.toml is refused (no fleet here)."""
+    project.require_fleet()
     fleet = dataclasses.replace(project.fleet, stack=stack_settings(project.fleet.stack, **preview))
     return {name: budgets.server_budget(fleet, name) for name in fleet.server_names()}
 

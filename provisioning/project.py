@@ -51,6 +51,14 @@ class Project:
                     raise InvalidInput(f"{path} is a symbolic link: a bot's credentials file must be a file of its own "
                                        "(replace the link with the file)")
 
+    def require_fleet(self) -> None:
+        """Refuse (InvalidInput, exit 2) a folder that holds no fleet.toml. A read-only command
+        (list, plan, doctor, budget, current, backups) calls this before it chooses a server:
+        run in the wrong folder it must not create one there (39 MB and a running PostgreSQL)."""
+        if not self.registry.exists():
+            raise InvalidInput(f"no fleet here: {self.root} has no fleet.toml; start one with provision add-bot NAME, "
+                               "or name the fleet's folder with --project-dir DIR (or BOTFLEET_HOME); nothing was created")
+
     def reload(self) -> Fleet:
         self._fleet = None
         return self.fleet

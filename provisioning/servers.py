@@ -65,10 +65,14 @@ class Server:
 class Servers:
     """How one command reaches the fleet's servers."""
 
-    def __init__(self, project: Project, admin_url: str | None = None, *, say: Callable[[str], None] = _quiet):
+    def __init__(self, project: Project, admin_url: str | None = None, *, say: Callable[[str], None] = _quiet,
+                 read_only: bool = False):
         self.project = project
         self.admin_url = admin_url
         self.say = say
+        # A read-only command (list, plan, doctor, current, ...): it must never create the
+        # embedded server of a folder that holds no fleet (choose refuses instead).
+        self.read_only = read_only
 
     def choose(self, name: str = DEFAULT_SERVER, *, start_embedded: bool = True) -> Server:
         """The server ``name``, not opened (the embedded one is started unless told not to)."""
@@ -90,6 +94,8 @@ class Servers:
         if env:
             parse_url(env)
             return Server(name, env, ENV_ADMIN_URL)
+        if self.read_only:
+            self.project.require_fleet()  # no fleet.toml: refused before .botfleet/ or a server is made
         embedded = self.embedded()
         if start_embedded:
             embedded.start()

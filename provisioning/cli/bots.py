@@ -151,7 +151,7 @@ def list_cmd(
     from .. import commands
 
     proj = project_of(project)
-    rows = commands.list_bots(proj, servers_of(proj, admin_url))
+    rows = commands.list_bots(proj, servers_of(proj, admin_url, read_only=True))
     if as_json:
         print_json(rows)
         return

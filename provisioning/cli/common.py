@@ -75,10 +75,13 @@ def project_of(path: Path | None) -> Project:
     return Project(path or Path.cwd())
 
 
-def servers_of(project: Project, admin_url: str | None) -> Servers:
+def servers_of(project: Project, admin_url: str | None, *, read_only: bool = False) -> Servers:
+    """How the command reaches its servers; ``read_only`` declares a command that only reads
+    (list, plan, doctor, current, ...): in a folder without fleet.toml it is refused
+    (``no fleet here``) rather than creating the folder's embedded server."""
     from ..servers import Servers
 
-    return Servers(project, admin_url, say=say)
+    return Servers(project, admin_url, say=say, read_only=read_only)
 
 
 def confirm_or_refuse(question: str, refusal: str) -> None:

@@ -65,7 +65,7 @@ def plan_cmd(
     from .. import commands
 
     proj = project_of(project)
-    fleet_plan = commands.plan(proj, servers_of(proj, admin_url), prune=prune, ignore=tuple(ignore_stray or ()),
+    fleet_plan = commands.plan(proj, servers_of(proj, admin_url, read_only=True), prune=prune, ignore=tuple(ignore_stray or ()),
                                migrations=not no_migrate, progress=say)
     if as_json:
         print_json(fleet_plan.as_dict())
@@ -174,7 +174,7 @@ def doctor_cmd(
     from .. import commands
 
     proj = project_of(project)
-    report = commands.doctor(proj, servers_of(proj, admin_url), fix=fix, ignore=tuple(ignore_stray or ()), progress=say)
+    report = commands.doctor(proj, servers_of(proj, admin_url, read_only=True), fix=fix, ignore=tuple(ignore_stray or ()), progress=say)
     if as_json:
         print_json({"ok": report.ok, "found": [f.as_dict() for f in report.found],
                     "fixed": [f.as_dict() for f in report.tried],

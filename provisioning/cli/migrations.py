@@ -129,7 +129,7 @@ def current_cmd(
     from .. import commands
 
     proj = project_of(project)
-    rows = commands.current(proj, servers_of(proj, admin_url), bots or [])
+    rows = commands.current(proj, servers_of(proj, admin_url, read_only=True), bots or [])
     if as_json:
         print_json(rows)
         return
