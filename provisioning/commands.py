@@ -913,6 +913,28 @@ def embedded_server(project: Project):
     return EmbeddedServer(project.state_dir)
 
 
+@dataclass
+class ServerStarted:
+    """``provision server start``: the server now, the port it left (when ``--port`` moved it)
+    and the registry bots whose DATABASE_URL still names that old port (``--db-port``)."""
+
+    status: Any
+    moved_from: int | None = None
+    repoint: list[str] = field(default_factory=list)
+
+
+def server_start(project: Project, port: int | None = None) -> ServerStarted:
+    """Start the embedded server on the fleet's recorded port (refused, not moved, when something
+    else holds it), or move it to ``port``, naming the bots whose env files pin the old one."""
+    server = embedded_server(project)
+    before = server.status().port
+    status = server.start(port)
+    if before is None or status.port == before:
+        return ServerStarted(status)
+    pinned = sorted(name for name, entry in project.fleet.bots.items() if entry.db_port == before)
+    return ServerStarted(status, before, pinned)
+
+
 # --------------------------------------------------------------------------- a bot's own settings: config
 
 from typing import TYPE_CHECKING  # noqa: E402

