@@ -8,10 +8,11 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .db import libpq_env
 from .embedded import wheel_bin_dir
@@ -154,6 +155,7 @@ class BackupResult:
     pruned: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    sha256: str | None = None  # of a dump written to a stream (a file's is in its .sha256)
 
     @property
     def ok(self) -> bool:
@@ -161,6 +163,33 @@ class BackupResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def dump_to(url: str, dbname: str, out: IO[bytes], bot: str, *, server_major: int) -> BackupResult:
+    """``pg_dump -Fc`` of ``dbname`` onto ``out`` (``provision backup NAME --output -``).
+
+    The dump is spooled to an anonymous temporary file (0600, gone when closed) and copied to
+    ``out`` only once pg_dump has succeeded: a failed dump writes nothing, so a pipe never
+    receives a truncated archive that looks whole. The result carries its size and sha256
+    (``path`` None). Raises BackupFailed."""
+    started = time.monotonic()
+    pg_dump = find_tool("pg_dump", server_major, hint="install the PostgreSQL client tools of that version")
+    with tempfile.TemporaryFile() as spool:
+        proc = subprocess.run(
+            [str(pg_dump), "--format=custom", "--no-password"],
+            stdout=spool, stderr=subprocess.PIPE, text=False, env=libpq_env(url, dbname), timeout=3600,
+        )
+        if proc.returncode != 0:
+            raise BackupFailed(f"pg_dump of {dbname} failed: {tool_error(proc.stderr, proc.returncode)}; "
+                               "nothing was written")
+        spool.seek(0)
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: spool.read(1 << 20), b""):
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
+        size = spool.tell()
+    return BackupResult(bot, "written", None, size, sha256=digest.hexdigest(), seconds=time.monotonic() - started)
 
 
 def backup_bot(url: str, dbname: str, dest_dir: Path, bot: str, *, server_major: int, keep: int | None = None) -> BackupResult:
@@ -177,3 +206,58 @@ def backup_bot(url: str, dbname: str, dest_dir: Path, bot: str, *, server_major:
     pruned = prune(dest_dir, bot, keep) if keep is not None else []
     return BackupResult(bot, "written", str(path), path.stat().st_size, [str(p) for p in pruned],
                         seconds=time.monotonic() - started)
+
+
+# --- provision backups: what is in backups/, with each dump's checksum state ---
+
+
+def checksum_state(path: Path) -> str:
+    """``ok`` (the .sha256 beside it matches), ``missing`` (none, or it does not name the file)
+    or ``mismatch`` (the file is damaged or was changed)."""
+    side = checksum_path(path)
+    try:
+        words = side.read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return "missing"
+    if not words or (len(words) > 1 and words[1].lstrip("*") != path.name):
+        return "missing"
+    return "ok" if sha256_of(path) == words[0].lower() else "mismatch"
+
+
+@dataclass
+class DumpFile:
+    """One dump in backups/NAME/."""
+
+    bot: str
+    path: str
+    size_bytes: int
+    created: str  # UTC, ISO 8601: from the name botfleet gives it, else the file's mtime
+    age_seconds: int
+    checksum: str  # ok | missing | mismatch
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _created(path: Path, bot: str) -> dt.datetime:
+    match = re.fullmatch(re.escape(bot) + "-(" + STAMP_RE + r")\.dump", path.name)
+    if match:
+        return dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc)
+
+
+def list_dumps(root: Path, bots: list[str]) -> list[DumpFile]:
+    """Every ``*.dump`` file in ``root/NAME/`` for each of ``bots`` (symbolic links and other
+    files left out), oldest first per bot, with its size, age and checksum state. Reads only."""
+    now = dt.datetime.now(dt.timezone.utc)
+    found: list[DumpFile] = []
+    for bot in bots:
+        folder = root / bot
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        files = [p for p in folder.glob("*.dump") if p.is_file() and not p.is_symlink()]
+        for path in sorted(files, key=lambda p: (_created(p, bot), p.name)):
+            created = _created(path, bot)
+            found.append(DumpFile(bot, str(path), path.stat().st_size, created.isoformat().replace("+00:00", "Z"),
+                                  max(0, int((now - created).total_seconds())), checksum_state(path)))
+    return found

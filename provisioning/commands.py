@@ -24,11 +24,11 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import budget as budgets
 from . import codes, compose, declarative, reconcile
-from .backup import BackupResult, backup_bot, dump
+from .backup import BackupResult, DumpFile, backup_bot, dump
 from .doctor import Report
 from .errors import InvalidInput, ProvisionError
 from .migrate import DEFAULT_LOCK_WAIT, MigrationFailed, Outcome, Target, is_unknown
@@ -501,6 +501,73 @@ def restore(project: Project, servers: Servers, name: str, file: Path, *,
     with servers.opened(project.fleet.bots[name].server) as server:
         return restore_into(server, project, name, file, confirm=confirm, require_checksum=require_checksum,
                             from_bot=from_bot, progress=progress)
+
+
+def backup_stream(project: Project, servers: Servers, name: str, out: IO[bytes], *,
+                  progress: Progress = _quiet) -> BackupResult:
+    """``provision backup NAME --output -``: one bot's pg_dump -Fc onto ``out`` (stdout), nothing
+    else on it; written only once pg_dump succeeded (raises BackupFailed, exit 1, otherwise)."""
+    from .backup import dump_to
+
+    chosen_bots(project, [name], all_bots=False)
+    entry = project.fleet.bots[name]
+    with servers.opened(entry.server) as server:  # pg_dump opens its own connection
+        url, major = server.url, server.major
+    progress(f"{name}: pg_dump of {entry.database} to stdout")
+    result = dump_to(url, entry.database, out, name, server_major=major)
+    progress(f"{name}: {result.size_bytes} bytes in {result.seconds:.1f}s, sha256 {result.sha256}")
+    return result
+
+
+STDIN_LABEL = "stdin"
+
+
+def restore_stream(project: Project, servers: Servers, name: str, stream: IO[bytes], *,
+                   confirm: Callable[[str], bool] = lambda _question: False, require_checksum: bool = True,
+                   from_bot: str | None = None, progress: Progress = _quiet) -> RestoreResult:
+    """``provision restore NAME -``: a dump read from ``stream`` (stdin) and restored exactly as
+    a file is (the archive, --from-bot and owner checks, the safety backup of a non-empty
+    database, one transaction). A stream has no .sha256 beside it, so ``require_checksum``
+    refuses it before anything is read. It is spooled to a 0600 file in a private temporary
+    folder (pg_restore reads an archive twice), removed afterwards."""
+    import shutil
+    import tempfile
+
+    from .restore import restore as restore_into
+
+    chosen_bots(project, [name], all_bots=False)  # bad input fails before stdin is read
+    if from_bot is not None:
+        validate(from_bot)
+    if require_checksum:
+        raise InvalidInput("a dump read from stdin has no .sha256 beside it: pass --no-checksum "
+                           "(pg_restore still checks that it is a readable archive); nothing was read")
+    with tempfile.TemporaryDirectory(prefix="botfleet-restore-") as folder:  # mode 0700
+        spooled = Path(folder) / f"{name}.dump"
+        with open(spooled, "xb") as fh:
+            shutil.copyfileobj(stream, fh, 1 << 20)
+        if spooled.stat().st_size == 0:
+            raise InvalidInput("stdin held no dump (0 bytes); nothing was restored")
+        progress(f"read {spooled.stat().st_size} bytes from stdin")
+        with servers.opened(project.fleet.bots[name].server) as server:
+            return restore_into(server, project, name, spooled, confirm=confirm, require_checksum=False,
+                                from_bot=from_bot, progress=progress, label=STDIN_LABEL)
+
+
+def backups(project: Project, name: str | None = None) -> list[DumpFile]:
+    """The dumps in backups/ (``name``: that bot's only, in the registry or not: a removed bot's
+    backups stay there), each with its size, age and checksum state. Reads only; a folder
+    without fleet.toml is refused (no fleet here)."""
+    from .backup import list_dumps
+
+    project.require_fleet()
+    project.check_private()  # backups/ must be the project's own folder
+    if name is not None:
+        validate(name)
+        bots = [name]
+    else:
+        root = project.root / "backups"
+        bots = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return list_dumps(project.root / "backups", bots)
 
 
 # --------------------------------------------------------------------------- doctor, plan, apply

@@ -73,10 +73,10 @@ class RestoreResult:
         return asdict(self)
 
 
-def verify_archive(path: Path, server_major: int, *, require_checksum: bool = True) -> Archive:
+def verify_archive(path: Path, server_major: int, *, require_checksum: bool = True, label: str | None = None) -> Archive:
     """Check a backup file before a restore may use it; raises InvalidInput (exit 2) when it
     is missing, damaged, without a checksum (unless ``require_checksum`` is off), or not an
-    archive pg_restore can read."""
+    archive pg_restore can read. ``label`` names it in messages (``stdin`` for a spooled dump)."""
     if not path.is_file():
         raise InvalidInput(f"no such backup file: {path}")
     checked = backup.verify_checksum(path)
@@ -90,7 +90,8 @@ def verify_archive(path: Path, server_major: int, *, require_checksum: bool = Tr
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines()
         reason = lines[-1].removeprefix("pg_restore: error: ") if lines else f"exit code {proc.returncode}"
-        raise InvalidInput(f"{path} is not a pg_dump archive that pg_restore can read ({reason}); nothing was restored")
+        raise InvalidInput(f"{label or path} is not a pg_dump archive that pg_restore can read ({reason}); "
+                           "nothing was restored")
     entries = sum(1 for line in proc.stdout.splitlines() if line and not line.startswith(b";"))
     dbname = next((line.split(b":", 1)[1].strip().decode(errors="replace") for line in proc.stdout.splitlines()
                    if line.startswith(b";") and line[1:].strip().lower().startswith(b"dbname:")), None)
@@ -107,6 +108,7 @@ def restore(
     require_checksum: bool = True,
     from_bot: str | None = None,
     progress: Progress = _quiet,
+    label: str | None = None,
 ) -> RestoreResult:
     """Restore ``file`` into bot ``name``'s database as the bot's role.
 
@@ -115,23 +117,26 @@ def restore(
     ``confirm(question)`` says yes, and only after a backup of what it held; a database holding
     objects of another owner is refused (``provision doctor --fix`` repairs that).
     Raises InvalidInput (nothing touched), NotManaged or RestoreFailed (database unchanged).
+    ``label`` names the dump in messages instead of ``file`` (``stdin``: a dump read from it,
+    spooled to a private temporary file).
     """
+    shown, short = label or str(file), label or file.name
     conn, admin, admin_url = server.conn, server.admin, server.url
     assert conn is not None and admin is not None
     names = validate(name, admin_role=admin.role)
     entry = project.fleet.bots.get(name)
     if entry is None:
         raise InvalidInput(f"not in the fleet registry: {name} (see provision list)")
-    progress(f"verifying {file}")
-    archive = verify_archive(file, admin.major, require_checksum=require_checksum)
-    progress(f"{file.name}: " + ("checksum matches, " if archive.checksum else "no checksum, ")
+    progress(f"verifying {shown}")
+    archive = verify_archive(file, admin.major, require_checksum=require_checksum, label=label)
+    progress(f"{short}: " + ("checksum matches, " if archive.checksum else "no checksum, ")
              + f"{archive.entries} entries readable by {archive.pg_restore}")
     # Another bot's dump would hand this bot's role that bot's rows: only when the operator says so.
     source = validate(from_bot).database if from_bot else names.database
     if archive.dbname is not None and archive.dbname != source:
         hint = (f"pass --from-bot NAME (the bot whose database {archive.dbname} was) to restore it into {name} anyway"
                 if not from_bot else f"--from-bot {from_bot} names database {source}")
-        raise InvalidInput(f"{file} is a dump of database {archive.dbname}, not of {names.database}: {hint}; "
+        raise InvalidInput(f"{shown} is a dump of database {archive.dbname}, not of {names.database}: {hint}; "
                            "nothing was restored")
     if roles.inspect(conn, names.role, read_verifier=False) is None or databases.inspect(conn, names.database) is None:
         raise ProvisionError(f"{name} is not provisioned on this server; run: provision add-bot {name}")
@@ -139,7 +144,7 @@ def restore(
     if password is None:
         raise ProvisionError(f"no password for {names.role} in {project.env_path(name)}; run: provision add-bot {name}")
 
-    result = RestoreResult(bot=name, database=names.database, role=names.role, file=str(file),
+    result = RestoreResult(bot=name, database=names.database, role=names.role, file=shown,
                            checksum_verified=archive.checksum)
     with advisory_lock(conn, name):
         with connect(with_database(admin_url, names.database)) as db_conn:
@@ -149,7 +154,7 @@ def restore(
             shown = ", ".join(f"{o} (owner {o.owner})" for o in foreign[:3])
             raise NotManaged(f"{names.database} holds objects not owned by {names.role}: {shown}"
                              f"{' ...' if len(foreign) > 3 else ''}; run provision doctor --fix first")
-        question = f"Replace the {len(present)} objects in {names.database} with {file.name} (after backing them up)?"
+        question = f"Replace the {len(present)} objects in {names.database} with {short} (after backing them up)?"
         if present and not confirm(question):
             raise InvalidInput(f"{names.database} is not empty ({len(present)} objects, e.g. {present[0]}); "
                                "pass --yes to replace its content (it is backed up first)")
@@ -166,12 +171,12 @@ def restore(
                 " WHERE datname = %s AND pid <> pg_backend_pid()", (names.database,)).fetchone()
             if ended and ended[0]:
                 progress(f"ended {ended[0]} session(s) on {names.database}")
-        progress(f"restoring {file.name} into {names.database} as {names.role} (one transaction)")
+        progress(f"restoring {short} into {names.database} as {names.role} (one transaction)")
         bot_conninfo = as_role(admin_url, names.role, password, names.database, application_name="botfleet-restore")
         error = _pipe(archive, bot_conninfo, drop_owned=bool(present), server_major=admin.major)
         if error:
             kept = f"; its previous content is also in {result.safety_backup}" if result.safety_backup else ""
-            raise RestoreFailed(f"restore of {file.name} into {names.database} failed: {error}; "
+            raise RestoreFailed(f"restore of {short} into {names.database} failed: {error}; "
                                 f"the database was left as it was{kept}")
         with connect(with_database(admin_url, names.database)) as db_conn:
             databases.lock_down_schema(db_conn)
