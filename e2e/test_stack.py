@@ -226,9 +226,7 @@ def test_03_a_bot_cannot_open_another_bots_database_from_its_container(stack: St
 def test_04_no_password_in_any_containers_environment_or_command(stack: Stack):
     passwords = []
     for bot in BOTS:
-        env_text = (stack.root / "secrets" / f"{bot}.env").read_text()
-        url = next(line for line in env_text.splitlines() if line.startswith("DATABASE_URL="))
-        passwords.append(url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1])
+        passwords.append(bot_password(stack, bot))
     passwords += [BOT_TOKEN, FEISHU_TOKEN, (stack.root / "secrets" / "postgres-password").read_text().strip()]
     for service, row in stack.containers().items():
         inspect = json.loads(stack.docker("inspect", row["ID"]).stdout)[0]
@@ -236,6 +234,47 @@ def test_04_no_password_in_any_containers_environment_or_command(stack: Stack):
                             "args": inspect.get("Args"), "entrypoint": inspect["Config"]["Entrypoint"]})
         leaked = [i for i, pw in enumerate(passwords) if pw and pw in shown]
         assert leaked == [], f"{service}: a secret is in its environment or command"
+
+
+def bot_password(stack: Stack, bot: str) -> str:
+    env_text = (stack.root / "secrets" / f"{bot}.env").read_text()
+    url = next(line for line in env_text.splitlines() if line.startswith("DATABASE_URL="))
+    return url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+
+
+def test_04b_the_stacks_postgres_takes_tls_and_passwords_only_and_logs_who_connects(stack: Stack):
+    assert stack.http("chat-bot", "GET", "/conversations/1/context?limit=1")[0] in (200, 404)  # a pooled connection
+    with stack.admin() as conn:
+        rows = conn.execute("SELECT a.usename, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) "
+                            "WHERE a.backend_type = 'client backend' AND a.usename <> 'postgres'").fetchall()
+        assert ("chat_bot_user", True) in rows and all(ssl for _, ssl in rows), rows
+        assert conn.execute("SHOW auth_delay.milliseconds").fetchone()[0] in ("500", "500ms")
+        assert conn.execute("SHOW log_connections").fetchone()[0] != "off"
+    port, admin_pw = stack.ports["postgres"], (stack.root / "secrets" / "postgres-password").read_text().strip()
+    cert = stack.root / "deploy" / "postgres-tls.crt"
+    # The operator, through the published port: verified TLS by the certificate render made ...
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=admin_pw, dbname="postgres",
+                         sslmode="verify-full", sslrootcert=str(cert), connect_timeout=10) as conn:
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+    # ... and nothing in the clear, the right password or not.
+    with pytest.raises(psycopg.OperationalError, match="no encryption"):
+        psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=admin_pw, dbname="postgres",
+                        sslmode="disable", connect_timeout=10)
+    # A bot's role cannot open the maintenance databases.
+    for db in ("postgres", "template1"):
+        with pytest.raises(psycopg.OperationalError, match="rejects connection|permission denied"):
+            psycopg.connect(host="127.0.0.1", port=port, user="chat_bot_user", password=bot_password(stack, "chat-bot"),
+                            dbname=db, connect_timeout=10)
+    # Inside the postgres container: no password-free login on its socket, but for the postgres OS user.
+    proc = stack.compose("exec", "-T", "postgres", "psql", "-U", "chat_bot_user", "-d", "chat_bot_db", "-c", "SELECT 1",
+                         check=False)
+    assert proc.returncode != 0 and "rejects connection" in proc.stderr, proc.stdout + proc.stderr
+    # Who connected is logged; no password is, anywhere in the log.
+    logs = stack.compose("logs", "--no-color", "postgres").stdout
+    assert "connection authorized: user=chat_bot_user database=chat_bot_db" in logs and "SSL enabled" in logs
+    assert "disconnection: session time" in logs
+    for secret in [admin_pw, *(bot_password(stack, b) for b in BOTS)]:
+        assert secret not in logs
 
 
 def test_05_a_bot_added_later_comes_up_without_recreating_the_others(stack: Stack):
