@@ -1100,6 +1100,36 @@ def config_list(project: Project, bot: str) -> ConfigListing:
     return ConfigListing(bot, code, str(project.env_path(bot)), values, list(required), missing)
 
 
+# --------------------------------------------------------------------------- top, metrics
+
+# The figures are ``monitor``'s (a leaf reading the statistics views), the servers kept open and
+# sampled by the ``watch`` service; here so that every command stays one function of this module.
+from . import exporter  # noqa: E402
+from .watch import DEFAULT_INTERVAL, Frame, Watch, check_interval  # noqa: E402,F401
+
+
+def watch(project: Project, servers: Servers, bots: list[str], *, queries: bool = False) -> Watch:
+    """The servers of ``bots`` (every bot when empty) watched for `provision top`: a context
+    manager whose ``frames(interval)`` yields each refresh. The bots are checked (InvalidInput,
+    before any server is touched); the servers are opened on entering it."""
+    return Watch(project, servers, bots, queries=queries)
+
+
+def metrics(project: Project, servers: Servers, bots: list[str]) -> str:
+    """Every watched bot's figures once, in Prometheus's text exposition format."""
+    with Watch(project, servers, bots) as watching:
+        return watching.metrics()
+
+
+def serve_metrics(project: Project, servers: Servers, bots: list[str], listen: str, *,
+                  ready: Progress = _quiet) -> None:
+    """Serve the figures at http://LISTEN/metrics, sampled anew for each scrape, until interrupted.
+    ``listen`` and the bots are checked before any server is touched (InvalidInput)."""
+    host, port = exporter.parse_listen(listen)
+    with Watch(project, servers, bots) as watching:
+        exporter.serve(host, port, watching.metrics, ready=ready)
+
+
 # --------------------------------------------------------------------------- one bot from the shell: info, env, run, psql
 
 # The verbs live in the ``access`` service (how the host reaches a bot); here so that every
