@@ -6,14 +6,21 @@ Run by hand from the repository root (it is a benchmark, not a test):
 
 The server is --admin-url, else ADMIN_DATABASE_URL, else
 postgresql://postgres@127.0.0.1:5432/postgres; with --embedded a throw-away
-embedded server is started in a temporary folder and destroyed at the end.
-N bots (default 50) named bench<random6>-NN are provisioned three ways, from
+embedded server is started in a temporary folder (its max_connections raised
+to hold the N bots) and destroyed at the end.
+N bots (default 40) named bench<random6>-NN are provisioned three ways, from
 the same empty state each time (one warm-up CREATE DATABASE before (a), and
 the drops and a CHECKPOINT before each mode, are not timed):
 
   (a) the floor: the same SQL as one file through ONE psql session;
   (b) provisioning.commands.provision_on in this process, one admin connection;
   (c) one `provision add-bot NAME` process per bot.
+
+Each bot has the smallest pool (--pool-size 1 --max-overflow 0: a connection
+limit of 2), because add-bot holds the connection budget: the fleet's limits
+must fit the server's max_connections less superuser_reserved_connections
+(40 bots on a server with max_connections 100). A --bots N that cannot fit is
+refused before anything is created, with the number that fits.
 
 It prints ms per bot and the ratios, then the median of 10 `provision --help`.
 Everything it creates on the server is dropped at the end, even on error or
@@ -51,6 +58,39 @@ from provisioning.servers import Servers
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PROVISION = str(Path(sys.executable).with_name("provision"))
+# The smallest pool add-bot takes, the same in the three modes: each bot's connection limit is
+# 1 + 0 + 1 (migrations), so a server with max_connections 100 holds 48 of them.
+POOL = {"pool_size": 1, "max_overflow": 0}
+POOL_FLAGS = ["--pool-size", "1", "--max-overflow", "0"]
+
+
+def per_bot() -> int:
+    """One bot's connection limit with POOL (what add-bot's budget counts)."""
+    return BotEntry(name="bench", code="bench", **POOL).connection_limit
+
+
+def require_room(url: str, bots: int) -> None:
+    """Refuse (RuntimeError) a --bots that add-bot's connection budget would refuse midway."""
+    with db.connect(url) as conn:
+        max_connections, reserved = conn.execute(
+            "SELECT current_setting('max_connections')::int, current_setting('superuser_reserved_connections')::int"
+        ).fetchone()
+    fits = (max_connections - reserved) // per_bot()
+    if bots > fits:
+        raise RuntimeError(f"--bots {bots} needs {bots * per_bot()} connections; max_connections {max_connections} "
+                           f"less {reserved} reserved holds {fits} bots: pass --bots {fits}, or --embedded "
+                           "(its own server, sized to the bots)")
+
+
+def size_embedded(server, bots: int) -> None:
+    """Give the throw-away embedded server room for ``bots`` bots (a restart: not timed)."""
+    needed = bots * per_bot() + 20
+    with db.connect(server.admin_url()) as conn:
+        if int(conn.execute("SHOW max_connections").fetchone()[0]) >= needed:
+            return
+        conn.execute(sql.SQL("ALTER SYSTEM SET max_connections = {}").format(sql.Literal(needed)))
+    server.stop()
+    server.start()
 def progress(mode: str, done: int, total: int) -> None:
     """One line per mode on stderr: updated in place on a terminal, printed once otherwise."""
     if sys.stderr.isatty():
@@ -84,7 +124,7 @@ def floor_sql(conn, bots: list[str], verifiers: dict[str, str]) -> str:
     lines = []
     for i, bot in enumerate(bots, 1):
         names = validate(bot)
-        entry = BotEntry(name=bot, code=bot)  # registry defaults
+        entry = BotEntry(name=bot, code=bot, **POOL)  # registry defaults but the pool
         role, dbname, comment = I(names.role), I(names.database), L(marker(bot))
         statements = [
             S("BEGIN"),
@@ -138,7 +178,7 @@ def run_in_process(url: str, bots: list[str], work: Path) -> float:
     project = Project(work)
     with Servers(project, url).opened() as server:
         for i, bot in enumerate(bots, 1):
-            provision_on(server, project, bot, BotOptions())
+            provision_on(server, project, bot, BotOptions(**POOL))
             progress("b", i, len(bots))
     return time.perf_counter() - start
 
@@ -149,7 +189,7 @@ def run_cli(url: str, bots: list[str], work: Path) -> float:
     env = {k: v for k, v in os.environ.items() if k != "BOTFLEET_HOME"} | {"ADMIN_DATABASE_URL": url}
     start = time.perf_counter()
     for i, bot in enumerate(bots, 1):
-        done = subprocess.run([PROVISION, "add-bot", bot, "--project-dir", str(work)],
+        done = subprocess.run([PROVISION, "add-bot", bot, *POOL_FLAGS, "--project-dir", str(work)],
                               env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"provision add-bot {bot} failed (exit {done.returncode}): {done.stderr.strip()}")
@@ -199,6 +239,7 @@ def on_server(args, prefix: str, body: Callable[[str, Path], None]) -> int:
                 server = EmbeddedServer(Path(tmp) / ".botfleet")
                 print("starting the embedded server...", file=sys.stderr, flush=True)
                 server.start()
+                size_embedded(server, args.bots)
                 url = server.admin_url()
             else:
                 url = args.admin_url
@@ -240,9 +281,10 @@ def parse_args(doc: str, default_bots: int) -> tuple[argparse.Namespace, str, li
 
 
 def main() -> int:
-    args, prefix, bots = parse_args(__doc__, 50)
+    args, prefix, bots = parse_args(__doc__, 40)
 
     def body(url: str, tmp: Path) -> None:
+        require_room(url, len(bots))
         with db.connect(url) as conn:  # untimed warm-up: template0 and the catalogs into the caches
             where = f"{db.describe(url)} (PostgreSQL {conn.info.server_version // 10000}, prefix {prefix})"
             conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(f"{prefix}_warmup")))
