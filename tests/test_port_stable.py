@@ -57,6 +57,7 @@ def recorded(root: Path) -> int:
 
 
 def free_port() -> int:
+    """A port the system considers free now (not one of the range first starts pick from)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -64,7 +65,8 @@ def free_port() -> int:
 
 def test_a_taken_port_is_refused_loudly_never_moved_and_a_move_is_explicit(fleet, two_fleets):
     a, b = two_fleets
-    proc = run(fleet, a, "server", "start")
+    # A port outside 54320-54419, so no concurrent first start elsewhere takes it while A is stopped.
+    proc = run(fleet, a, "server", "start", "--port", str(free_port()))
     assert proc.returncode == 0, proc.stderr
     port = recorded(a)
     bot = fleet.name("pinned")
@@ -109,7 +111,7 @@ def test_a_taken_port_is_refused_loudly_never_moved_and_a_move_is_explicit(fleet
 
 def test_a_port_held_by_any_process_is_named(fleet, two_fleets):
     a, _ = two_fleets
-    assert run(fleet, a, "server", "start").returncode == 0
+    assert run(fleet, a, "server", "start", "--port", str(free_port())).returncode == 0
     port = recorded(a)
     assert run(fleet, a, "server", "stop").returncode == 0
     holder = socket.socket()
