@@ -32,7 +32,7 @@ from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
-from . import codes, reconcile
+from . import codes, quota, reconcile
 from .backup import STAMP_RE, list_backups
 from .db import describe, libpq_env, parse_url
 from .envfile import OWNED, Credentials, database_url
@@ -356,6 +356,9 @@ class BotInfo:
     env_file: str
     database_url: str | None  # masked password
     last_backup: LastBackup | None
+    max_size_bytes: int | None = None  # its storage quota (None: none)
+    quota_percent: float | None = None  # of it in use
+    quota_state: str = "no quota"  # ok | over quota | suspended (...) | no quota | no database
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -405,6 +408,8 @@ def info(project: Project, servers: Servers, name: str) -> BotInfo:
         observed = reconcile.observe(server, project, entry, inside=True)
         live = server.conn.execute(_LIVE, (entry.database,)).fetchone()
         server_url = describe(server.url)
+        held = quota.QuotaState(name, entry.server, entry.database, live[0] if live else None,
+                                project.fleet.max_size(entry), quota.is_suspended(server.conn, entry.role))
     if observed.role is None and observed.database is None:
         status = "missing"
     elif observed.role is None or observed.database is None:
@@ -427,6 +432,7 @@ def info(project: Project, servers: Servers, name: str) -> BotInfo:
         connections=live[1] if live else None, size_bytes=live[0] if live else None,
         revision=observed.revision, head=head, revision_state=state, env_file=str(env.path),
         database_url=masked, last_backup=last_backup(project, name),
+        max_size_bytes=held.max_size_bytes, quota_percent=held.percent, quota_state=held.state,
     )
 
 

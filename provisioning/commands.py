@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from . import budget as budgets
 from . import codes, compose, declarative, reconcile
+from . import quota as quotas
 from .backup import BackupResult, DumpFile, backup_bot, dump
 from .doctor import Report
 from .errors import InvalidInput, ProvisionError
@@ -72,6 +73,19 @@ class BotOptions:
     publish: str | None = None  # "" = not published
     memory: str | None = None
     cpus: str | None = None
+    # Guards and the storage quota; RESET ("default") goes back to fleet.toml's [defaults].
+    temp_file_limit: str | None = None
+    work_mem: str | None = None
+    lock_timeout: str | None = None
+    idle_session_timeout: str | None = None
+    max_size: str | None = None
+
+    def guards(self) -> dict[str, str | None]:
+        """The guards and quota given, as fleet.toml keeps them ("" for RESET), None = keep."""
+        given = {"temp_file_limit": self.temp_file_limit, "work_mem": self.work_mem,
+                 "lock_timeout": self.lock_timeout, "idle_session_timeout": self.idle_session_timeout,
+                 "max_size": self.max_size}
+        return {k: "" if v == RESET else v for k, v in given.items()}
 
     def host(self) -> str | None:
         """``db_host`` as fleet.toml keeps it: "" for RESET (its server's), None to keep."""
@@ -97,7 +111,7 @@ class BotOptions:
                        "statement_timeout": self.statement_timeout,
                        "idle_in_transaction_session_timeout": self.idle_timeout,
                        "db_host": self.host(), "db_port": self.port(), "publish": self.publish,
-                       "memory": self.memory, "cpus": self.cpus}, flags=True)
+                       "memory": self.memory, "cpus": self.cpus, **self.guards()}, flags=True)
         if self.code is not None and CODE_RE.fullmatch(self.code) is None:
             raise InvalidInput(f"--code {self.code!r} is not a bot code name (a-z, 0-9, '-' or '_', starting with a letter)")
 
@@ -116,6 +130,7 @@ class AddResult:
     password_changed: bool = False
     server: str = DEFAULT_SERVER
     migration: Outcome | None = None
+    notes: list[str] = field(default_factory=list)  # guards the admin could not set (see reconcile.RoleContext)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -151,6 +166,7 @@ def desired_entry(project: Project, names: BotNames, existing: BotEntry | None, 
         publish=_published(opts.publish) if opts.publish is not None else base.publish,
         memory=opts.memory.upper() if opts.memory is not None else base.memory,
         cpus=opts.cpus if opts.cpus is not None else base.cpus,
+        **{k: v if v is not None else getattr(base, k) for k, v in opts.guards().items()},
     )
 
 
@@ -186,10 +202,13 @@ def provision_on(server: Server, project: Project, name: str, opts: BotOptions, 
     warning = compose.rerender_if_present(project) if rerender and not credentials_only else None
     if warning:
         progress(warning)
+    for note in done.notes:
+        progress(f"note: {note}")
     return AddResult(
         bot=name, database=entry.database, role=entry.role, connection_limit=entry.connection_limit,
         env_file=str(project.env_path(name)), status=done.status, changes=done.changes, code=entry.code,
         has_code=project.code_dir(entry.code) is not None, password_changed=done.password_changed, server=entry.server,
+        notes=done.notes,
     )
 
 
@@ -365,6 +384,7 @@ def _list_server(server: Server, project: Project) -> list[dict[str, Any]]:
     on_server = project.fleet.on(server.name)
     dbs = {r[0]: r for r in server.conn.execute(_LIVE_DATABASES).fetchall()}
     role_rows = {r[0]: r for r in server.conn.execute(_LIVE_ROLES).fetchall()}
+    suspended = quotas.suspensions(server.conn)
     rows: list[dict[str, Any]] = []
     for name in sorted(on_server):
         entry = on_server[name]
@@ -378,6 +398,8 @@ def _list_server(server: Server, project: Project) -> list[dict[str, Any]]:
             "connection_limit": role[1] if role else None,
             "registry_connection_limit": entry.connection_limit,
             "pool": f"{entry.pool_size}+{entry.max_overflow}" + (f" x{entry.replicas}" if entry.replicas > 1 else ""),
+            **_quota_columns(quotas.QuotaState(name, server.name, entry.database, db[1] if db else None,
+                                               project.fleet.max_size(entry), entry.role in suspended)),
         })
     registered = {e.database for e in on_server.values()}
     for datname, row in sorted(dbs.items()):
@@ -389,8 +411,14 @@ def _list_server(server: Server, project: Project) -> list[dict[str, Any]]:
                 "bot": bot, "server": server.name, "code": None, "database": datname, "role": role[0] if role else None,
                 "status": "unknown (not in the registry)", "size_bytes": row[1], "connections": row[2],
                 "connection_limit": role[1] if role else None, "registry_connection_limit": None, "pool": None,
+                "max_size_bytes": None, "quota_percent": None, "quota_state": None,
             })
     return rows
+
+
+def _quota_columns(state: quotas.QuotaState) -> dict[str, Any]:
+    """A list row's quota: the quota in bytes (None: none), the share of it used, its state."""
+    return {"max_size_bytes": state.max_size_bytes, "quota_percent": state.percent, "quota_state": state.state}
 
 
 def list_bots(project: Project, servers: Servers) -> list[dict[str, Any]]:
@@ -1140,3 +1168,31 @@ from .access import info as bot_info  # noqa: E402,F401
 from .access import psql as bot_psql  # noqa: E402,F401
 from .access import run as bot_run  # noqa: E402,F401
 from .access import stored_url as bot_url  # noqa: E402,F401
+
+
+# --------------------------------------------------------------------------- storage quota
+
+
+def quota(project: Project, servers: Servers, bots: list[str] | None = None, *, enforce: bool = False,
+          progress: Progress = _quiet) -> list[QuotaState]:
+    """Each bot's database size against its quota (``max_size``, else [defaults]'s); the named
+    bots, or every registry bot. With ``enforce`` (``provision quota enforce``) a bot over its
+    quota is suspended (NOLOGIN, its sessions ended, recorded so the reconcile keeps it) and a
+    suspended one under it again is lifted. See quota.py for why this is what holds."""
+    names = chosen_bots(project, bots, all_bots=False) if bots else sorted(project.fleet.bots)
+    fleet = project.fleet
+    states: list[QuotaState] = []
+    with servers.visit(servers.of(names)) as opened:
+        for server in opened:
+            assert server.conn is not None
+            mine = [fleet.bots[n] for n in names if fleet.bots[n].server == server.name]
+            states += quotas.on_server(server.conn, server.name,
+                                       [(e.name, e.role, e.database, fleet.max_size(e)) for e in mine], enforce=enforce)
+    for state in states:
+        if state.action:
+            progress(f"{state.bot}: {state.action}" + (f" ({state.sessions_ended} sessions ended)"
+                                                       if state.sessions_ended else ""))
+    return sorted(states, key=lambda s: s.bot)
+
+
+from .quota import QuotaState  # noqa: E402,F401

@@ -159,8 +159,11 @@ def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set
     """The reconcile's changes as findings, then the audit-only checks of doctor's own."""
     observed = reconcile.observe(server, project, entry, read_inside=_read_inside(entry.role))
     out = [Finding(c.check, entry.name, c.finding, c.fix, c.safe,
-                   repair=reconcile.repair(server, entry, c.target) if c.safe else None)
+                   repair=reconcile.repair(server, entry, c.target, project.fleet) if c.safe else None)
            for c in reconcile.changes(server, project, entry, observed) if c.finding]
+    if observed.role is not None:  # guards the admin cannot set here are a note, not a finding
+        notes += reconcile.role_context(server.conn, entry).notes(entry, project.fleet)  # type: ignore[arg-type]
+    out += _quota(server, project, entry, observed)
     if observed.role is not None:
         out += _memberships(server, entry, bot_roles)
         out += _members(server, entry, bot_roles, registry_roles)
@@ -181,6 +184,35 @@ def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set
             out.append(Finding("env-file", entry.name, f"{path} has mode {mode:04o}, not 0600",
                                f"chmod 600 {path}", True, repair=lambda: path.chmod(0o600)))
     return out
+
+
+def _quota(server: Server, project: Project, entry: BotEntry, observed: reconcile.Observed) -> list[Finding]:
+    """The bot's database over its storage quota (max_size), or suspended by an enforced quota it
+    is no longer over: the operator's decision (``provision quota enforce``), never --fix's."""
+    from . import quota
+
+    limit = project.fleet.max_size(entry)
+    if observed.database is None or server.conn is None:
+        return []
+    suspended = quota.is_suspended(server.conn, entry.role)
+    if limit is None and not suspended:
+        return []
+    size = quota.database_sizes(server.conn, [entry.database]).get(entry.database)
+    state = quota.QuotaState(entry.name, server.name, entry.database, size, limit, suspended)
+    free = (f"free space as the admin (provision psql {entry.name} --admin: DROP or TRUNCATE, VACUUM FULL) or raise "
+            f"its quota (provision add-bot {entry.name} --max-size SIZE)")
+    if state.over and suspended:
+        return [Finding("quota", entry.name, f"database {entry.database} is {quota.human(size)}, over its quota of "
+                        f"{quota.human(limit)} ({state.percent}%): the bot is suspended (its role may not log in)",
+                        f"{free}, then: provision quota enforce {entry.name}  (lifts it)", False)]
+    if state.over:
+        return [Finding("quota", entry.name, f"database {entry.database} is {quota.human(size)}, over its quota of "
+                        f"{quota.human(limit)} ({state.percent}%): nothing stops it growing",
+                        f"provision quota enforce {entry.name}  (suspends it)  or  {free}", False)]
+    if suspended:
+        return [Finding("quota", entry.name, f"{entry.name} is suspended by an enforced quota (its role may not log "
+                        "in) but is no longer over it", f"provision quota enforce {entry.name}  (lifts it)", False)]
+    return []
 
 
 def _revision(project: Project, entry: BotEntry, observed: reconcile.Observed) -> list[Finding]:

@@ -26,13 +26,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import databases, passwords, roles
+from . import databases, passwords, quota, roles
 from .db import AdminInfo, advisory_lock, connect, with_database
 from .envfile import EnvFile, database_url
 from .names import derive
 from .errors import MissingCredentials, NotManaged, ProvisionError, one_line
 from .project import Project
-from .registry import BotEntry, Fleet
+from .registry import GUARDS, BotEntry, Fleet
 from .servers import Server
 from .settings import lock as settings_lock
 
@@ -53,17 +53,48 @@ def marker(bot: str) -> str:
     return f"{MARKER_PREFIX}{bot}"
 
 
-def role_spec(entry: BotEntry) -> roles.RoleSpec:
-    """The role a registry entry converges to."""
+def role_spec(entry: BotEntry, fleet: Fleet | None = None, *, skip: tuple[str, ...] = (),
+              suspended: bool = False) -> roles.RoleSpec:
+    """The role a registry entry converges to: its timeouts and ``fleet``'s guards for it
+    (GUARDS: its own values, else [defaults]'s; one the admin cannot set there is in ``skip``,
+    neither set nor reset), NOLOGIN while ``suspended`` (an enforced quota, see quota.py)."""
+    guards = fleet.guards(entry) if fleet is not None else {}
     return roles.RoleSpec(
         name=entry.role,
         connection_limit=entry.connection_limit,
         settings={
             "statement_timeout": entry.statement_timeout,
             "idle_in_transaction_session_timeout": entry.idle_in_transaction_session_timeout,
+            **{k: v for k, v in guards.items() if k not in skip},
         },
         comment=marker(entry.name),
+        managed=tuple(k for k in GUARDS if k not in skip) if fleet is not None else (),
+        login=not suspended,
     )
+
+
+@dataclass(frozen=True)
+class RoleContext:
+    """What the server adds to a bot's role spec: the guards the admin cannot set there (each
+    with why, a one-line note) and whether an enforced quota suspends the bot."""
+
+    problems: dict[str, str]
+    suspended: bool
+
+    def spec(self, entry: BotEntry, fleet: Fleet | None) -> roles.RoleSpec:
+        return role_spec(entry, fleet, skip=tuple(self.problems), suspended=self.suspended)
+
+    def notes(self, entry: BotEntry, fleet: Fleet) -> list[str]:
+        """One line per guard the bot is to have that the admin could not set."""
+        wanted = fleet.guards(entry)
+        return [f"{entry.name}: {key} = {wanted[key]} not applied: {why}"
+                for key, why in self.problems.items() if key in wanted]
+
+
+def role_context(conn: psycopg.Connection, entry: BotEntry) -> RoleContext:
+    """Read from the server what :class:`RoleContext` holds for ``entry``. A guard the bot does not
+    want (unset) is checked too: botfleet resets it on the role, which needs the same right."""
+    return RoleContext(roles.setting_problems(conn, list(GUARDS)), quota.is_suspended(conn, entry.role))
 
 
 def database_spec(entry: BotEntry) -> databases.DatabaseSpec:
@@ -147,17 +178,19 @@ class Change:
         return asdict(self)
 
 
-def _role_changes(conn: psycopg.Connection, entry: BotEntry, state: roles.RoleState) -> list[Change]:
-    spec = role_spec(entry)
+def _role_changes(conn: psycopg.Connection, entry: BotEntry, state: roles.RoleState, spec: roles.RoleSpec) -> list[Change]:
     d = roles.diff(spec, state)
     ident = sql.Identifier(entry.role)
     q = lambda stmt: stmt.as_string(conn)  # noqa: E731
     out = []
     if d.wrong_flags:
-        has = " ".join("NOLOGIN" if roles.REQUIRED_FLAGS[f] else roles.FLAG_SQL[f].removeprefix("NO") for f in d.wrong_flags)
-        stmt = sql.SQL("ALTER ROLE {} WITH {}").format(ident, sql.SQL(" ").join(sql.SQL(roles.FLAG_SQL[f]) for f in d.wrong_flags))
-        out.append(Change("attributes", ROLE, "role attributes (" + " ".join(roles.FLAG_SQL[f] for f in d.wrong_flags) + ")",
-                          f"role {entry.role} has {has}", q(stmt), True))
+        wanted = roles.wanted_flags(spec)
+        words = [roles.flag_sql(f, wanted[f]) for f in d.wrong_flags]
+        has = " ".join(roles.flag_sql(f, not wanted[f]) for f in d.wrong_flags)
+        stmt = sql.SQL("ALTER ROLE {} WITH {}").format(ident, sql.SQL(" ").join(sql.SQL(w) for w in words))
+        why = " while its quota is enforced (provision quota enforce lifts it once under quota)" if not spec.login else ""
+        out.append(Change("attributes", ROLE, "role attributes (" + " ".join(words) + ")",
+                          f"role {entry.role} has {has}{why}", q(stmt), True))
     if d.connection_limit is not None:
         stmt = sql.SQL("ALTER ROLE {} WITH CONNECTION LIMIT {}").format(ident, sql.Literal(d.connection_limit))
         out.append(Change("limits", ROLE, f"role connection limit {state.connection_limit} -> {d.connection_limit}",
@@ -168,6 +201,10 @@ def _role_changes(conn: psycopg.Connection, entry: BotEntry, state: roles.RoleSt
         stmt = sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(want))
         out.append(Change("limits", ROLE, f"role {key} {have or 'unset'} -> {want}",
                           f"role {entry.role} {key} is {have or 'unset'}, the registry says {want}", q(stmt), True))
+    for key in d.unset:
+        stmt = sql.SQL("ALTER ROLE {} RESET {}").format(ident, sql.Identifier(key))
+        out.append(Change("limits", ROLE, f"role {key} {state.settings[key]} -> unset",
+                          f"role {entry.role} {key} is {state.settings[key]}, the registry sets none", q(stmt), True))
     if d.comment:
         stmt = sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(spec.comment))
         out.append(Change("marker", ROLE, "role marker comment", f"role {entry.role} lacks botfleet's marker comment",
@@ -259,7 +296,8 @@ def changes(server: Server, project: Project, entry: BotEntry, observed: Observe
                           f"role {entry.role} does not exist on the server",
                           f"provision add-bot {entry.name}  (creates it with a new password)", False))
     else:
-        out += _role_changes(server.conn, entry, observed.role)
+        spec = role_context(server.conn, entry).spec(entry, fleet)
+        out += _role_changes(server.conn, entry, observed.role, spec)
     if observed.database is None:
         latest = sorted(project.backups(entry.name).glob(f"{entry.name}-*.dump"))
         then = f", then: provision restore {entry.name} {latest[-1]}" if latest else ""
@@ -318,6 +356,7 @@ class Converged:
     status: str  # created | already provisioned | repaired
     changes: list[str] = field(default_factory=list)
     password_changed: bool = False
+    notes: list[str] = field(default_factory=list)  # guards the admin could not set, one line each
 
 
 def converge(server: Server, project: Project, entry: BotEntry, *, known: bool, rotate: bool = False,
@@ -376,12 +415,15 @@ def converge(server: Server, project: Project, entry: BotEntry, *, known: bool, 
             env.write(text)
 
         verifier = passwords.scram_verifier(conn, password, entry.role) if set_password else None
+        context = role_context(conn, entry)
+        spec = context.spec(entry, project.fleet)
+        notes = context.notes(entry, project.fleet)
         if role_state is None:
             progress(f"creating role {entry.role}")
-            roles.create(conn, role_spec(entry), verifier)  # type: ignore[arg-type]
+            roles.create(conn, spec, verifier)  # type: ignore[arg-type]
         else:
-            repaired += [c.words for c in _role_changes(conn, entry, role_state) if c.check != "marker"]
-            roles.converge(conn, role_spec(entry), role_state, verifier)
+            repaired += [c.words for c in _role_changes(conn, entry, role_state, spec) if c.check != "marker"]
+            roles.converge(conn, spec, role_state, verifier)
         if not admin.superuser:
             _grant_admin_membership(conn, admin, entry.role)
 
@@ -405,7 +447,7 @@ def converge(server: Server, project: Project, entry: BotEntry, *, known: bool, 
         status = "repaired"
     else:
         status = "already provisioned"
-    return Converged(entry.name, status, repaired, new_password)
+    return Converged(entry.name, status, repaired, new_password, notes)
 
 
 def _grant_admin_membership(conn: psycopg.Connection, admin: AdminInfo, role: str) -> None:
@@ -421,9 +463,10 @@ def _grant_admin_membership(conn: psycopg.Connection, admin: AdminInfo, role: st
     conn.execute(sql.SQL(stmt).format(sql.Identifier(role), sql.Identifier(admin.role)))
 
 
-def repair(server: Server, entry: BotEntry, target: str) -> Callable[[], None]:
+def repair(server: Server, entry: BotEntry, target: str, fleet: Fleet | None = None) -> Callable[[], None]:
     """The unattended repair of one safe change's target (doctor --fix): converge that
-    part of the bot again from a fresh look (the server may have moved on)."""
+    part of the bot again from a fresh look (the server may have moved on). ``fleet``: for
+    its [defaults] guards (without it only the timeouts are repaired on the role)."""
     conn = server.conn
     assert conn is not None
 
@@ -431,7 +474,8 @@ def repair(server: Server, entry: BotEntry, target: str) -> Callable[[], None]:
         if target == ROLE:
             state = roles.inspect(conn, entry.role, read_verifier=False)
             if state is not None:
-                roles.converge(conn, role_spec(entry), state, None)
+                spec = role_context(conn, entry).spec(entry, fleet)
+                roles.converge(conn, spec, state, None)
         elif target == DATABASE:
             state = databases.inspect(conn, entry.database)
             if state is not None:
@@ -492,6 +536,7 @@ def remove(server: Server, project: Project, name: str, *, backup: bool = True, 
             progress(f"dropping role {names.role}")
             roles.drop(conn, names.role)
             result.dropped.append(f"role {names.role}")
+        quota.lift(conn, names.role, login=False)  # an enforced quota's record goes with its role
         if env_path.exists():
             env_path.unlink()
             result.dropped.append(f"env file {env_path}")

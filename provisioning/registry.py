@@ -52,6 +52,20 @@ TIMEOUT_UNIT_MS = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000}
 MAX_TIMEOUT_MS = 2**31 - 1
 HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
 
+# The per-bot guards beyond the two timeouts: role settings, each "" = the fleet's [defaults]
+# value, and "" there = not set on the role (the server's own default rules). Only
+# temp_file_limit is PGC_SUSET (set by a superuser, and then the bot cannot lift it); the bot
+# may SET the others in its own session: they are defaults that bound a bot's mistakes.
+GUARDS = ("temp_file_limit", "work_mem", "lock_timeout", "idle_session_timeout")
+SIZE_GUARDS = ("temp_file_limit", "work_mem")
+TIMEOUT_GUARDS = ("statement_timeout", "idle_in_transaction_session_timeout", "lock_timeout", "idle_session_timeout")
+# A size as PostgreSQL spells one (its units, case and all): a memory setting's value on the server.
+SIZE_RE = re.compile(r"(\d{1,13})(kB|MB|GB|TB)")
+SIZE_UNIT_KB = {"kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
+MAX_SETTING_KB = 2**31 - 1  # a memory setting is an int of kB on the server
+MIN_WORK_MEM_KB = 64
+NO_QUOTA = "none"  # max_size of a bot that has no quota, whatever [defaults] says
+
 DEFAULT_SERVER = "default"
 SERVER_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,39}")
 
@@ -76,6 +90,24 @@ class StackSettings:
     pgbouncer_pool_size: int = 2  # server connections PgBouncer keeps per bot
     pgbouncer_image: str = "edoburu/pgbouncer:v1.24.1-p1"  # needs PgBouncer >= 1.21
     bot_image: str = "botfleet-bot:latest"  # built from the repo's Dockerfile
+
+
+@dataclass
+class Defaults:
+    """The fleet's default guards (``[defaults]`` in fleet.toml), for every bot that does not set
+    its own. "" = none: the server's own default rules (and no storage quota)."""
+
+    temp_file_limit: str = ""  # e.g. "1GB": temp files one session may hold (-1: unlimited)
+    work_mem: str = ""  # e.g. "4MB": memory per sort or hash before it spills to temp files
+    lock_timeout: str = ""  # e.g. "5s": the longest wait for a lock
+    idle_session_timeout: str = ""  # e.g. "1h": an idle session is ended (PostgreSQL 14+)
+    max_size: str = ""  # e.g. "2GB": the database's storage quota (provision quota)
+
+
+def size_bytes(value: str) -> int | None:
+    """A size such as "2GB" in bytes; None for "" or "none" (no quota) or a malformed one."""
+    match = SIZE_RE.fullmatch(value)
+    return int(match.group(1)) * SIZE_UNIT_KB[match.group(2)] * 1024 if match else None
 
 
 @dataclass
@@ -120,6 +152,12 @@ class BotEntry:
     publish: str = ""  # ADDRESS:PORT on the host for the bot's HTTP port 8000 ("" = not published)
     memory: str = ""  # its container's memory limit; "" = [server] bot_memory, else its code's default
     cpus: str = ""  # its container's CPU limit; "" = [server] bot_cpus
+    # Guards and quota ("" = [defaults]'s; see GUARDS): role settings, and the database's quota.
+    temp_file_limit: str = ""
+    work_mem: str = ""
+    lock_timeout: str = ""
+    idle_session_timeout: str = ""
+    max_size: str = ""  # "2GB"; NO_QUOTA: none, whatever [defaults] says
 
     @property
     def database(self) -> str:
@@ -149,7 +187,7 @@ class BotEntry:
         data.pop("name")
         if data["server"] == DEFAULT_SERVER:
             data.pop("server")  # a one-server fleet's file stays as it always was
-        for key in ("publish", "memory", "cpus"):
+        for key in ("publish", "memory", "cpus", *GUARDS, "max_size"):
             if not data[key]:
                 data.pop(key)  # unset: the defaults apply
         return data
@@ -159,7 +197,9 @@ class BotEntry:
 OPTION_FLAGS = {"pool_size": "--pool-size", "max_overflow": "--max-overflow", "replicas": "--replicas",
                 "statement_timeout": "--statement-timeout", "idle_in_transaction_session_timeout": "--idle-timeout",
                 "db_host": "--db-host", "db_port": "--db-port", "publish": "--publish", "memory": "--memory",
-                "cpus": "--cpus"}
+                "cpus": "--cpus", "temp_file_limit": "--temp-file-limit", "work_mem": "--work-mem",
+                "lock_timeout": "--lock-timeout", "idle_session_timeout": "--idle-session-timeout",
+                "max_size": "--max-size"}
 MEMORY_RE = re.compile(r"([1-9][0-9]{0,6})([MG])")
 CPUS_RE = re.compile(r"(0\.[0-9]{1,2}|[1-9][0-9]?(\.[0-9]{1,2})?)")
 
@@ -175,7 +215,11 @@ def option_problem(key: str, value: Any) -> str | None:
         return f"{{key}} must be between 0 and {MAX_POOL}"
     if key == "replicas" and not 1 <= value <= MAX_REPLICAS:
         return f"{{key}} must be between 1 and {MAX_REPLICAS}"
-    if key in ("statement_timeout", "idle_in_transaction_session_timeout"):
+    if key in GUARDS[2:] and value == "":
+        return None  # the fleet's default
+    if key in SIZE_GUARDS or key == "max_size":
+        return _size_problem(key, value)
+    if key in TIMEOUT_GUARDS:
         match = TIMEOUT_RE.fullmatch(value)
         if match is None:
             return f"{{key}} must look like 30s, 500ms, 5min or 1h (got {value!r})"
@@ -191,6 +235,24 @@ def option_problem(key: str, value: Any) -> str | None:
         return f"{{key}} must look like 256M or 1G (got {value!r})"
     if key == "cpus" and value != "" and CPUS_RE.fullmatch(value) is None:
         return f"{{key}} must be a number of cores such as 0.5 or 2 (got {value!r})"
+    return None
+
+
+def _size_problem(key: str, value: str) -> str | None:
+    """A guard's or a quota's size: PostgreSQL's spelling (64MB, 1GB, 512kB), in its range."""
+    if value == "" or (key == "temp_file_limit" and value == "-1") or (key == "max_size" and value == NO_QUOTA):
+        return None
+    extra = {"temp_file_limit": ", or -1 for no limit", "max_size": f", or {NO_QUOTA!r} for no quota"}.get(key, "")
+    match = SIZE_RE.fullmatch(value)
+    if match is None:
+        return f"{{key}} must look like 64MB, 1GB or 512kB (PostgreSQL's units kB, MB, GB, TB){extra} (got {value!r})"
+    kb = int(match.group(1)) * SIZE_UNIT_KB[match.group(2)]
+    if key == "work_mem" and not MIN_WORK_MEM_KB <= kb <= MAX_SETTING_KB:
+        return f"{{key}} {value!r} is out of PostgreSQL's range (64kB to 2147483647kB)"
+    if key == "temp_file_limit" and kb > MAX_SETTING_KB:
+        return f"{{key}} {value!r} is more than PostgreSQL allows (2147483647kB; -1 for no limit)"
+    if key == "max_size" and kb == 0:
+        return f"{{key}} must be more than 0 ({NO_QUOTA!r} for no quota)"
     return None
 
 
@@ -231,6 +293,16 @@ class Fleet:
     stack: StackSettings
     bots: dict[str, BotEntry]
     servers: dict[str, ServerEntry] = field(default_factory=dict)
+    defaults: Defaults = field(default_factory=Defaults)
+
+    def guards(self, entry: BotEntry) -> dict[str, str]:
+        """The bot's guards as its role gets them: its own value, else [defaults]'s; unset ones left out."""
+        chosen = {key: getattr(entry, key) or getattr(self.defaults, key) for key in GUARDS}
+        return {key: value for key, value in chosen.items() if value}
+
+    def max_size(self, entry: BotEntry) -> int | None:
+        """The bot's storage quota in bytes (its own max_size, else [defaults]'s); None: no quota."""
+        return size_bytes(entry.max_size or self.defaults.max_size)
 
     def server_names(self) -> list[str]:
         return [DEFAULT_SERVER, *sorted(self.servers)]
@@ -241,7 +313,7 @@ class Fleet:
 
     def only(self, server: str) -> Fleet:
         """The same fleet with only the bots placed on ``server``."""
-        return Fleet(self.stack, self.on(server), self.servers)
+        return Fleet(self.stack, self.on(server), self.servers, self.defaults)
 
     def server_endpoint(self, entry: BotEntry) -> tuple[str, int]:
         """Where bots reach the bot's server: its [servers.NAME]'s bot_host/bot_port, else
@@ -276,16 +348,21 @@ class Registry:
             data = tomllib.loads(self.path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise InvalidInput(f"{self.path} is not valid TOML: {err}") from None
-        unknown = set(data) - {"version", "server", "servers", "bots"}
+        unknown = set(data) - {"version", "server", "servers", "bots", "defaults"}
         if unknown:
             raise InvalidInput(f"{self.path}: unknown table or key {', '.join(sorted(unknown))}")
         stack = StackSettings(**self._checked(StackSettings, data.get("server", {}), "[server]"))
         servers = self._servers(data.get("servers", {}))
+        defaults = Defaults(**self._checked(Defaults, data.get("defaults", {}), "[defaults]"))
+        try:
+            check_options(asdict(defaults), flags=False)
+        except InvalidInput as err:
+            raise InvalidInput(f"{self.path}: [defaults] {err}") from None
         raw_bots = data.get("bots", {})
         if not isinstance(raw_bots, dict):
             raise InvalidInput(f"{self.path}: bots must be a table of [bots.NAME] tables")
         bots = {name: self._bot(name, raw, servers) for name, raw in raw_bots.items()}
-        return Fleet(stack, bots, servers)
+        return Fleet(stack, bots, servers, defaults)
 
     def _bot(self, name: str, raw: Any, servers: dict[str, ServerEntry]) -> BotEntry:
         where = f"[bots.{name}]"
@@ -365,6 +442,9 @@ class Registry:
 
     def _dump(self, fleet: Fleet) -> str:
         data: dict[str, Any] = {"version": 1, "server": asdict(fleet.stack)}
+        defaults = {k: v for k, v in asdict(fleet.defaults).items() if v}
+        if defaults:  # a fleet without defaults keeps its file as it always was
+            data["defaults"] = defaults
         if fleet.servers:
             data["servers"] = {name: asdict(fleet.servers[name]) for name in sorted(fleet.servers)}
         data["bots"] = {name: fleet.bots[name].to_toml() for name in sorted(fleet.bots)}

@@ -36,6 +36,21 @@ class RoleSpec:
     connection_limit: int
     settings: dict[str, str]  # role-level GUC defaults, e.g. statement_timeout
     comment: str
+    # Settings botfleet manages on the role: one of these that ``settings`` leaves out must not
+    # be set on it (RESET), so a guard dropped from fleet.toml (or one the bot set on itself) goes.
+    managed: tuple[str, ...] = ()
+    login: bool = True  # False: suspended (NOLOGIN), e.g. an enforced storage quota
+
+
+def wanted_flags(spec: RoleSpec) -> dict[str, bool]:
+    """The attributes the role must have: REQUIRED_FLAGS, with LOGIN as the spec says."""
+    return {**REQUIRED_FLAGS, "rolcanlogin": spec.login}
+
+
+def flag_sql(flag: str, want: bool) -> str:
+    """The ALTER ROLE keyword that gives ``flag`` the value ``want``."""
+    word = FLAG_SQL[flag].removeprefix("NO")
+    return word if want else f"NO{word}"
 
 
 @dataclass
@@ -82,9 +97,9 @@ def inspect(conn: psycopg.Connection, name: str, *, read_verifier: bool = True) 
                      database_settings=dict(row[10]), verifier_read=read_verifier, valid_until=row[11])
 
 
-def _options(flags: list[str], connection_limit: int | None, verifier: str | None,
+def _options(flags: dict[str, bool], connection_limit: int | None, verifier: str | None,
              no_expiry: bool = False) -> sql.Composed:
-    parts = [sql.SQL(FLAG_SQL[f]) for f in flags]
+    parts = [sql.SQL(flag_sql(f, want)) for f, want in flags.items()]
     if no_expiry:
         parts.append(sql.SQL("VALID UNTIL {}").format(sql.Literal("infinity")))
     if connection_limit is not None:
@@ -97,7 +112,7 @@ def _options(flags: list[str], connection_limit: int | None, verifier: str | Non
 def create(conn: psycopg.Connection, spec: RoleSpec, verifier: str) -> None:
     """Create the role with every required attribute, its settings and its marker comment."""
     with conn.transaction():
-        options = _options(list(REQUIRED_FLAGS), spec.connection_limit, verifier)
+        options = _options(wanted_flags(spec), spec.connection_limit, verifier)
         conn.execute(sql.SQL("CREATE ROLE {} WITH {}").format(sql.Identifier(spec.name), options))
         for key, value in spec.settings.items():
             conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(sql.Identifier(spec.name), sql.Identifier(key), sql.Literal(value)))
@@ -115,16 +130,18 @@ class RoleDiff:
     comment: bool  # the marker comment differs
     database_settings: dict[str, list[str]] = field(default_factory=dict)  # to reset: the role's own defaults rule
     valid_until: str | None = None  # the password expires then: lifted (a bot's password does not expire)
+    unset: list[str] = field(default_factory=list)  # managed settings the role has but must not: RESET
 
 
 def diff(spec: RoleSpec, state: RoleState) -> RoleDiff:
     # Only what is wrong is altered: a non-superuser admin may not even
     # mention SUPERUSER, REPLICATION or BYPASSRLS.
-    wrong = [f for f, want in REQUIRED_FLAGS.items() if state.flags[f] != want]
+    wrong = [f for f, want in wanted_flags(spec).items() if state.flags[f] != want]
     limit = spec.connection_limit if state.connection_limit != spec.connection_limit else None
     settings = {k: v for k, v in spec.settings.items() if state.settings.get(k) != v}
+    unset = [k for k in spec.managed if k not in spec.settings and k in state.settings]
     return RoleDiff(wrong, limit, settings, state.comment != spec.comment, dict(state.database_settings),
-                    state.valid_until)
+                    state.valid_until, unset)
 
 
 def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifier: str | None) -> RoleDiff:
@@ -134,15 +151,47 @@ def converge(conn: psycopg.Connection, spec: RoleSpec, state: RoleState, verifie
     ident = sql.Identifier(spec.name)
     with conn.transaction():
         if d.wrong_flags or d.connection_limit is not None or verifier is not None or d.valid_until:
-            options = _options(d.wrong_flags, d.connection_limit, verifier, no_expiry=bool(d.valid_until))
+            flags = {f: wanted_flags(spec)[f] for f in d.wrong_flags}
+            options = _options(flags, d.connection_limit, verifier, no_expiry=bool(d.valid_until))
             conn.execute(sql.SQL("ALTER ROLE {} WITH {}").format(ident, options))
         for key, value in d.settings.items():
             conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(value)))
+        for key in d.unset:
+            conn.execute(sql.SQL("ALTER ROLE {} RESET {}").format(ident, sql.Identifier(key)))
         if d.comment:
             conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(spec.comment)))
         for database in d.database_settings:
             conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(ident, sql.Identifier(database)))
     return d
+
+
+_SETTABLE = """
+SELECT name, context,
+       CASE WHEN context = 'superuser' AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+            THEN {may_set} ELSE true END
+FROM pg_settings WHERE name = ANY(%(names)s)
+"""
+
+
+def setting_problems(conn: psycopg.Connection, names: list[str]) -> dict[str, str]:
+    """Why the admin cannot set each of ``names`` on a role (those it can are left out): the
+    server has no such setting (an older PostgreSQL), or it is PGC_SUSET ("superuser" in
+    pg_settings) and the admin is not a superuser and was not granted SET on it (PostgreSQL 15+)."""
+    if not names:
+        return {}
+    may_set = sql.SQL("has_parameter_privilege(name, 'SET')" if conn.info.server_version >= 150000 else "false")
+    rows = conn.execute(sql.SQL(_SETTABLE).format(may_set=may_set), {"names": names}).fetchall()
+    found = {name: may for name, _context, may in rows}
+    major = conn.info.server_version // 10000
+    problems = {}
+    for name in names:
+        if name not in found:
+            problems[name] = f"PostgreSQL {major} has no {name} setting (skipped)"
+        elif not found[name]:
+            problems[name] = (f"only a superuser may set {name} (PGC_SUSET) and the admin role "
+                              f"{conn.info.user} is not one (skipped: ask a superuser to run this command, or "
+                              f"GRANT SET ON PARAMETER {name} TO {conn.info.user} on PostgreSQL 15+)")
+    return problems
 
 
 def drop(conn: psycopg.Connection, name: str) -> bool:

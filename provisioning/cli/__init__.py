@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from . import bots, config, everyday, fleet, migrations, ops, stack  # noqa: F401 - each registers its commands on `app`
+from . import bots, config, everyday, fleet, migrations, ops, quota, stack  # noqa: F401 - each registers its commands on `app`
 from . import monitor  # noqa: F401,E402 - registers top and metrics on `app`
 from .common import app
 

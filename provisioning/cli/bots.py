@@ -42,6 +42,23 @@ def add_bot(
                                                   show_default="its code's measured default")] = None,
     cpus: Annotated[Optional[str], typer.Option("--cpus", help="CPU limit of the bot's container (cores).",
                                                 show_default="[server] bot_cpus, 0.5")] = None,
+    temp_file_limit: Annotated[Optional[str], typer.Option(
+        "--temp-file-limit", help="Role guard: temp file space one session may use (1GB; -1 no limit). Only a "
+        "superuser admin can set it, and then the bot cannot lift it; 'default' = fleet.toml \\[defaults].",
+        show_default="[defaults], else the server's")] = None,
+    work_mem: Annotated[Optional[str], typer.Option(
+        "--work-mem", help="Role guard: memory per sort or hash (4MB); 'default' = \\[defaults].",
+        show_default="[defaults], else the server's")] = None,
+    lock_timeout: Annotated[Optional[str], typer.Option(
+        "--lock-timeout", help="Role guard: the longest wait for a lock (5s; 0 off); 'default' = \\[defaults].",
+        show_default="[defaults], else the server's")] = None,
+    idle_session_timeout: Annotated[Optional[str], typer.Option(
+        "--idle-session-timeout", help="Role guard: end a session idle this long (1h; 0 off; PostgreSQL 14+); "
+        "'default' = \\[defaults].", show_default="[defaults], else the server's")] = None,
+    max_size: Annotated[Optional[str], typer.Option(
+        "--max-size", help="Storage quota of the bot's database (2GB; 'none'); shown by list, info and doctor, "
+        "enforced by provision quota enforce; 'default' = \\[defaults].",
+        show_default="[defaults], else none")] = None,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -59,7 +76,8 @@ def add_bot(
     opts = commands.BotOptions(
         pool_size=pool_size, max_overflow=max_overflow, replicas=replicas, statement_timeout=statement_timeout,
         idle_timeout=idle_timeout, code=code, db_host=db_host, db_port=db_port, rotate_password=rotate_password,
-        server=server, publish=publish, memory=memory, cpus=cpus,
+        server=server, publish=publish, memory=memory, cpus=cpus, temp_file_limit=temp_file_limit,
+        work_mem=work_mem, lock_timeout=lock_timeout, idle_session_timeout=idle_session_timeout, max_size=max_size,
     )
     proj = project_of(project)
     result = commands.add_bot(proj, servers_of(proj, admin_url), name, opts, migrate=not no_migrate, progress=say)
@@ -159,11 +177,23 @@ def list_cmd(
         typer.echo("no bots yet: provision add-bot NAME")
         return
     many = bool(proj.fleet.servers)
-    print_table(("BOT", *(("SERVER",) if many else ()), "STATUS", "DATABASE", "SIZE", "CONN", "LIMIT", "POOL"), [
+    quotas = any(r["max_size_bytes"] or (r["quota_state"] or "").startswith("suspended") for r in rows)
+    print_table(("BOT", *(("SERVER",) if many else ()), "STATUS", "DATABASE", "SIZE", *(("QUOTA",) if quotas else ()),
+                 "CONN", "LIMIT", "POOL"), [
         (r["bot"], *((r["server"],) if many else ()), r["status"], r["database"], size(r["size_bytes"]),
+         *((_quota_cell(r),) if quotas else ()),
          str(r["connections"]), "-" if r["connection_limit"] is None else str(r["connection_limit"]), r["pool"] or "-")
         for r in rows
     ])
+
+
+def _quota_cell(row) -> str:
+    """A list row's QUOTA column: 2.0 GB (45%), with its state when it is not ok."""
+    if not row["max_size_bytes"]:
+        return row["quota_state"] if (row["quota_state"] or "").startswith("suspended") else "-"
+    cell = f"{size(row['max_size_bytes'])} ({row['quota_percent']:.0f}%)" if row["quota_percent"] is not None \
+        else size(row["max_size_bytes"])
+    return cell if row["quota_state"] == "ok" else f"{cell} {row['quota_state']}"
 
 
 @app.command("rotate-password")

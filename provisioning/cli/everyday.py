@@ -91,12 +91,21 @@ def _print_info(found) -> None:
         ("code", f"bots/{found.code_package}" if found.code_package else f"{found.code} (none under bots/ yet)"),
         ("revision", revision),
         ("size", size(found.size_bytes)),
+        *((("quota", _quota(found)),) if found.max_size_bytes or found.quota_state.startswith("suspended") else ()),
         ("connections", "-" if found.connections is None else str(found.connections)),
         ("env file", found.env_file),
         ("DATABASE_URL", found.database_url or "none (provision add-bot " + found.bot + ")"),
         ("last backup", backup),
     ):
         typer.echo(f"  {label:<17} {value}")
+
+
+def _quota(found) -> str:
+    """The info line of a bot's storage quota: 2.0 GB, 45% used: ok."""
+    if not found.max_size_bytes:
+        return found.quota_state
+    used = f", {found.quota_percent:.0f}% used" if found.quota_percent is not None else ""
+    return f"{size(found.max_size_bytes)}{used}: {found.quota_state}"
 
 
 def _age(seconds: int) -> str:

@@ -1,0 +1,231 @@
+"""A bot's storage quota (``max_size``): its database's size against it, and the enforcement
+the operator opts into (``provision quota enforce``).
+
+What holds in PostgreSQL's privilege model: a bot OWNS its database and everything in it, so
+whatever an owner may change is no enforcement (database settings, grants on its own tables,
+``default_transaction_read_only``, which is PGC_USERSET: ``SET ... = off`` or ``BEGIN READ
+WRITE`` undoes it; the database's own CONNECTION LIMIT and ALLOW_CONNECTIONS, which its
+owner may alter). What a bot cannot change about itself is its role's attributes: only a
+superuser or a CREATEROLE admin may ``ALTER ROLE ... LOGIN``. So an enforced quota SUSPENDS the
+bot: its role becomes NOLOGIN and its sessions are ended; nothing it can run brings it back.
+
+The enforcement is recorded in a table of botfleet's own database on that server (see
+db.STATE_DATABASE, which no bot may connect to), so the reconcile (add-bot, apply, doctor
+--fix, the stack's provisioning service) keeps the role NOLOGIN instead of "repairing" it,
+until ``provision quota enforce`` finds the bot under its quota again (or without one) and
+lifts it: LOGIN again and the record removed, in one transaction.
+
+A database's size is ``pg_database_size``: its files. Deleting rows frees no space until
+VACUUM FULL (or TRUNCATE, DROP TABLE) gives it back; plain VACUUM only makes it reusable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .db import STATE_DATABASE
+from .errors import ProvisionError
+
+# The record of enforced quotas, in botfleet's own database on each server.
+TABLE = "botfleet_quota_suspensions"
+TERMINATE_WAIT_MS = 5000  # how long pg_terminate_backend waits for each session to end (PostgreSQL 14+)
+
+_CREATE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    role name PRIMARY KEY,
+    bot text NOT NULL,
+    size_bytes bigint NOT NULL,
+    max_size_bytes bigint NOT NULL,
+    since timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class QuotaUnrecordable(ProvisionError):
+    """The admin session is not in botfleet's own database: an enforcement cannot be recorded."""
+
+
+def _in_state_database(conn: psycopg.Connection) -> bool:
+    return conn.info.dbname == STATE_DATABASE
+
+
+def _table_exists(conn: psycopg.Connection) -> bool:
+    """The record is read only in botfleet's own database (where no bot may connect): a table
+    of that name elsewhere could be anyone's."""
+    if not _in_state_database(conn):
+        return False
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"public.{TABLE}",)).fetchone()
+    return bool(row and row[0])
+
+
+def _ensure_table(conn: psycopg.Connection) -> None:
+    if not _in_state_database(conn):
+        raise QuotaUnrecordable(f"the admin session is not in botfleet's database {STATE_DATABASE} on this server, "
+                                "where an enforced quota is recorded (GRANT CONNECT ON DATABASE "
+                                f"{STATE_DATABASE} TO the admin role)")
+    try:
+        conn.execute(sql.SQL(_CREATE).format(table=sql.Identifier("public", TABLE)))
+    except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+        pass  # a concurrent run made it
+
+
+@dataclass(frozen=True)
+class Suspension:
+    role: str
+    bot: str
+    size_bytes: int  # the database's size when the quota was enforced
+    max_size_bytes: int
+    since: str  # UTC, ISO 8601
+
+
+def suspensions(conn: psycopg.Connection) -> dict[str, Suspension]:
+    """Every enforced quota on this server, by role."""
+    if not _table_exists(conn):
+        return {}
+    rows = conn.execute(sql.SQL("SELECT role, bot, size_bytes, max_size_bytes, "
+                                "to_char(since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM {}")
+                        .format(sql.Identifier("public", TABLE))).fetchall()
+    return {r[0]: Suspension(*r) for r in rows}
+
+
+def is_suspended(conn: psycopg.Connection, role: str) -> bool:
+    """Whether an enforced quota suspends ``role`` on this server (the reconcile keeps it NOLOGIN)."""
+    if not _table_exists(conn):
+        return False
+    row = conn.execute(sql.SQL("SELECT 1 FROM {} WHERE role = %s").format(sql.Identifier("public", TABLE)),
+                       (role,)).fetchone()
+    return row is not None
+
+
+def suspend(conn: psycopg.Connection, bot: str, role: str, size: int, max_size: int) -> int:
+    """Enforce the quota: record it and make the role NOLOGIN (one transaction), then end the
+    role's sessions. Returns how many sessions were ended. Idempotent."""
+    _ensure_table(conn)
+    with conn.transaction():
+        conn.execute(sql.SQL("INSERT INTO {} (role, bot, size_bytes, max_size_bytes) VALUES (%s, %s, %s, %s) "
+                             "ON CONFLICT (role) DO NOTHING").format(sql.Identifier("public", TABLE)),
+                     (role, bot, size, max_size))
+        conn.execute(sql.SQL("ALTER ROLE {} WITH NOLOGIN").format(sql.Identifier(role)))
+    return end_sessions(conn, role)
+
+
+def end_sessions(conn: psycopg.Connection, role: str) -> int:
+    """Terminate every session of ``role`` (waiting for each to end on PostgreSQL 14+)."""
+    wait = sql.SQL(", {}").format(sql.Literal(TERMINATE_WAIT_MS)) if conn.info.server_version >= 140000 else sql.SQL("")
+    rows = conn.execute(sql.SQL("SELECT pg_terminate_backend(pid{}) FROM pg_stat_activity "
+                                "WHERE usename = %s AND pid <> pg_backend_pid()").format(wait), (role,)).fetchall()
+    return sum(1 for r in rows if r[0])
+
+
+def lift(conn: psycopg.Connection, role: str, *, login: bool = True) -> bool:
+    """Lift an enforced quota: the role may log in again and the record goes (one transaction).
+    ``login`` False: only the record goes (the role is gone). Returns whether one was enforced."""
+    if not _table_exists(conn):
+        return False
+    with conn.transaction():
+        row = conn.execute(sql.SQL("DELETE FROM {} WHERE role = %s RETURNING 1").format(sql.Identifier("public", TABLE)),
+                           (role,)).fetchone()
+        if row is not None and login:
+            conn.execute(sql.SQL("ALTER ROLE {} WITH LOGIN").format(sql.Identifier(role)))
+    return row is not None
+
+
+_SIZES = """
+SELECT d.datname, CASE WHEN has_database_privilege(d.oid, 'CONNECT') OR pg_has_role('pg_read_all_stats', 'USAGE')
+                       THEN pg_database_size(d.oid) END
+FROM pg_database d WHERE d.datname = ANY(%s)
+"""
+
+
+def database_sizes(conn: psycopg.Connection, databases: list[str]) -> dict[str, int | None]:
+    """Each database's size in bytes (None: the admin may not see it); missing ones left out."""
+    return dict(conn.execute(_SIZES, (databases,)).fetchall()) if databases else {}
+
+
+@dataclass
+class QuotaState:
+    """One bot's size against its quota on its server, and what ``enforce`` did."""
+
+    bot: str
+    server: str
+    database: str
+    size_bytes: int | None
+    max_size_bytes: int | None  # None: no quota
+    suspended: bool  # an enforced quota holds the bot (NOLOGIN)
+    action: str = ""  # "" | "suspended" | "lifted"
+    sessions_ended: int = 0
+
+    @property
+    def over(self) -> bool:
+        return self.max_size_bytes is not None and self.size_bytes is not None and self.size_bytes > self.max_size_bytes
+
+    @property
+    def percent(self) -> float | None:
+        if self.max_size_bytes is None or self.size_bytes is None:
+            return None
+        return round(100.0 * self.size_bytes / self.max_size_bytes, 1)
+
+    @property
+    def state(self) -> str:
+        """In a few words: suspended, over quota, ok, no quota, no database."""
+        if self.suspended:
+            return "suspended (over quota)" if self.over else "suspended (under quota: enforce lifts it)"
+        if self.max_size_bytes is None:
+            return "no quota"
+        if self.size_bytes is None:
+            return "no database"
+        return "over quota" if self.over else "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "over": self.over, "percent": self.percent, "state": self.state}
+
+
+def converge(conn: psycopg.Connection, state: QuotaState, role: str) -> QuotaState:
+    """``provision quota enforce`` for one bot (the caller holds its advisory lock): suspend a bot
+    over its quota, lift a suspended one that is not (under it again, or without a quota)."""
+    if state.over and not state.suspended:
+        assert state.size_bytes is not None and state.max_size_bytes is not None
+        state.sessions_ended = suspend(conn, state.bot, role, state.size_bytes, state.max_size_bytes)
+        state.suspended, state.action = True, "suspended"
+    elif state.suspended and not state.over and state.size_bytes is not None:
+        lift(conn, role)
+        state.suspended, state.action = False, "lifted"
+    return state
+
+
+def on_server(conn: psycopg.Connection, server: str, bots: list[tuple[str, str, str, int | None]], *,
+              enforce: bool = False) -> list[QuotaState]:
+    """Each bot's (name, role, database, quota in bytes) size against its quota on one server;
+    with ``enforce``, each converged (:func:`converge`) under the bot's advisory lock. A bot
+    whose database is not there is listed without a size (and never suspended)."""
+    from .db import advisory_lock
+
+    sizes = database_sizes(conn, [database for _, _, database, _ in bots])
+    held = suspensions(conn)
+    out = []
+    for name, role, database, max_size in bots:
+        state = QuotaState(name, server, database, sizes.get(database), max_size, role in held)
+        if enforce and (state.over or state.suspended):
+            with advisory_lock(conn, name):
+                state.suspended = is_suspended(conn, role)  # a concurrent run may have acted
+                state.size_bytes = database_sizes(conn, [database]).get(database)
+                if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                    converge(conn, state, role)
+        out.append(state)
+    return out
+
+
+def human(n: int | None) -> str:
+    """A size in bytes for a message: 7.4 MB."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"
