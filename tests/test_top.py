@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 
-from provisioning.db import as_role
+from provisioning.db import STATE_DATABASE, as_role
 
-from .conftest import PROVISION, Fleet, drop_bot_objects, snapshot
+from provisioning.embedded import EmbeddedServer
+
+from .conftest import PROVISION, Fleet, TestServer, _server_folder, drop_bot_objects, snapshot
 from .test_everyday import closed_stdout_run
 
 ROWS = 25
@@ -152,6 +154,44 @@ def test_top_has_one_section_per_server(fleet, other_server):
             drop_bot_objects(conn, [a])
 
 
+@pytest.fixture(scope="module")
+def statements_server() -> Iterator[TestServer]:
+    """A private embedded cluster that preloads pg_stat_statements, as the rendered stack's does
+    (the shared test servers do not, and their settings are not ours to change)."""
+    for folder in _server_folder("statements"):
+        server = EmbeddedServer(folder / ".botfleet")
+        server.init()
+        with open(server.pgdata / "postgresql.conf", "a") as conf:
+            conf.write("\nshared_preload_libraries = 'pg_stat_statements'\n")
+        try:
+            server.start()
+            yield TestServer(server.admin_url(), "embedded", server)
+        finally:
+            server.destroy()
+
+
+def test_top_and_metrics_show_pg_stat_statements_where_the_server_has_it(statements_server, tmp_path):
+    fleet = Fleet(statements_server, tmp_path)
+    name = fleet.name("stmts")
+    fleet.add(name, "--no-migrate")
+    before = json.loads(fleet.run("top", "--once", "--json", "--interval", "0.1").stdout)["servers"][0]
+    assert before["statements_available"] is False and before["bots"][0]["statements"] is None
+    with statements_server.connect(STATE_DATABASE) as conn:  # botfleet's own database, where the admin session is
+        conn.execute("CREATE EXTENSION pg_stat_statements")
+    with bot_conn(fleet, name) as conn:
+        for _ in range(3):
+            conn.execute("SELECT count(*) FROM pg_class")
+
+    proc = fleet.run("top", "--once", "--json", "--interval", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    [server] = json.loads(proc.stdout)["servers"]
+    assert server["statements_available"] is True
+    assert server["bots"][0]["statements"]["calls"] >= 3
+    assert "pg_stat_statements on" in fleet.run("top", "--once", "--interval", "0.1").stdout
+    metrics = fleet.run("metrics").stdout
+    assert f'botfleet_bot_statement_calls_total{{server="default",bot="{name}"}}' in metrics
+
+
 def test_a_live_top_refreshes_until_ctrl_c_and_exits_0(fleet):
     name = fleet.name("live")
     fleet.add(name, "--no-migrate")
@@ -209,3 +249,23 @@ def test_top_in_a_folder_without_a_fleet_is_refused(tmp_path, pg):
     proc = Fleet(pg, tmp_path).run("top", "--once", env=env)
     assert proc.returncode == 2 and "no fleet here" in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_readme_examples_work_as_written(fleet):
+    """Each line of the README's block that ends by itself (not the live ones), as written but for
+    the bot's name (in this process: the shell adds nothing to these lines)."""
+    import shlex
+
+    from .test_everyday import readme_block
+
+    name = fleet.name("readme")
+    fleet.add(name, "--no-migrate")
+    lines = [line.split("#")[0].strip() for line in readme_block("Watching the shared server per bot: `top` and `metrics`")]
+    lines = [line for line in lines if "--once" in line or line == "provision metrics"]
+    assert len(lines) >= 4
+    for line in lines:
+        args = shlex.split(line.replace("hello-bot", name))
+        assert args[0] == "provision"
+        proc = fleet.run(*args[1:])
+        assert proc.returncode == 0, (line, proc.stderr)
+        assert name in proc.stdout, line
