@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -167,3 +169,28 @@ def test_a_bad_quota_is_refused_and_nothing_changes(fleet):
     assert not (fleet.root / "fleet.toml").exists()
     proc = fleet.run("quota", "status", "no-such-bot")
     assert proc.returncode == 2 and "no-such-bot" in proc.stderr
+
+
+def _readme_section(title: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return text.split(f"### {title}", 1)[1].split("\n### ", 1)[0]
+
+
+def test_the_readme_guards_and_quota_examples_work_as_written(fleet, admin):
+    """The section's fleet.toml as the fleet's, and each command line of its bash block, with the
+    bot's name made unique."""
+    section = _readme_section("Guards and storage quotas: one bot cannot hurt the others")
+    name = fleet.name("chat")
+    toml = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    (fleet.root / "fleet.toml").write_text("version = 1\n" + toml.replace("chat-bot", name))
+    lines = [line for line in section.split("```bash\n", 1)[1].split("```", 1)[0].splitlines() if line.strip()]
+    assert len(lines) == 4
+    for line in lines:
+        args = shlex.split(line.replace("chat-bot", name), comments=True)
+        assert args[0] == "provision"
+        proc = fleet.run(*args[1:])
+        assert proc.returncode == 0, (line, proc.stderr)
+    settings = admin.execute("SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+                             "WHERE r.rolname = %s AND s.setdatabase = 0", (role(name),)).fetchone()[0]
+    assert {"temp_file_limit=1GB", "work_mem=16MB", "lock_timeout=5s", "idle_session_timeout=1h"} <= set(settings)
+    assert quota_states(fleet, "status")[name]["max_size_bytes"] is None  # its own "none" over [defaults]' 2GB
