@@ -975,8 +975,8 @@ def render(project: Project, *, allow_missing_config: bool = False, progress: Pr
     budgets.validate_stack(new)
     preview = dataclasses.replace(current_fleet, stack=new)
     budgets.require_fit(budgets.compute(preview), "the fleet")
-    compose.refuse_foreign(project.root, compose.prepare(project, preview, allow_missing_config=allow_missing_config))
-    if new != current_fleet.stack:
+    if new != current_fleet.stack:  # else the render below plans and checks it all before writing (once)
+        compose.refuse_foreign(project.root, compose.prepare(project, preview, allow_missing_config=allow_missing_config))
         with project.editing() as fleet:
             fleet.stack = new
         progress(f"saved the stack settings in {project.registry.path}")

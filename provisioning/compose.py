@@ -57,6 +57,7 @@ USERLIST = "secrets/pgbouncer-userlist.txt"
 ADMIN_PASSWORD = "secrets/postgres-password"
 ADMIN_PGPASS = "secrets/postgres.pgpass"
 MANIFEST = ".botfleet/rendered.json"
+CHECK_CACHE = ".botfleet/render-checked.json"  # digests of what the last render parsed and validated
 PGBOUNCER_PORT = 6432
 PGBOUNCER_UID = "70"  # the postgres user of Alpine-based PgBouncer images
 PROVISION_MEMORY = "256M"
@@ -284,7 +285,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
     files.insert(0, PlannedFile(COMPOSE_FILE, compose_t.render(stack=False, **context)))
     files.insert(1, PlannedFile(STACK_FILE, compose_t.render(stack=True, **context)))
     result = StackFiles(files=files, budget=budget, bots=[b["name"] for b in bots], skipped=skipped, passwords=passwords)
-    validate(result, fleet)
+    validate(result, fleet, *_checked(root))
     return result
 
 
@@ -299,6 +300,18 @@ class RenderResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("written", "unchanged", "removed", "bots", "skipped", "budget")}
+
+
+def _checked(root: Path) -> tuple[frozenset[str], dict[str, Any]]:
+    """What the last render parsed and found valid, by digest (see compose_check): a render
+    checks again only what changed, so one add-bot costs the same in a fleet of any size."""
+    try:
+        cache = json.loads((root / CHECK_CACHE).read_text())
+        if cache.get("version") == 1:
+            return frozenset(cache["validated"]), dict(cache["parsed"])
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        pass
+    return frozenset(), {}
 
 
 def _manifest(root: Path) -> set[str]:
@@ -387,6 +400,8 @@ def write(root: Path, result_plan: StackFiles) -> RenderResult:
             (root / rel).unlink()
             result.removed.append(rel)
         atomic_write(root / MANIFEST, json.dumps({"files": sorted(f.path for f in result_plan.files)}, indent=1) + "\n")
+        atomic_write(root / CHECK_CACHE, json.dumps({"version": 1, "validated": sorted(result_plan.validated),
+                                                     "parsed": result_plan.parsed}, sort_keys=True) + "\n")
     return result
 
 
