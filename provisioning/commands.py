@@ -1133,20 +1133,21 @@ def config_list(project: Project, bot: str) -> ConfigListing:
 # The figures are ``monitor``'s (a leaf reading the statistics views), the servers kept open and
 # sampled by the ``watch`` service; here so that every command stays one function of this module.
 from . import exporter  # noqa: E402
-from .watch import DEFAULT_INTERVAL, Frame, Watch, check_interval  # noqa: E402,F401
+from .watch import DEFAULT_INTERVAL, Frame, Scrape, Watch, check_interval  # noqa: E402,F401
 
 
 def watch(project: Project, servers: Servers, bots: list[str], *, queries: bool = False) -> Watch:
     """The servers of ``bots`` (every bot when empty) watched for `provision top`: a context
-    manager whose ``frames(interval)`` yields each refresh. The bots are checked (InvalidInput,
-    before any server is touched); the servers are opened on entering it."""
+    manager whose ``frames(interval)`` yields each refresh. The bots and servers are checked
+    (InvalidInput, before any server is touched); a server that does not answer is reported in
+    each frame's ``unreachable``."""
     return Watch(project, servers, bots, queries=queries)
 
 
-def metrics(project: Project, servers: Servers, bots: list[str]) -> str:
+def metrics(project: Project, servers: Servers, bots: list[str]) -> Scrape:
     """Every watched bot's figures once, in Prometheus's text exposition format."""
     with Watch(project, servers, bots) as watching:
-        return watching.metrics()
+        return watching.scrape()
 
 
 def serve_metrics(project: Project, servers: Servers, bots: list[str], listen: str, *,
@@ -1155,7 +1156,7 @@ def serve_metrics(project: Project, servers: Servers, bots: list[str], listen: s
     ``listen`` and the bots are checked before any server is touched (InvalidInput)."""
     host, port = exporter.parse_listen(listen)
     with Watch(project, servers, bots) as watching:
-        exporter.serve(host, port, watching.metrics, ready=ready)
+        exporter.serve(host, port, lambda: watching.scrape().text, ready=ready)
 
 
 # --------------------------------------------------------------------------- one bot from the shell: info, env, run, psql

@@ -3,10 +3,13 @@ exports.
 
 A ``Watch`` holds one admin connection per server of the watched bots for as long as it runs (a
 live top or an exporter samples every few seconds, and a new connection each time would load the
-server it measures). A server that stops answering is reported as unreachable in that frame and
-reconnected at the next one, so a restart of the shared server does not end a long-running top
-or exporter. The figures themselves are ``monitor``'s; this module only chooses the servers and
-bots, keeps the connections and paces the samples.
+server it measures). A server that does not answer is reported as not read in that frame (and
+``botfleet_up 0``) and tried again at the next one: one server down in a fleet of several does
+not blind the operator to the others, and a restart of the shared server does not end a
+long-running top or exporter. Bad input (a bot or server fleet.toml does not name, a password in
+--admin-url, no fleet here) is still refused up front, before any server is touched. The figures
+themselves are ``monitor``'s; this module only chooses the servers and bots, keeps the
+connections and paces the samples.
 """
 
 from __future__ import annotations
@@ -79,18 +82,14 @@ class Watch:
     def __init__(self, project: Project, servers: Servers, bots: list[str], *, queries: bool = False):
         self.targets = watched(project, bots)
         self.server_names = servers.of(bots) if bots else servers.fleet_wide()
+        for name in self.server_names:
+            servers.choose(name, start_embedded=False)  # InvalidInput now, not as a server "not read" later
         self.servers = servers
         self.queries = queries
         self.opened: dict[str, Server] = {}
 
     def __enter__(self) -> Watch:
-        try:
-            for name in self.server_names:
-                self.opened[name] = self.servers.open(name)
-        except BaseException:
-            self.close()
-            raise
-        return self
+        return self  # each server is opened by the first sample that reads it
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
@@ -114,6 +113,8 @@ class Watch:
                 server = self._server(name)
                 assert server.conn is not None
                 samples.append(monitor.sample(server.conn, name, self.targets.get(name, []), queries=self.queries))
+            except InvalidInput:
+                raise
             except (ProvisionError, psycopg.OperationalError, psycopg.InterfaceError) as err:
                 unreachable[name] = one_line(err)
                 dropped = self.opened.pop(name, None)
@@ -139,7 +140,15 @@ class Watch:
                 return
             before = after
 
-    def metrics(self) -> str:
+    def scrape(self) -> Scrape:
         """One sample of every server in Prometheus's text format."""
         samples, unreachable = self.sample()
-        return monitor.exposition(samples, unreachable)
+        return Scrape(monitor.exposition(samples, unreachable), unreachable)
+
+
+@dataclass
+class Scrape:
+    """The metrics text, and the servers it could not read (``botfleet_up 0`` in it)."""
+
+    text: str
+    unreachable: dict[str, str] = field(default_factory=dict)

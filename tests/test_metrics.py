@@ -4,6 +4,7 @@ HTTP with --listen (a scrape answered, Ctrl-C ends it with exit 0); bad input re
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -142,3 +143,22 @@ def test_a_port_in_use_is_one_line(fleet):
     assert proc.returncode == 1
     assert [line for line in proc.stderr.splitlines() if line.startswith("error")] == [
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_a_server_that_does_not_answer_is_up_0_and_the_others_are_still_read(fleet, busy_bot):
+    toml = fleet.root / "fleet.toml"
+    toml.write_text(toml.read_text()
+                    + '\n[servers.down]\nadmin_url = "postgresql://postgres@127.0.0.1:1/postgres"\nmax_connections = 40\n')
+    proc = fleet.run("metrics")
+    assert proc.returncode == 1  # printed all the same, and the exit code says a server was not read
+    parsed = families(proc.stdout)
+    assert value(parsed, "botfleet_up", server="down") == 0 and value(parsed, "botfleet_up", server="default") == 1
+    assert value(parsed, "botfleet_bot_rows_inserted_total", server="default", bot=busy_bot) >= ROWS
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error")] == [
+        "error: server down not read: cannot reach PostgreSQL at postgres@127.0.0.1:1/postgres: connection refused "
+        "(is the server running and listening there?)"]
+
+    top = fleet.run("top", "--once", "--json", "--interval", "0.1")
+    assert top.returncode == 1
+    frame = json.loads(top.stdout)
+    assert list(frame["unreachable"]) == ["down"] and [s["server"] for s in frame["servers"]] == ["default"]

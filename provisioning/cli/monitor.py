@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from .common import AdminUrlOpt, BotsArg, JsonOpt, ProjectOpt, app, command, print_json, print_table, project_of, say, servers_of, size
+from .common import (
+    AdminUrlOpt, BotsArg, JsonOpt, ProjectOpt, app, command, fail, print_json, print_table, project_of, say, servers_of,
+    size,
+)
 
 if TYPE_CHECKING:
     from ..monitor import BotSample, Rates, ServerSample, Session
@@ -53,6 +56,7 @@ def top_cmd(
     commands.check_interval(interval)
     watching = commands.watch(proj, servers_of(proj, admin_url, read_only=True), list(bots or ()), queries=queries)
     terminal = sys.stdout.isatty() and not as_json
+    frame = None
     try:
         with watching:
             for frame in watching.frames(interval, once=once):
@@ -70,6 +74,8 @@ def top_cmd(
         if terminal:
             typer.echo()
         return  # Ctrl-C is how a live view ends: exit 0
+    if frame is not None and frame.unreachable:  # --once: shown in full, and the exit code says a server was not read
+        raise fail(_not_read(frame.unreachable), 1)
 
 
 @app.command("metrics")
@@ -101,13 +107,20 @@ def metrics_cmd(
     proj = project_of(project)
     servers = servers_of(proj, admin_url, read_only=True)
     if listen is None:
-        typer.echo(commands.metrics(proj, servers, list(bots or ())), nl=False)
+        scrape = commands.metrics(proj, servers, list(bots or ()))
+        typer.echo(scrape.text, nl=False)
+        if scrape.unreachable:  # printed all the same (botfleet_up 0), and the exit code says so
+            raise fail(_not_read(scrape.unreachable), 1)
         return
     try:
         commands.serve_metrics(proj, servers, list(bots or ()), listen,
                                ready=lambda url: say(f"serving {url} (Ctrl-C to stop)"))
     except KeyboardInterrupt:
         return  # how an exporter run by hand ends: exit 0
+
+
+def _not_read(unreachable: dict[str, str]) -> str:
+    return "; ".join(f"server {name} not read: {why}" for name, why in unreachable.items())
 
 
 # -- printing a frame --------------------------------------------------------------------------
