@@ -33,7 +33,7 @@ from .backup import BackupResult, DumpFile, backup_bot, dump
 from .doctor import Report
 from .errors import InvalidInput, ProvisionError
 from .migrate import DEFAULT_LOCK_WAIT, MigrationFailed, Outcome, Target, is_unknown
-from .names import CODE_RE, BotNames, derive, validate
+from .names import CODE_RE, BotNames, canonical_code, derive, validate
 from .project import Project
 from .registry import DEFAULT_SERVER, BotEntry, StackSettings, check_options
 from .restore import RestoreResult
@@ -141,7 +141,7 @@ class AddResult:
 def desired_entry(project: Project, names: BotNames, existing: BotEntry | None, opts: BotOptions) -> BotEntry:
     """The registry entry add-bot converges to. Raises InvalidInput when ``--code`` names code
     that is not under bots/, or a bot would move between servers."""
-    code = opts.code or (existing.code if existing else names.bot)
+    code = canonical_code(opts.code) if opts.code else (existing.code if existing else names.bot)
     server = existing.server if existing else DEFAULT_SERVER
     if opts.server is not None:
         if existing is not None and opts.server != existing.server:
@@ -1016,6 +1016,9 @@ class ServerStarted:
     status: Any
     moved_from: int | None = None
     repoint: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.status.as_dict(), "moved_from": self.moved_from, "repoint": self.repoint}
 
 
 def server_start(project: Project, port: int | None = None) -> ServerStarted:

@@ -11,6 +11,12 @@ NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,39}")
 # A bot code: the package bots/<code> (``hello-bot`` and ``hello_bot`` name the same one).
 CODE_RE = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 
+
+def canonical_code(code: str) -> str:
+    """The one spelling of a bot code: ``hello-bot`` (``hello_bot``, its package's name, is the
+    same code and is accepted everywhere; fleet.toml and every output say ``hello-bot``)."""
+    return code.replace("_", "-")
+
 # Names that collide with PostgreSQL's own objects or with roles an operator
 # already has; refused whatever the admin role is called.
 RESERVED = frozenset(

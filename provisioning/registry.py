@@ -26,7 +26,7 @@ import tomli_w
 
 from .errors import InvalidInput
 from .files import atomic_write, file_lock
-from .names import CODE_RE, derive, validate
+from .names import CODE_RE, canonical_code, derive, validate
 
 HEADER = (
     "# botfleet fleet registry: one [bots.<name>] table per bot.\n"
@@ -383,6 +383,7 @@ class Registry:
         if CODE_RE.fullmatch(values["code"]) is None:
             raise InvalidInput(f"{self.path}: {where} code {values['code']!r} is not a bot code name "
                                "(a-z, 0-9, '-' or '_', starting with a letter)")
+        values["code"] = canonical_code(values["code"])
         values["server"] = values.get("server") or DEFAULT_SERVER
         if values["server"] != DEFAULT_SERVER and values["server"] not in servers:
             raise InvalidInput(f"{self.path}: {where} server {values['server']!r} is not a [servers.NAME] table")

@@ -60,3 +60,14 @@ def test_embedded_server_lifecycle(project):
     assert "running" in run(project, "server", "status").stdout
     assert run(project, "server", "stop").returncode == 0
     assert "was not running" in run(project, "server", "stop").stdout
+
+
+def test_server_start_and_stop_answer_in_json(project):
+    started = run(project, "server", "start", "--json")
+    assert started.returncode == 0, started.stderr
+    first = json.loads(started.stdout)
+    assert first["running"] is True and first["moved_from"] is None and first["repoint"] == []
+    again = json.loads(run(project, "server", "start", "--json").stdout)
+    assert again["port"] == first["port"] and again["pid"] == first["pid"]
+    assert json.loads(run(project, "server", "stop", "--json").stdout) == {"running": False, "was_running": True}
+    assert json.loads(run(project, "server", "stop", "--json").stdout) == {"running": False, "was_running": False}

@@ -272,6 +272,7 @@ def server_status(as_json: JsonOpt = False, project: ProjectOpt = None) -> None:
 @server_app.command("start")
 @command
 def server_start(
+    as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     port: Annotated[Optional[int], typer.Option("--port", help="Move the fleet's server to this TCP port on 127.0.0.1 "
                                                 "(it must be stopped; the new port is kept from then on).",
@@ -289,6 +290,9 @@ def server_start(
 
     say("starting embedded PostgreSQL (first start initialises it)...")
     started = commands.server_start(project_of(project), port)
+    if as_json:
+        print_json(started.as_dict())
+        return
     st = started.status
     typer.echo(f"embedded PostgreSQL {st.version}: running on 127.0.0.1:{st.port}, data in {st.pgdata}")
     if started.moved_from is not None:
@@ -300,7 +304,7 @@ def server_start(
 
 @server_app.command("stop")
 @command
-def server_stop(project: ProjectOpt = None) -> None:  # type: ignore[assignment]
+def server_stop(as_json: JsonOpt = False, project: ProjectOpt = None) -> None:  # type: ignore[assignment]
     """Stop the embedded server (its data is kept; the next command starts it again).
 
     Example: provision server stop
@@ -308,4 +312,7 @@ def server_stop(project: ProjectOpt = None) -> None:  # type: ignore[assignment]
     from .. import commands
 
     stopped = commands.embedded_server(project_of(project)).stop()
+    if as_json:
+        print_json({"running": False, "was_running": stopped})
+        return
     typer.echo("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
