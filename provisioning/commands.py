@@ -815,7 +815,8 @@ def current(project: Project, servers: Servers, bots: list[str]) -> list[dict[st
     targets, early = plan_targets(project, bots, all_bots=not bots, admin_url=url)
     rows = []
     for t in targets:
-        row: dict[str, Any] = {"bot": t.bot, "code": t.package, "current": None, "head": None, "state": ""}
+        row: dict[str, Any] = {"bot": t.bot, "code": canonical_code(t.package), "current": None, "head": None,
+                               "state": ""}
         try:
             row["head"] = head_of(script_directory(t.root, t.package), t.package)
             row["current"] = current_revision(t.conninfo)
@@ -1122,12 +1123,8 @@ def config_list(project: Project, bot: str) -> ConfigListing:
 
     _settings_bot(project, bot)
     values = settings.read(project, bot)
-    code = project.fleet.bots[bot].code
+    code = project.fleet.bots[bot].code  # its one spelling (hello-bot), whatever its package is called
     required, missing = codes.required_settings(project.root, code), settings.missing(project, bot, values)
-    try:
-        code = codes.find(project.root, code).package
-    except InvalidInput:
-        pass  # no code under bots/ yet: its name as fleet.toml gives it
     return ConfigListing(bot, code, str(project.env_path(bot)), values, list(required), missing)
 
 

@@ -251,7 +251,7 @@ def test_required_settings_are_read_without_importing_the_code_and_reported_miss
     fleet.add(bare)  # no code yet: nothing required
     listed = fleet.run("config", "list", name)
     assert listed.returncode == 0, listed.stderr
-    assert "missing: API_KEY, API_SECRET (required by loud_bot)" in listed.stdout
+    assert "missing: API_KEY, API_SECRET (required by loud-bot)" in listed.stdout
     assert json.loads(fleet.run("config", "list", name, "--json").stdout)["missing"] == ["API_KEY", "API_SECRET"]
     assert commands.missing_settings(Project(fleet.root)) == {name: ["API_KEY", "API_SECRET"]}
 
