@@ -1179,7 +1179,9 @@ def quota(project: Project, servers: Servers, bots: list[str] | None = None, *, 
     """Each bot's database size against its quota (``max_size``, else [defaults]'s); the named
     bots, or every registry bot. With ``enforce`` (``provision quota enforce``) a bot over its
     quota is suspended (NOLOGIN, its sessions ended, recorded so the reconcile keeps it) and a
-    suspended one under it again is lifted. See quota.py for why this is what holds."""
+    suspended one under it again is lifted. See quota.py for why this is what holds. A folder
+    without fleet.toml is refused (no fleet here)."""
+    project.require_fleet()
     names = chosen_bots(project, bots, all_bots=False) if bots else sorted(project.fleet.bots)
     fleet = project.fleet
     states: list[QuotaState] = []

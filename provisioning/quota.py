@@ -53,13 +53,16 @@ def _in_state_database(conn: psycopg.Connection) -> bool:
     return conn.info.dbname == STATE_DATABASE
 
 
-def _table_exists(conn: psycopg.Connection) -> bool:
-    """The record is read only in botfleet's own database (where no bot may connect): a table
-    of that name elsewhere could be anyone's."""
+def _record(conn: psycopg.Connection) -> bool | None:
+    """Whether there is a record to read: False when there is none (nothing was ever enforced on
+    this server, or the admin session is not in botfleet's own database: a table of that name
+    elsewhere could be anyone's); None when it is there but this admin may not read it."""
     if not _in_state_database(conn):
         return False
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"public.{TABLE}",)).fetchone()
-    return bool(row and row[0])
+    row = conn.execute("SELECT c.oid IS NOT NULL, c.oid IS NOT NULL AND has_table_privilege(c.oid, 'SELECT') "
+                       "FROM (SELECT to_regclass(%s) AS oid) c", (f"public.{TABLE}",)).fetchone()
+    assert row is not None
+    return (True if row[1] else None) if row[0] else False
 
 
 def _ensure_table(conn: psycopg.Connection) -> None:
@@ -71,6 +74,9 @@ def _ensure_table(conn: psycopg.Connection) -> None:
         conn.execute(sql.SQL(_CREATE).format(table=sql.Identifier("public", TABLE)))
     except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
         pass  # a concurrent run made it
+    # Every admin that may open botfleet's database reads it (no bot may open it); only its
+    # owner writes it.
+    conn.execute(sql.SQL("GRANT SELECT ON {} TO PUBLIC").format(sql.Identifier("public", TABLE)))
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class Suspension:
 
 def suspensions(conn: psycopg.Connection) -> dict[str, Suspension]:
     """Every enforced quota on this server, by role."""
-    if not _table_exists(conn):
+    if not _record(conn):
         return {}
     rows = conn.execute(sql.SQL("SELECT role, bot, size_bytes, max_size_bytes, "
                                 "to_char(since AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM {}")
@@ -92,10 +98,13 @@ def suspensions(conn: psycopg.Connection) -> dict[str, Suspension]:
     return {r[0]: Suspension(*r) for r in rows}
 
 
-def is_suspended(conn: psycopg.Connection, role: str) -> bool:
-    """Whether an enforced quota suspends ``role`` on this server (the reconcile keeps it NOLOGIN)."""
-    if not _table_exists(conn):
-        return False
+def is_suspended(conn: psycopg.Connection, role: str) -> bool | None:
+    """Whether an enforced quota suspends ``role`` on this server (the reconcile keeps it NOLOGIN);
+    None: the record is there but this admin may not read it (the reconcile then leaves the
+    role's LOGIN attribute as it is)."""
+    readable = _record(conn)
+    if not readable:
+        return readable
     row = conn.execute(sql.SQL("SELECT 1 FROM {} WHERE role = %s").format(sql.Identifier("public", TABLE)),
                        (role,)).fetchone()
     return row is not None
@@ -124,7 +133,7 @@ def end_sessions(conn: psycopg.Connection, role: str) -> int:
 def lift(conn: psycopg.Connection, role: str, *, login: bool = True) -> bool:
     """Lift an enforced quota: the role may log in again and the record goes (one transaction).
     ``login`` False: only the record goes (the role is gone). Returns whether one was enforced."""
-    if not _table_exists(conn):
+    if not _record(conn):
         return False
     with conn.transaction():
         row = conn.execute(sql.SQL("DELETE FROM {} WHERE role = %s RETURNING 1").format(sql.Identifier("public", TABLE)),

@@ -54,10 +54,11 @@ def marker(bot: str) -> str:
 
 
 def role_spec(entry: BotEntry, fleet: Fleet | None = None, *, skip: tuple[str, ...] = (),
-              suspended: bool = False) -> roles.RoleSpec:
+              suspended: bool | None = False) -> roles.RoleSpec:
     """The role a registry entry converges to: its timeouts and ``fleet``'s guards for it
     (GUARDS: its own values, else [defaults]'s; one the admin cannot set there is in ``skip``,
-    neither set nor reset), NOLOGIN while ``suspended`` (an enforced quota, see quota.py)."""
+    neither set nor reset), NOLOGIN while ``suspended`` (an enforced quota, see quota.py; None:
+    unknown, LOGIN is left as it is)."""
     guards = fleet.guards(entry) if fleet is not None else {}
     return roles.RoleSpec(
         name=entry.role,
@@ -69,7 +70,7 @@ def role_spec(entry: BotEntry, fleet: Fleet | None = None, *, skip: tuple[str, .
         },
         comment=marker(entry.name),
         managed=tuple(k for k in GUARDS if k not in skip) if fleet is not None else (),
-        login=not suspended,
+        login=None if suspended is None else not suspended,
     )
 
 
@@ -79,16 +80,20 @@ class RoleContext:
     with why, a one-line note) and whether an enforced quota suspends the bot."""
 
     problems: dict[str, str]
-    suspended: bool
+    suspended: bool | None  # None: botfleet's record of enforced quotas is there but unreadable to this admin
 
     def spec(self, entry: BotEntry, fleet: Fleet | None) -> roles.RoleSpec:
         return role_spec(entry, fleet, skip=tuple(self.problems), suspended=self.suspended)
 
-    def notes(self, entry: BotEntry, fleet: Fleet) -> list[str]:
+    def notes(self, entry: BotEntry, fleet: Fleet | None) -> list[str]:
         """One line per guard the bot is to have that the admin could not set."""
-        wanted = fleet.guards(entry)
-        return [f"{entry.name}: {key} = {wanted[key]} not applied: {why}"
-                for key, why in self.problems.items() if key in wanted]
+        wanted = fleet.guards(entry) if fleet is not None else {}
+        out = [f"{entry.name}: {key} = {wanted[key]} not applied: {why}"
+               for key, why in self.problems.items() if key in wanted]
+        if self.suspended is None:
+            out.append(f"{entry.name}: this admin may not read botfleet's record of enforced quotas "
+                       f"({quota.TABLE} in its database); the role's LOGIN attribute is left as it is")
+        return out
 
 
 def role_context(conn: psycopg.Connection, entry: BotEntry) -> RoleContext:
@@ -188,7 +193,8 @@ def _role_changes(conn: psycopg.Connection, entry: BotEntry, state: roles.RoleSt
         words = [roles.flag_sql(f, wanted[f]) for f in d.wrong_flags]
         has = " ".join(roles.flag_sql(f, not wanted[f]) for f in d.wrong_flags)
         stmt = sql.SQL("ALTER ROLE {} WITH {}").format(ident, sql.SQL(" ").join(sql.SQL(w) for w in words))
-        why = " while its quota is enforced (provision quota enforce lifts it once under quota)" if not spec.login else ""
+        why = " while its quota is enforced (provision quota enforce lifts it once under quota)" \
+            if spec.login is False else ""
         out.append(Change("attributes", ROLE, "role attributes (" + " ".join(words) + ")",
                           f"role {entry.role} has {has}{why}", q(stmt), True))
     if d.connection_limit is not None:
@@ -536,7 +542,11 @@ def remove(server: Server, project: Project, name: str, *, backup: bool = True, 
             progress(f"dropping role {names.role}")
             roles.drop(conn, names.role)
             result.dropped.append(f"role {names.role}")
-        quota.lift(conn, names.role, login=False)  # an enforced quota's record goes with its role
+        try:
+            quota.lift(conn, names.role, login=False)  # an enforced quota's record goes with its role
+        except psycopg.errors.InsufficientPrivilege:
+            progress(f"note: this admin may not remove {names.role} from botfleet's record of enforced quotas "
+                     f"({quota.TABLE}); a superuser can (provision quota enforce lifts it if the bot comes back)")
         if env_path.exists():
             env_path.unlink()
             result.dropped.append(f"env file {env_path}")

@@ -39,12 +39,18 @@ class RoleSpec:
     # Settings botfleet manages on the role: one of these that ``settings`` leaves out must not
     # be set on it (RESET), so a guard dropped from fleet.toml (or one the bot set on itself) goes.
     managed: tuple[str, ...] = ()
-    login: bool = True  # False: suspended (NOLOGIN), e.g. an enforced storage quota
+    login: bool | None = True  # False: suspended (NOLOGIN), e.g. an enforced storage quota; None: left as it is
 
 
 def wanted_flags(spec: RoleSpec) -> dict[str, bool]:
-    """The attributes the role must have: REQUIRED_FLAGS, with LOGIN as the spec says."""
-    return {**REQUIRED_FLAGS, "rolcanlogin": spec.login}
+    """The attributes the role must have: REQUIRED_FLAGS, with LOGIN as the spec says (not
+    compared at all when the spec leaves it as it is)."""
+    wanted = dict(REQUIRED_FLAGS)
+    if spec.login is None:
+        del wanted["rolcanlogin"]
+    else:
+        wanted["rolcanlogin"] = spec.login
+    return wanted
 
 
 def flag_sql(flag: str, want: bool) -> str:
@@ -112,7 +118,7 @@ def _options(flags: dict[str, bool], connection_limit: int | None, verifier: str
 def create(conn: psycopg.Connection, spec: RoleSpec, verifier: str) -> None:
     """Create the role with every required attribute, its settings and its marker comment."""
     with conn.transaction():
-        options = _options(wanted_flags(spec), spec.connection_limit, verifier)
+        options = _options({"rolcanlogin": True, **wanted_flags(spec)}, spec.connection_limit, verifier)
         conn.execute(sql.SQL("CREATE ROLE {} WITH {}").format(sql.Identifier(spec.name), options))
         for key, value in spec.settings.items():
             conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(sql.Identifier(spec.name), sql.Identifier(key), sql.Literal(value)))

@@ -167,7 +167,10 @@ def test_a_bad_quota_is_refused_and_nothing_changes(fleet):
     proc = fleet.run("add-bot", name, "--max-size", "0MB")
     assert proc.returncode == 2 and "--max-size must be more than 0" in proc.stderr
     assert not (fleet.root / "fleet.toml").exists()
-    proc = fleet.run("quota", "status", "no-such-bot")
+    proc = fleet.run("quota", "status")
+    assert proc.returncode == 2 and "no fleet here" in proc.stderr and not (fleet.root / ".botfleet").exists()
+    (fleet.root / "fleet.toml").write_text("version = 1\n")
+    proc = fleet.run("quota", "enforce", "no-such-bot")
     assert proc.returncode == 2 and "no-such-bot" in proc.stderr
 
 
