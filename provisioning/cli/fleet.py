@@ -162,7 +162,9 @@ def doctor_cmd(
 
     Checks who may connect to each bot database (PUBLIC or another bot's role),
     role attributes, memberships between roles, objects not owned by the bot,
-    connection limits and timeouts, env files (0600, URL matching the registry),
+    connection limits, timeouts and guards, each database's size against its
+    storage quota (an enforced one it keeps: provision quota enforce lifts it),
+    env files (0600, URL matching the registry),
     bots missing on the server and botfleet databases or roles the registry does
     not know; roles that are members of a bot's role or hold privileges on its
     objects (default privileges too); a login as each bot with its env file's

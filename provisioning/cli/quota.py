@@ -67,10 +67,7 @@ def enforce_cmd(
 ) -> None:
     """Suspend each bot over its quota, lift each suspended bot that is under it again.
 
-    A suspended bot's role may not log in (NOLOGIN) and its sessions are ended: a bot
-    cannot undo that itself (it owns its database, not its role's attributes). botfleet
-    records it on the server, so add-bot, apply and doctor --fix keep it. Its data is
-    untouched. Idempotent: run it from cron.
+    A suspended bot's role may not log in (NOLOGIN) and its sessions are ended: a bot cannot undo that itself (it owns its database, not its role's attributes). botfleet records it on the server, so add-bot, apply and doctor --fix keep it. Its data is untouched. Idempotent: run it from cron.
 
     Example: provision quota enforce
     """
