@@ -1136,26 +1136,27 @@ from . import exporter  # noqa: E402
 from .watch import DEFAULT_INTERVAL, Frame, Scrape, Watch, check_interval  # noqa: E402,F401
 
 
-def watch(project: Project, servers: Servers, bots: list[str], *, queries: bool = False) -> Watch:
-    """The servers of ``bots`` (every bot when empty) watched for `provision top`: a context
-    manager whose ``frames(interval)`` yields each refresh. The bots and servers are checked
-    (InvalidInput, before any server is touched); a server that does not answer is reported in
-    each frame's ``unreachable``."""
-    return Watch(project, servers, bots, queries=queries)
+def watch(project: Project, servers: Servers, bots: list[str], *, server: str | None = None,
+          queries: bool = False) -> Watch:
+    """The servers of ``bots`` (every bot when empty; only ``server``'s with it) watched for
+    `provision top`: a context manager whose ``frames(interval)`` yields each refresh. The bots
+    and servers are checked (InvalidInput, before any server is touched); a server that does not
+    answer is reported in each frame's ``unreachable``."""
+    return Watch(project, servers, bots, server=server, queries=queries)
 
 
-def metrics(project: Project, servers: Servers, bots: list[str]) -> Scrape:
+def metrics(project: Project, servers: Servers, bots: list[str], *, server: str | None = None) -> Scrape:
     """Every watched bot's figures once, in Prometheus's text exposition format."""
-    with Watch(project, servers, bots) as watching:
+    with Watch(project, servers, bots, server=server) as watching:
         return watching.scrape()
 
 
-def serve_metrics(project: Project, servers: Servers, bots: list[str], listen: str, *,
+def serve_metrics(project: Project, servers: Servers, bots: list[str], listen: str, *, server: str | None = None,
                   ready: Progress = _quiet) -> None:
     """Serve the figures at http://LISTEN/metrics, sampled anew for each scrape, until interrupted.
     ``listen`` and the bots are checked before any server is touched (InvalidInput)."""
     host, port = exporter.parse_listen(listen)
-    with Watch(project, servers, bots) as watching:
+    with Watch(project, servers, bots, server=server) as watching:
         exporter.serve(host, port, lambda: watching.scrape().text, ready=ready)
 
 

@@ -59,16 +59,22 @@ def check_interval(seconds: float) -> float:
     return seconds
 
 
-def watched(project: Project, bots: list[str]) -> dict[str, list[monitor.Watched]]:
+def watched(project: Project, bots: list[str], server: str | None = None) -> dict[str, list[monitor.Watched]]:
     """The bots to watch per server: the named ones (each valid and in fleet.toml, else
-    InvalidInput before any server is touched), or every bot of the registry."""
+    InvalidInput before any server is touched), or every bot of the registry; with ``server``,
+    only the bots placed on that server (a named bot placed elsewhere is InvalidInput)."""
     fleet = project.fleet
     for name in bots:
         validate(name)
     unknown = [n for n in bots if n not in fleet.bots]
     if unknown:
         raise InvalidInput(f"not in the fleet registry: {', '.join(unknown)} (see provision list)")
-    chosen = list(dict.fromkeys(bots)) or sorted(fleet.bots)
+    if server is not None and server not in fleet.server_names():
+        raise InvalidInput(f"no server {server!r} in fleet.toml (known: {', '.join(fleet.server_names())})")
+    elsewhere = [n for n in bots if server is not None and fleet.bots[n].server != server]
+    if elsewhere:
+        raise InvalidInput(f"not on server {server}: {', '.join(elsewhere)} (see provision list)")
+    chosen = list(dict.fromkeys(bots)) or sorted(n for n, e in fleet.bots.items() if server in (None, e.server))
     out: dict[str, list[monitor.Watched]] = {}
     for name in chosen:
         entry = fleet.bots[name]
@@ -79,9 +85,10 @@ def watched(project: Project, bots: list[str]) -> dict[str, list[monitor.Watched
 class Watch:
     """The servers of the watched bots, opened on entry and sampled on demand."""
 
-    def __init__(self, project: Project, servers: Servers, bots: list[str], *, queries: bool = False):
-        self.targets = watched(project, bots)
-        self.server_names = servers.of(bots) if bots else servers.fleet_wide()
+    def __init__(self, project: Project, servers: Servers, bots: list[str], *, server: str | None = None,
+                 queries: bool = False):
+        self.targets = watched(project, bots, server)
+        self.server_names = [server] if server else servers.of(bots) if bots else servers.fleet_wide()
         for name in self.server_names:
             servers.choose(name, start_embedded=False)  # InvalidInput now, not as a server "not read" later
         self.servers = servers

@@ -137,7 +137,7 @@ def test_top_shows_statement_texts_only_with_queries(fleet, workload):
     assert SECRET in shown.stdout
 
 
-def test_top_has_one_section_per_server(fleet, other_server):
+def test_top_has_one_section_per_server_and_server_picks_one(fleet, other_server):
     (fleet.root / "fleet.toml").write_text(f'[servers.second]\nadmin_url = "{other_server.url}"\nmax_connections = 40\n')
     a, b = fleet.name("top-a"), fleet.name("top-b")
     try:
@@ -149,6 +149,14 @@ def test_top_has_one_section_per_server(fleet, other_server):
         assert sections == {"default": [b], "second": [a]}
         text = fleet.run("top", "--once", "--interval", "0.1").stdout
         assert "server default:" in text and "server second:" in text
+
+        proc = fleet.run("top", "--once", "--json", "--interval", "0.1", "--server", "second")
+        assert proc.returncode == 0, proc.stderr
+        assert [(s["server"], [x["bot"] for x in s["bots"]]) for s in json.loads(proc.stdout)["servers"]] == [("second", [a])]
+        for args, why in ((["--server", "nowhere"], "no server 'nowhere' in fleet.toml"),
+                          ([b, "--server", "second"], f"not on server second: {b}")):
+            refused = fleet.run("metrics", *args)
+            assert refused.returncode == 2 and refused.stderr.startswith(f"error: {why}"), refused.stderr
     finally:
         with other_server.connect() as conn:
             drop_bot_objects(conn, [a])
@@ -269,3 +277,4 @@ def test_the_readme_examples_work_as_written(fleet):
         proc = fleet.run(*args[1:])
         assert proc.returncode == 0, (line, proc.stderr)
         assert name in proc.stdout, line
+

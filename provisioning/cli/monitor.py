@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from ..watch import Frame
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: a full-screen refresh without curses
+ServerOpt = Annotated[Optional[str], typer.Option("--server", metavar="NAME", help="Only the bots on this server "
+                                                  "(default, or the NAME of a servers.NAME table in fleet.toml).",
+                                                  show_default="every server of the fleet")]
 
 
 @app.command("top")
@@ -31,6 +34,7 @@ def top_cmd(
     queries: Annotated[bool, typer.Option("--queries", help="Also show the text of each bot's longest running "
                                           "statement and of lock waiters and blockers (it may hold whatever a "
                                           "bot put in its SQL: tokens, users' messages).")] = False,
+    server: ServerOpt = None,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
@@ -54,7 +58,8 @@ def top_cmd(
 
     proj = project_of(project)
     commands.check_interval(interval)
-    watching = commands.watch(proj, servers_of(proj, admin_url, read_only=True), list(bots or ()), queries=queries)
+    watching = commands.watch(proj, servers_of(proj, admin_url, read_only=True), list(bots or ()), server=server,
+                              queries=queries)
     terminal = sys.stdout.isatty() and not as_json
     frame = None
     try:
@@ -86,6 +91,7 @@ def metrics_cmd(
                                                   help="Serve the metrics over HTTP at /metrics (sampled anew for "
                                                   "each scrape) until Ctrl-C, instead of printing them once.",
                                                   show_default=False)] = None,
+    server: ServerOpt = None,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
 ) -> None:
@@ -107,13 +113,13 @@ def metrics_cmd(
     proj = project_of(project)
     servers = servers_of(proj, admin_url, read_only=True)
     if listen is None:
-        scrape = commands.metrics(proj, servers, list(bots or ()))
+        scrape = commands.metrics(proj, servers, list(bots or ()), server=server)
         typer.echo(scrape.text, nl=False)
         if scrape.unreachable:  # printed all the same (botfleet_up 0), and the exit code says so
             raise fail(_not_read(scrape.unreachable), 1)
         return
     try:
-        commands.serve_metrics(proj, servers, list(bots or ()), listen,
+        commands.serve_metrics(proj, servers, list(bots or ()), listen, server=server,
                                ready=lambda url: say(f"serving {url} (Ctrl-C to stop)"))
     except KeyboardInterrupt:
         return  # how an exporter run by hand ends: exit 0
