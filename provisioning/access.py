@@ -359,6 +359,8 @@ class BotInfo:
     max_size_bytes: int | None = None  # its storage quota (None: none)
     quota_percent: float | None = None  # of it in use
     quota_state: str = "no quota"  # ok | over quota | suspended (...) | no quota | no database
+    growth_bytes: int | None = None  # since growth_since, when `quota enforce` sampled it then
+    growth_since: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -408,8 +410,9 @@ def info(project: Project, servers: Servers, name: str) -> BotInfo:
         observed = reconcile.observe(server, project, entry, inside=True)
         live = server.conn.execute(_LIVE, (entry.database,)).fetchone()
         server_url = describe(server.url)
-        held = quota.QuotaState(name, entry.server, entry.database, live[0] if live else None,
-                                project.fleet.max_size(entry), quota.is_suspended(server.conn, entry.role))
+        held = quota.with_growth(quota.QuotaState(
+            name, entry.server, entry.database, live[0] if live else None, project.fleet.max_size(entry),
+            bool(quota.is_suspended(server.conn, entry.role))), quota.baselines(server.conn, [entry.role]).get(entry.role))
     if observed.role is None and observed.database is None:
         status = "missing"
     elif observed.role is None or observed.database is None:
@@ -433,6 +436,7 @@ def info(project: Project, servers: Servers, name: str) -> BotInfo:
         revision=observed.revision, head=head, revision_state=state, env_file=str(env.path),
         database_url=masked, last_backup=last_backup(project, name),
         max_size_bytes=held.max_size_bytes, quota_percent=held.percent, quota_state=held.state,
+        growth_bytes=held.growth_bytes, growth_since=held.growth_since,
     )
 
 

@@ -385,6 +385,7 @@ def _list_server(server: Server, project: Project) -> list[dict[str, Any]]:
     dbs = {r[0]: r for r in server.conn.execute(_LIVE_DATABASES).fetchall()}
     role_rows = {r[0]: r for r in server.conn.execute(_LIVE_ROLES).fetchall()}
     suspended = quotas.suspensions(server.conn)
+    grown = quotas.baselines(server.conn, [e.role for e in on_server.values()])
     rows: list[dict[str, Any]] = []
     for name in sorted(on_server):
         entry = on_server[name]
@@ -398,8 +399,9 @@ def _list_server(server: Server, project: Project) -> list[dict[str, Any]]:
             "connection_limit": role[1] if role else None,
             "registry_connection_limit": entry.connection_limit,
             "pool": f"{entry.pool_size}+{entry.max_overflow}" + (f" x{entry.replicas}" if entry.replicas > 1 else ""),
-            **_quota_columns(quotas.QuotaState(name, server.name, entry.database, db[1] if db else None,
-                                               project.fleet.max_size(entry), entry.role in suspended)),
+            **_quota_columns(quotas.with_growth(quotas.QuotaState(
+                name, server.name, entry.database, db[1] if db else None, project.fleet.max_size(entry),
+                entry.role in suspended), grown.get(entry.role))),
         })
     registered = {e.database for e in on_server.values()}
     for datname, row in sorted(dbs.items()):
@@ -411,14 +413,17 @@ def _list_server(server: Server, project: Project) -> list[dict[str, Any]]:
                 "bot": bot, "server": server.name, "code": None, "database": datname, "role": role[0] if role else None,
                 "status": "unknown (not in the registry)", "size_bytes": row[1], "connections": row[2],
                 "connection_limit": role[1] if role else None, "registry_connection_limit": None, "pool": None,
-                "max_size_bytes": None, "quota_percent": None, "quota_state": None,
+                "max_size_bytes": None, "quota_percent": None, "quota_state": None, "growth_bytes": None,
+                "growth_since": None,
             })
     return rows
 
 
 def _quota_columns(state: quotas.QuotaState) -> dict[str, Any]:
-    """A list row's quota: the quota in bytes (None: none), the share of it used, its state."""
-    return {"max_size_bytes": state.max_size_bytes, "quota_percent": state.percent, "quota_state": state.state}
+    """A list row's quota: the quota in bytes (None: none), the share of it used, its state, and
+    the database's growth since an earlier `quota enforce` sampled it."""
+    return {"max_size_bytes": state.max_size_bytes, "quota_percent": state.percent, "quota_state": state.state,
+            "growth_bytes": state.growth_bytes, "growth_since": state.growth_since}
 
 
 def list_bots(project: Project, servers: Servers) -> list[dict[str, Any]]:

@@ -198,16 +198,18 @@ def _quota(server: Server, project: Project, entry: BotEntry, observed: reconcil
     if limit is None and not suspended:
         return []
     size = quota.database_sizes(server.conn, [entry.database]).get(entry.database)
-    state = quota.QuotaState(entry.name, server.name, entry.database, size, limit, suspended)
+    state = quota.with_growth(quota.QuotaState(entry.name, server.name, entry.database, size, limit, bool(suspended)),
+                              quota.baselines(server.conn, [entry.role]).get(entry.role))
+    grown = f", {quota.growth_words(state)}" if state.growth_bytes is not None else ""
     free = (f"free space as the admin (provision psql {entry.name} --admin: DROP or TRUNCATE, VACUUM FULL) or raise "
             f"its quota (provision add-bot {entry.name} --max-size SIZE)")
     if state.over and suspended:
         return [Finding("quota", entry.name, f"database {entry.database} is {quota.human(size)}, over its quota of "
-                        f"{quota.human(limit)} ({state.percent}%): the bot is suspended (its role may not log in)",
+                        f"{quota.human(limit)} ({state.percent}%{grown}): the bot is suspended (its role may not log in)",
                         f"{free}, then: provision quota enforce {entry.name}  (lifts it)", False)]
     if state.over:
         return [Finding("quota", entry.name, f"database {entry.database} is {quota.human(size)}, over its quota of "
-                        f"{quota.human(limit)} ({state.percent}%): nothing stops it growing",
+                        f"{quota.human(limit)} ({state.percent}%{grown}): nothing stops it growing",
                         f"provision quota enforce {entry.name}  (suspends it)  or  {free}", False)]
     if suspended:
         return [Finding("quota", entry.name, f"{entry.name} is suspended by an enforced quota (its role may not log "

@@ -32,6 +32,10 @@ from .errors import ProvisionError
 
 # The record of enforced quotas, in botfleet's own database on each server.
 TABLE = "botfleet_quota_suspensions"
+# Each bot's database size at each `quota enforce` (kept SAMPLE_DAYS days): its growth.
+SAMPLES = "botfleet_quota_samples"
+SAMPLE_DAYS = 8
+GROWTH_WINDOW = "24 hours"  # growth is shown since the newest sample at least this old (else the oldest)
 TERMINATE_WAIT_MS = 5000  # how long pg_terminate_backend waits for each session to end (PostgreSQL 14+)
 
 _CREATE = """
@@ -44,6 +48,15 @@ CREATE TABLE IF NOT EXISTS {table} (
 )
 """
 
+_CREATE_SAMPLES = """
+CREATE TABLE IF NOT EXISTS {table} (
+    role name NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    size_bytes bigint NOT NULL,
+    PRIMARY KEY (role, at)
+)
+"""
+
 
 class QuotaUnrecordable(ProvisionError):
     """The admin session is not in botfleet's own database: an enforcement cannot be recorded."""
@@ -53,30 +66,30 @@ def _in_state_database(conn: psycopg.Connection) -> bool:
     return conn.info.dbname == STATE_DATABASE
 
 
-def _record(conn: psycopg.Connection) -> bool | None:
+def _record(conn: psycopg.Connection, table: str = TABLE) -> bool | None:
     """Whether there is a record to read: False when there is none (nothing was ever enforced on
     this server, or the admin session is not in botfleet's own database: a table of that name
     elsewhere could be anyone's); None when it is there but this admin may not read it."""
     if not _in_state_database(conn):
         return False
     row = conn.execute("SELECT c.oid IS NOT NULL, c.oid IS NOT NULL AND has_table_privilege(c.oid, 'SELECT') "
-                       "FROM (SELECT to_regclass(%s) AS oid) c", (f"public.{TABLE}",)).fetchone()
+                       "FROM (SELECT to_regclass(%s) AS oid) c", (f"public.{table}",)).fetchone()
     assert row is not None
     return (True if row[1] else None) if row[0] else False
 
 
-def _ensure_table(conn: psycopg.Connection) -> None:
+def _ensure_table(conn: psycopg.Connection, table: str = TABLE, create: str = _CREATE) -> None:
     if not _in_state_database(conn):
         raise QuotaUnrecordable(f"the admin session is not in botfleet's database {STATE_DATABASE} on this server, "
                                 "where an enforced quota is recorded (GRANT CONNECT ON DATABASE "
                                 f"{STATE_DATABASE} TO the admin role)")
     try:
-        conn.execute(sql.SQL(_CREATE).format(table=sql.Identifier("public", TABLE)))
+        conn.execute(sql.SQL(create).format(table=sql.Identifier("public", table)))
     except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
         pass  # a concurrent run made it
     # Every admin that may open botfleet's database reads it (no bot may open it); only its
     # owner writes it.
-    conn.execute(sql.SQL("GRANT SELECT ON {} TO PUBLIC").format(sql.Identifier("public", TABLE)))
+    conn.execute(sql.SQL("GRANT SELECT ON {} TO PUBLIC").format(sql.Identifier("public", table)))
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,13 @@ def lift(conn: psycopg.Connection, role: str, *, login: bool = True) -> bool:
     return row is not None
 
 
+def forget(conn: psycopg.Connection, role: str) -> None:
+    """A dropped role's enforced quota and size samples go with it (remove-bot)."""
+    lift(conn, role, login=False)
+    if _record(conn, SAMPLES):
+        conn.execute(sql.SQL("DELETE FROM {} WHERE role = %s").format(sql.Identifier("public", SAMPLES)), (role,))
+
+
 _SIZES = """
 SELECT d.datname, CASE WHEN has_database_privilege(d.oid, 'CONNECT') OR pg_has_role('pg_read_all_stats', 'USAGE')
                        THEN pg_database_size(d.oid) END
@@ -167,6 +187,10 @@ class QuotaState:
     suspended: bool  # an enforced quota holds the bot (NOLOGIN)
     action: str = ""  # "" | "suspended" | "lifted"
     sessions_ended: int = 0
+    # Growth since an earlier `quota enforce` sampled it (the newest sample a day old, else the
+    # oldest): bytes, and when that sample was taken (UTC, ISO 8601). None: no sample yet.
+    growth_bytes: int | None = None
+    growth_since: str | None = None
 
     @property
     def over(self) -> bool:
@@ -215,9 +239,11 @@ def on_server(conn: psycopg.Connection, server: str, bots: list[tuple[str, str, 
 
     sizes = database_sizes(conn, [database for _, _, database, _ in bots])
     held = suspensions(conn)
+    before = baselines(conn, [role for _, role, _, _ in bots])
     out = []
     for name, role, database, max_size in bots:
         state = QuotaState(name, server, database, sizes.get(database), max_size, role in held)
+        with_growth(state, before.get(role))
         if enforce and (state.over or state.suspended):
             with advisory_lock(conn, name):
                 state.suspended = is_suspended(conn, role)  # a concurrent run may have acted
@@ -225,7 +251,53 @@ def on_server(conn: psycopg.Connection, server: str, bots: list[tuple[str, str, 
                 if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                     converge(conn, state, role)
         out.append(state)
+    if enforce and _in_state_database(conn):
+        record_sizes(conn, {role: sizes[database] for _, role, database, _ in bots if sizes.get(database) is not None})
     return out
+
+
+def with_growth(state: QuotaState, baseline: tuple[str, int] | None) -> QuotaState:
+    """``state`` with its growth since ``baseline`` (see :func:`baselines`), when it has both."""
+    if baseline is not None and state.size_bytes is not None:
+        state.growth_since, then = baseline
+        state.growth_bytes = state.size_bytes - then
+    return state
+
+
+def record_sizes(conn: psycopg.Connection, sizes: dict[str, int]) -> None:
+    """One size sample per role now (``quota enforce``), samples older than SAMPLE_DAYS pruned."""
+    if not sizes:
+        return
+    _ensure_table(conn, SAMPLES, _CREATE_SAMPLES)
+    table = sql.Identifier("public", SAMPLES)
+    with conn.transaction():
+        conn.execute(sql.SQL("DELETE FROM {} WHERE at < now() - make_interval(days => %s)").format(table),
+                     (SAMPLE_DAYS,))
+        for role, size in sizes.items():
+            conn.execute(sql.SQL("INSERT INTO {} (role, size_bytes) VALUES (%s, %s) ON CONFLICT DO NOTHING")
+                         .format(table), (role, size))
+
+
+def baselines(conn: psycopg.Connection, roles: list[str]) -> dict[str, tuple[str, int]]:
+    """Each role's growth baseline: (when, size) of its newest sample at least GROWTH_WINDOW old,
+    else of its oldest one; roles without a sample are left out."""
+    if not roles or not _record(conn, SAMPLES):
+        return {}
+    rows = conn.execute(sql.SQL(
+        "SELECT DISTINCT ON (role) role, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), size_bytes "
+        "FROM {} WHERE role = ANY(%s) "
+        "ORDER BY role, (at <= now() - %s::interval) DESC, "
+        "CASE WHEN at <= now() - %s::interval THEN at END DESC, at").format(sql.Identifier("public", SAMPLES)),
+        (roles, GROWTH_WINDOW, GROWTH_WINDOW)).fetchall()
+    return {role: (at, size) for role, at, size in rows}
+
+
+def growth_words(state: QuotaState) -> str | None:
+    """The growth for a message or a table: "+6.2 MB since 2026-11-26 03:00 UTC"; None: unknown."""
+    if state.growth_bytes is None or state.growth_since is None:
+        return None
+    sign = "-" if state.growth_bytes < 0 else "+"
+    return f"{sign}{human(abs(state.growth_bytes))} since {state.growth_since[:16].replace('T', ' ')} UTC"
 
 
 def human(n: int | None) -> str:

@@ -543,7 +543,7 @@ def remove(server: Server, project: Project, name: str, *, backup: bool = True, 
             roles.drop(conn, names.role)
             result.dropped.append(f"role {names.role}")
         try:
-            quota.lift(conn, names.role, login=False)  # an enforced quota's record goes with its role
+            quota.forget(conn, names.role)  # an enforced quota's record and size samples go with its role
         except psycopg.errors.InsufficientPrivilege:
             progress(f"note: this admin may not remove {names.role} from botfleet's record of enforced quotas "
                      f"({quota.TABLE}); a superuser can (provision quota enforce lifts it if the bot comes back)")

@@ -81,6 +81,21 @@ def test_list_info_and_quota_status_show_size_against_quota(fleet, admin):
     states = quota_states(fleet, "status")
     assert states[own]["percent"] == pytest.approx(100 * states[own]["size_bytes"] / (2048 * MB), abs=0.1)
     assert states[free]["max_size_bytes"] is None and not states[free]["over"]
+    assert states[own]["growth_bytes"] is None  # no sample yet
+
+
+def test_growth_is_shown_since_quota_enforce_sampled_the_size(fleet, admin):
+    name = fleet.name("growing")
+    fleet.add(name, "--max-size", "1GB")
+    sampled = quota_states(fleet, "enforce")[name]  # a cron run: nothing to enforce, the size sampled
+    assert sampled["action"] == "" and sampled["growth_bytes"] is None
+    grow(fleet, name, 3)
+    now = quota_states(fleet, "status")[name]
+    assert now["growth_bytes"] == now["size_bytes"] - sampled["size_bytes"] and now["growth_bytes"] > 2 * MB
+    assert now["growth_since"].endswith("Z")
+    row = {r["bot"]: r for r in json.loads(fleet.run("list", "--json").stdout)}[name]
+    assert row["growth_bytes"] == now["growth_bytes"]
+    assert "+" in fleet.run("info", name).stdout.split("quota", 1)[1].splitlines()[0]
 
 
 def test_over_quota_is_reported_enforced_kept_and_lifted(fleet, admin, pg):

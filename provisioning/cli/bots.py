@@ -193,6 +193,8 @@ def _quota_cell(row) -> str:
         return row["quota_state"] if (row["quota_state"] or "").startswith("suspended") else "-"
     cell = f"{size(row['max_size_bytes'])} ({row['quota_percent']:.0f}%)" if row["quota_percent"] is not None \
         else size(row["max_size_bytes"])
+    if row["growth_bytes"] is not None:
+        cell += f" {'-' if row['growth_bytes'] < 0 else '+'}{size(abs(row['growth_bytes']))}"
     return cell if row["quota_state"] == "ok" else f"{cell} {row['quota_state']}"
 
 

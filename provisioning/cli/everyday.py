@@ -105,7 +105,11 @@ def _quota(found) -> str:
     if not found.max_size_bytes:
         return found.quota_state
     used = f", {found.quota_percent:.0f}% used" if found.quota_percent is not None else ""
-    return f"{size(found.max_size_bytes)}{used}: {found.quota_state}"
+    grown = ""
+    if found.growth_bytes is not None and found.growth_since:
+        sign = "-" if found.growth_bytes < 0 else "+"
+        grown = f"; {sign}{size(abs(found.growth_bytes))} since {found.growth_since[:16].replace('T', ' ')} UTC"
+    return f"{size(found.max_size_bytes)}{used}: {found.quota_state}{grown}"
 
 
 def _age(seconds: int) -> str:

@@ -22,9 +22,11 @@ def _print(states) -> None:
     if not states:
         typer.echo("no bots yet: provision add-bot NAME")
         return
-    print_table(("BOT", "DATABASE", "SIZE", "QUOTA", "USED", "STATE"), [
+    from ..quota import growth_words
+
+    print_table(("BOT", "DATABASE", "SIZE", "QUOTA", "USED", "STATE", "GROWTH"), [
         (s.bot, s.database, size(s.size_bytes), size(s.max_size_bytes) if s.max_size_bytes else "-",
-         "-" if s.percent is None else f"{s.percent:.0f}%", s.state)
+         "-" if s.percent is None else f"{s.percent:.0f}%", s.state, growth_words(s) or "-")
         for s in states
     ])
     for s in states:
