@@ -158,6 +158,8 @@ class Rates:
     rows_written: float
     temp_bytes: float
     growth_bytes: float | None  # database size change per second (None: size unknown)
+    statement_calls: float | None = None  # pg_stat_statements, where read in both samples
+    statement_seconds: float | None = None  # execution time per second: about how many statements ran at once
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -320,9 +322,14 @@ def rates(before: ServerSample, after: ServerSample) -> dict[str, Rates]:
         growth = None
         if a.size_bytes is not None and b.size_bytes is not None:
             growth = (b.size_bytes - a.size_bytes) / seconds
+        calls = busy = None
+        if a.statements is not None and b.statements is not None:
+            calls = per_s(b.statements.calls, a.statements.calls)
+            busy = max(0.0, b.statements.exec_seconds - a.statements.exec_seconds) / seconds
         out[b.bot] = Rates(seconds=seconds, transactions=per_s(b.counters.transactions, a.counters.transactions),
                            rows_written=per_s(b.counters.rows_written, a.counters.rows_written),
-                           temp_bytes=per_s(b.counters.temp_bytes, a.counters.temp_bytes), growth_bytes=growth)
+                           temp_bytes=per_s(b.counters.temp_bytes, a.counters.temp_bytes), growth_bytes=growth,
+                           statement_calls=calls, statement_seconds=busy)
     return out
 
 

@@ -195,7 +195,9 @@ def test_top_and_metrics_show_pg_stat_statements_where_the_server_has_it(stateme
     [server] = json.loads(proc.stdout)["servers"]
     assert server["statements_available"] is True
     assert server["bots"][0]["statements"]["calls"] >= 3
-    assert "pg_stat_statements on" in fleet.run("top", "--once", "--interval", "0.1").stdout
+    assert server["bots"][0]["rates"]["statement_calls"] >= 0 and server["bots"][0]["rates"]["statement_seconds"] >= 0
+    text = fleet.run("top", "--once", "--interval", "0.1").stdout
+    assert "pg_stat_statements on" in text and "CALLS/S" in text
     metrics = fleet.run("metrics").stdout
     assert f'botfleet_bot_statement_calls_total{{server="default",bot="{name}"}}' in metrics
 

@@ -159,16 +159,18 @@ def _print_server(sample: ServerSample, rates: dict[str, Rates], *, queries: boo
     if not sample.bots:
         typer.echo("no bots on this server")
         return
+    statements = ("CALLS/S", "EXEC s/s") if sample.statements_available else ()
     print_table(("BOT", "ACT", "IDLE", "IDLE-TX", "CONN/LIMIT", "TX/S", "ROWS/S", "HIT%", "TEMP", "SIZE", "GROWTH/S",
-                 "LONGEST", "OLDEST-TX", "WAITING"),
-                [_row(b, rates.get(b.bot)) for b in sample.bots])
+                 "LONGEST", "OLDEST-TX", "WAITING", *statements),
+                [_row(b, rates.get(b.bot)) + (_statement_rates(rates.get(b.bot)) if statements else ())
+                 for b in sample.bots])
     for b in sample.bots:
         _print_details(b, queries=queries)
 
 
 def _row(b: BotSample, r: Rates | None) -> tuple[str, ...]:
     if not b.exists:
-        return (b.bot, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "missing", "-", "-")
+        return (b.bot, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "missing", "-", "-")  # 14 columns
     c = b.connections
     limit = "-" if b.connection_limit is None else ("none" if b.connection_limit < 0 else str(b.connection_limit))
     hit = b.counters.cache_hit_ratio if b.counters else None
@@ -180,6 +182,13 @@ def _row(b: BotSample, r: Rates | None) -> tuple[str, ...]:
         _longest(b.longest), _age(b.oldest_transaction.transaction_seconds) if b.oldest_transaction else "-",
         str(len(b.lock_waits)) if b.lock_waits else "-",
     )
+
+
+def _statement_rates(r: Rates | None) -> tuple[str, str]:
+    """pg_stat_statements between two samples: calls per second, and seconds of execution per
+    second (about how many of the bot's statements ran at once)."""
+    return (_rate(r.statement_calls if r else None),
+            "-" if r is None or r.statement_seconds is None else f"{r.statement_seconds:.2f}")
 
 
 def _rate(value: float | None) -> str:
