@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .db import STATE_DATABASE
+from .db import STATE_DATABASE, advisory_lock
 from .errors import ProvisionError
 
 # The record of enforced quotas, in botfleet's own database on each server.
@@ -235,8 +235,6 @@ def on_server(conn: psycopg.Connection, server: str, bots: list[tuple[str, str, 
     """Each bot's (name, role, database, quota in bytes) size against its quota on one server;
     with ``enforce``, each converged (:func:`converge`) under the bot's advisory lock. A bot
     whose database is not there is listed without a size (and never suspended)."""
-    from .db import advisory_lock
-
     sizes = database_sizes(conn, [database for _, _, database, _ in bots])
     held = suspensions(conn)
     before = baselines(conn, [role for _, role, _, _ in bots])
