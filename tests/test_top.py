@@ -124,6 +124,31 @@ def test_top_once_json_shows_the_workload(fleet, workload):
     assert bot["oldest_transaction"]["pid"] in (workload.blocker, workload.waiter)
 
 
+def test_top_rates_are_the_writes_between_its_two_samples(fleet):
+    name = fleet.name("rates")
+    fleet.add(name, "--no-migrate")
+    stop = threading.Event()
+    with bot_conn(fleet, name) as writer:
+        writer.execute("CREATE TABLE ticks (n int)")
+
+        def write() -> None:
+            while not stop.is_set():
+                writer.execute("INSERT INTO ticks SELECT generate_series(1, 10)")
+                writer.execute("SELECT pg_stat_force_next_flush()")  # counted now, not at the next idle flush
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        try:
+            proc = fleet.run("top", name, "--once", "--json", "--interval", "1")
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    [bot] = json.loads(proc.stdout)["servers"][0]["bots"]
+    assert bot["rates"]["rows_written"] > 0 and bot["rates"]["transactions"] > 0
+    assert bot["rates"]["rows_written"] * bot["rates"]["seconds"] <= bot["counters"]["rows_written"]
+
+
 def test_top_shows_statement_texts_only_with_queries(fleet, workload):
     plain = fleet.run("top", workload.bot, "--once", "--interval", "0.1")
     assert plain.returncode == 0, plain.stderr

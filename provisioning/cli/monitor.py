@@ -46,8 +46,10 @@ def top_cmd(
     deleted) between two samples, cache hit ratio and temp bytes (since the
     server's statistics reset), database size and growth/s, its longest running
     statement's age, state and wait event, its oldest open transaction, and its
-    sessions waiting on a lock with the sessions that block them. A fleet with
-    several servers shows one section per server. Statement texts are shown only
+    sessions waiting on a lock with the sessions that block them; with
+    pg_stat_statements installed in the botfleet database, statement calls/s and
+    execution seconds/s. A fleet with several servers shows one section per
+    server. Statement texts are shown only
     with --queries. The first frame of a live view shows totals only; rates come
     from the next one. On a terminal the screen is redrawn; otherwise frames
     follow one another (--json: one JSON object per line, per frame).
