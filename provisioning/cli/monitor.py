@@ -49,10 +49,11 @@ def top_cmd(
     sessions waiting on a lock with the sessions that block them; with
     pg_stat_statements installed in the botfleet database, statement calls/s and
     execution seconds/s. A fleet with several servers shows one section per
-    server. Statement texts are shown only
-    with --queries. The first frame of a live view shows totals only; rates come
-    from the next one. On a terminal the screen is redrawn; otherwise frames
-    follow one another (--json: one JSON object per line, per frame).
+    server. Statement texts are shown only with --queries. The first frame of a
+    live view shows totals only; rates come from the next one. On a terminal the
+    screen is redrawn; otherwise frames follow one another (--json: one JSON
+    object per line, per frame). A server that does not answer is shown as not
+    read and tried again (--once: exit code 1).
 
     Example: provision top --once --json
     """
@@ -67,13 +68,10 @@ def top_cmd(
     try:
         with watching:
             for frame in watching.frames(interval, once=once):
-                if as_json:
-                    if once:
-                        print_json(frame.as_dict())
-                    else:
-                        import json
-
-                        typer.echo(json.dumps(frame.as_dict()))
+                if as_json and once:
+                    print_json(frame.as_dict())
+                elif as_json:
+                    _print_json_line(frame.as_dict())
                 else:
                     _print_frame(frame, interval=interval, once=once, terminal=terminal, queries=queries)
                 sys.stdout.flush()
@@ -125,6 +123,13 @@ def metrics_cmd(
                                ready=lambda url: say(f"serving {url} (Ctrl-C to stop)"))
     except KeyboardInterrupt:
         return  # how an exporter run by hand ends: exit 0
+
+
+def _print_json_line(data: dict) -> None:
+    """A live --json frame: one object per line (JSON Lines), so a reader can take each as it comes."""
+    import json
+
+    typer.echo(json.dumps(data))
 
 
 def _not_read(unreachable: dict[str, str]) -> str:
