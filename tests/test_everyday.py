@@ -137,8 +137,10 @@ def test_env_prints_export_lines_a_shell_reads_back(fleet):
     assert (seen["BOTFLEET_BOT"], seen["DB_POOL_SIZE"], seen["DB_MAX_OVERFLOW"]) == (name, "2", "3")
     # the env file's URL points at the stack's postgres; from the host it is the admin URL's host and port
     assert "@postgres:5432/" in fleet.env_file(name).read_text()
+    # (an embedded server's admin URL is its socket: the bots' side of it is 127.0.0.1 on its port)
+    port = fleet.server.embedded.status().port if fleet.server.embedded else 5432
     assert seen["DATABASE_URL"] == (f"postgresql+asyncpg://{role(name)}:{fleet.password(name)}"
-                                    f"@127.0.0.1:5432/{db(name)}")
+                                    f"@127.0.0.1:{port}/{db(name)}")
     closed = closed_stdout_run(["env", name], fleet.env())
     assert closed.returncode == 1 and closed.stderr.startswith("server: ") and "error" not in closed.stderr
     assert_no_leak(fleet.password(name), closed.stderr, where="stderr")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import psycopg
@@ -20,7 +21,7 @@ from psycopg import sql
 
 from provisioning import passwords, tls
 from provisioning.compose import PG_HBA, POSTGRES_CONF, TLS_CERT, TLS_KEY
-from provisioning.embedded import EmbeddedServer, _free_port
+from provisioning.embedded import EmbeddedServer
 
 from .conftest import tls_binaries
 from .test_compose import make_project, run
@@ -57,7 +58,9 @@ def stack_server(tmp_path_factory) -> tuple[EmbeddedServer, int, Path, Path]:
         shutil.copyfile(root / rel, files / Path(rel).name)
     (files / "postgres-tls.key").chmod(0o600)
     server._chown(files, *files.iterdir())
-    port = _free_port(None)
+    with socket.socket() as probe:  # a port the OS hands out, outside the embedded servers' range
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     sock = server.socket_dir
     overrides = {
         "config_file": files / "postgresql.conf", "hba_file": files / "pg_hba.conf",
