@@ -219,16 +219,32 @@ MAINTENANCE_DATABASES = ("postgres", "template1")
 
 
 def ensure_state_database(conn: psycopg.Connection) -> None:
-    """Create botfleet's own database, closed to PUBLIC, when the server has none (concurrent
-    callers are fine: the loser of the race finds it made)."""
-    if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (STATE_DATABASE,)).fetchone():
-        return
+    """Create botfleet's own database, closed to PUBLIC, when the server has none.
+
+    It is created refusing connections and opened once PUBLIC's rights are gone and its marker
+    is on. A caller that finds it still closed with no other marker (a concurrent creator between
+    those steps, or one killed there) finishes it the same way: the steps are idempotent, so the
+    race's loser never fails on a database "not currently accepting connections", and a crash
+    never leaves the fleet without one. A closed database of that name that someone else marked
+    is left alone (the caller's connection to it then fails and says why)."""
     ident = sql.Identifier(STATE_DATABASE)
-    try:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ALLOW_CONNECTIONS false").format(ident))
-    except psycopg.errors.DuplicateDatabase:
+    row = conn.execute("SELECT datallowconn, shobj_description(oid, 'pg_database') FROM pg_database "
+                       "WHERE datname = %s", (STATE_DATABASE,)).fetchone()
+    if row is not None and (row[0] or row[1] not in (None, STATE_COMMENT)):
         return
+    if row is None:
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ALLOW_CONNECTIONS false").format(ident))
+        except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+            pass  # a concurrent caller made it (or is making it: the catalog's unique index): finish it with them
     with conn.transaction():
+        # One finisher at a time (concurrent GRANTs on one database fail: "tuple concurrently
+        # updated"); the lock lasts this transaction, and a finisher after the first finds it open.
+        conn.execute("SET LOCAL lock_timeout = '30s'")
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, lock_key(STATE_DATABASE)))
+        opened = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (STATE_DATABASE,)).fetchone()
+        if opened is None or opened[0]:
+            return
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
         conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(STATE_COMMENT)))
         conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident))

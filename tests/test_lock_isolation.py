@@ -11,8 +11,10 @@ import time
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from provisioning.db import LOCK_NAMESPACE, STATE_DATABASE, lock_key
+from provisioning.embedded import EmbeddedServer
 
 from .conftest import PROVISION
 
@@ -100,3 +102,42 @@ def test_a_tools_error_is_its_cause_not_its_hint():
               b"\tIs the server running on that host and accepting TCP/IP connections?\n")
     assert tool_error(stderr, 1) == 'connection to server at "127.0.0.1", port 1 failed: Connection refused'
     assert tool_error(b"", 3) == "exit code 3"
+
+
+def test_botfleets_database_left_closed_by_a_crash_or_made_by_a_racer_is_finished(tmp_path):
+    """botfleet's own database is created closed and opened when it is ready. Concurrent first
+    commands on a fresh server all succeed (the losers of the race finish it with the winner,
+    one at a time), and one a killed run left closed is finished by the next command."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from provisioning.db import STATE_COMMENT
+
+    root = tmp_path / "fresh"
+    root.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("ADMIN_DATABASE_URL", "BOTFLEET_TEST_ADMIN_URL")}
+    env.update(BOTFLEET_HOME=str(root), NO_COLOR="1")
+    server = EmbeddedServer(root / ".botfleet")
+    try:
+        server.start()
+
+        def add(i: int) -> subprocess.CompletedProcess:
+            return subprocess.run([PROVISION, "add-bot", f"racer-{i}", "--no-migrate", "--pool-size", "1",
+                                   "--max-overflow", "0"], env=env, capture_output=True, text=True, timeout=180,
+                                  stdin=subprocess.DEVNULL)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            procs = list(pool.map(add, range(4)))
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], [p.stderr for p in procs]
+
+        with psycopg.connect(server.admin_url(), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(STATE_DATABASE)))
+            conn.execute(sql.SQL("CREATE DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(STATE_DATABASE)))
+        listed = subprocess.run([PROVISION, "list", "--json"], env=env, capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(b["bot"] for b in json.loads(listed.stdout)) == [f"racer-{i}" for i in range(4)]
+        with psycopg.connect(server.admin_url(), autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT datallowconn, shobj_description(oid, 'pg_database'), has_database_privilege('public', oid, "
+                "'CONNECT') FROM pg_database WHERE datname = %s", (STATE_DATABASE,)).fetchone()
+        assert row == (True, STATE_COMMENT, False)
+    finally:
+        server.destroy()
