@@ -47,19 +47,16 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
-from alembic.config import Config
-from alembic.runtime.environment import EnvironmentContext
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.script.revision import RevisionError
-from alembic.util import CommandError
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+
+# alembic and SQLAlchemy are imported where a migration runs, not here: every command imports
+# this module, and they cost more start-up than the rest of the CLI (an add-bot --no-migrate,
+# a list or a plan with nothing to migrate never loads them).
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 from . import codes
 from .db import LOCK_NAMESPACE, as_role, lock_key
@@ -115,6 +112,8 @@ def alembic_config(root: Path, package: str, *, output: io.TextIOBase | None = N
     Paths go through ini options, so ``%`` is escaped for ConfigParser;
     connections, URLs and metadata only ever go through ``attributes``.
     """
+    from alembic.config import Config
+
     cfg = Config(output_buffer=output) if output is not None else Config()
     migrations = root / "migrations"
     cfg.set_main_option("script_location", str(migrations).replace("%", "%%"))
@@ -128,6 +127,8 @@ def alembic_config(root: Path, package: str, *, output: io.TextIOBase | None = N
 @functools.lru_cache(maxsize=None)
 def script_directory(root: str, package: str) -> ScriptDirectory:
     """Parsed once per worker process and code (versions never change during a run)."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config(Path(root), package))
 
 
@@ -138,6 +139,8 @@ def metadata_for(root: str, package: str):
 
 def one_line(err: BaseException) -> str:
     """The cause of a failure in one line, from the driver's error when there is one."""
+    from sqlalchemy.exc import DBAPIError
+
     orig = getattr(err, "orig", None) if isinstance(err, DBAPIError) else None
     source = orig if orig is not None else err
     first = next((ln.strip() for ln in str(source).splitlines() if ln.strip()), "")
@@ -156,6 +159,8 @@ def head_of(script: ScriptDirectory, package: str) -> str | None:
 
 def resolve(script: ScriptDirectory, package: str, rev: str) -> str | None:
     """A revision name (head, base, a prefix, relative like -1 is not accepted) to its id."""
+    from alembic.util import CommandError
+
     if rev in ("head", "heads"):
         return head_of(script, package)
     if rev == "base":
@@ -179,6 +184,9 @@ def _path(script: ScriptDirectory, current: str | None, dest: str | None, downgr
 
 
 async def _lock(conn, target: Target, lock_wait: float) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
     key = (MIGRATION_LOCK_SPACE, lock_key(target.database))
     if lock_wait <= 0:
         got = (await conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"), {"a": key[0], "b": key[1]})).scalar()
@@ -197,6 +205,14 @@ async def _lock(conn, target: Target, lock_wait: float) -> None:
 
 
 async def _run(target: Target, dest_name: str, outcome: Outcome, *, downgrade: bool, lock_wait: float) -> Outcome:
+    from alembic.runtime.environment import EnvironmentContext
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
     script = script_directory(target.root, target.package)
     engine = create_async_engine(
         "postgresql+psycopg://",
@@ -270,6 +286,8 @@ async def _run(target: Target, dest_name: str, outcome: Outcome, *, downgrade: b
 
 
 def is_unknown(script: ScriptDirectory, rev: str) -> bool:
+    from alembic.util import CommandError
+
     try:
         return script.get_revision(rev) is None
     except CommandError:
@@ -404,6 +422,8 @@ def migrate_many(
 
 def offline_sql(target: Target, current: str | None, dest: str = "head", *, downgrade: bool = False) -> str:
     """The SQL an upgrade from ``current`` would run, without running it."""
+    from alembic.runtime.environment import EnvironmentContext
+
     buf = io.StringIO()
     script = script_directory(target.root, target.package)
     cfg = alembic_config(Path(target.root), target.package, output=buf)
