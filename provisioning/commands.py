@@ -774,8 +774,18 @@ def migrate(project: Project, servers: Servers, bots: list[str], *, all_bots: bo
     never stops the others (its outcome is "failed" and it is rolled back)."""
     if jobs is not None and not 1 <= jobs <= 64:
         raise InvalidInput("--jobs must be between 1 and 64")
+    from .migrate import at_head
+
     targets, early = migration_targets(project, servers, bots, all_bots=all_bots, bot_urls=bot_urls)
-    return sorted(_run_migrations(targets, to, jobs, lock_wait, on_done) + early, key=lambda o: o.bot)
+    # The bots already at head are read a few at once (one connection each) and never reach a
+    # migrator process: a migrate --all with nothing pending forks none.
+    done, pending = at_head(targets, to)
+    for outcome in done:
+        if on_done is not None:
+            on_done(outcome, len(targets))
+    ran = _run_migrations(pending, to, jobs, lock_wait,
+                          None if on_done is None else (lambda o, _n: on_done(o, len(targets)))) if pending else []
+    return sorted(done + ran + early, key=lambda o: o.bot)
 
 
 @dataclass

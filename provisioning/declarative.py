@@ -241,11 +241,18 @@ def plan(
     envs: dict[str, EnvFile] = {}  # each bot's env file as apply leaves it (the stack follows them)
     mismatches: list[str] = []  # bots whose database another code migrated
     names = sorted(bots)
+    # One connection per bot database, a few at once (reconcile.observe_many), server by server.
+    seen: dict[str, reconcile.Observed] = {}
+    for server in servers:
+        mine = [bots[n] for n in names if bots[n].server == server.name]
+        if mine:
+            progress(f"looking inside {len(mine)} bot database(s) on server {server.name}")
+            seen.update(zip((e.name for e in mine), reconcile.observe_many(server, project, mine)))
     for i, name in enumerate(names, 1):
         progress(f"comparing {name} ({i}/{len(names)})")
         entry = bots[name]
         server = by_name[entry.server]
-        observed = reconcile.observe(server, project, entry)  # one connection per bot database
+        observed = seen[name]
         step = _bot_step(server, project, entry, observed, problems, credentials_only=credentials_only)
         if step is not None:
             steps.append(step)

@@ -31,7 +31,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from . import files as project_files
-from . import objects, reconcile, settings
+from . import objects, pool, reconcile, settings
 from .backup import STAMP_RE, checksum_path
 from .db import (
     LOCK_NAMESPACE, advisory_lock, as_role, connect, lock_key, open_maintenance_databases, parse_url, with_database,
@@ -140,10 +140,21 @@ def audit(
     bot_roles |= {r for r, c in server_roles.items() if (c or "").startswith(MARKER_PREFIX)}
     findings: list[Finding] = []
     names = sorted(fleet.bots)
-    for i, name in enumerate(names, 1):
-        progress(f"checking {name} ({i}/{len(names)})")
-        findings += _check_bot(server, project, fleet.bots[name], bot_roles, registry_roles,
-                               notes if notes is not None else [])
+    entries = [fleet.bots[name] for name in names]
+    # Inside each bot database, and each login as a bot, through a small bounded pool of
+    # connections at once (pool.py); the rest, on the admin connection, bot by bot in order.
+    progress(f"looking inside {len(names)} bot database(s)")
+    seen = reconcile.observe_many(server, project, entries, read_inside=lambda e: _read_inside(e.role))
+    checked = []
+    for i, (entry, observed) in enumerate(zip(entries, seen), 1):
+        progress(f"checking {entry.name} ({i}/{len(names)})")
+        checked.append(_check_bot(server, project, entry, observed, bot_roles, registry_roles))
+    logins = pool.visit([c.login for c in checked], lambda login: login() if login else None,
+                        pool.jobs(server.conn, sum(1 for c in checked if c.login)))
+    for c, login in zip(checked, logins):
+        findings += c.finish(login)
+        if notes is not None:
+            notes += c.notes
     findings += _strays(fleet, server_dbs, server_roles, ignore)
     findings += _scratch_databases(server, project)
     if files:
@@ -154,15 +165,31 @@ def audit(
     return findings
 
 
-def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set[str], registry_roles: set[str],
-               notes: list[str]) -> list[Finding]:
+@dataclass
+class _Checked:
+    """One bot's findings, all but those of its login as the bot (``login``, run later in the
+    pool, with the others'), which go where ``_credentials`` put them: after ``before``."""
+
+    before: list[Finding]
+    after: list[Finding]
+    notes: list[str]
+    login: Callable[[], tuple[str | None, str | None]] | None
+    on_login: Callable[[tuple[str | None, str | None]], list[Finding]]
+
+    def finish(self, login: tuple[str | None, str | None] | None) -> list[Finding]:
+        return [*self.before, *(self.on_login(login) if login is not None else []), *self.after]
+
+
+def _check_bot(server: Server, project: Project, entry: BotEntry, observed: reconcile.Observed, bot_roles: set[str],
+               registry_roles: set[str]) -> _Checked:
     """The reconcile's changes as findings, then the audit-only checks of doctor's own."""
-    observed = reconcile.observe(server, project, entry, read_inside=_read_inside(entry.role))
+    notes: list[str] = []
     out = [Finding(c.check, entry.name, c.finding, c.fix, c.safe,
                    repair=reconcile.repair(server, entry, c.target, project.fleet) if c.safe else None)
            for c in reconcile.changes(server, project, entry, observed) if c.finding]
     if observed.role is not None:  # guards the admin cannot set here are a note, not a finding
-        notes += reconcile.role_context(server.conn, entry).notes(entry, project.fleet)  # type: ignore[arg-type]
+        context = observed.context or reconcile.role_context(server.conn, entry)  # type: ignore[arg-type]
+        notes += context.notes(entry, project.fleet)
     out += _quota(server, project, entry, observed)
     if observed.role is not None:
         out += _memberships(server, entry, bot_roles)
@@ -171,19 +198,20 @@ def _check_bot(server: Server, project: Project, entry: BotEntry, bot_roles: set
         out += _grants(server, entry, bot_roles)
     if isinstance(observed.extra, _Inside):
         out += _inside(server, entry, observed.extra)
-    out += _credentials(server, entry, observed, known=any(f.check == "password" for f in out), notes=notes)
-    out += _revision(project, entry, observed)
+    login, on_login = _credentials(server, entry, observed, known=any(f.check == "password" for f in out),
+                                   notes=notes)
+    after = _revision(project, entry, observed)
     needed = settings.missing(project, entry.name, settings.of(observed.env))
     if needed:
-        out.append(Finding("config", entry.name, f"{entry.name} lacks {', '.join(needed)}, which its code requires: "
-                           "it would crash-loop on start", settings.set_command(entry.name, needed), False))
+        after.append(Finding("config", entry.name, f"{entry.name} lacks {', '.join(needed)}, which its code requires: "
+                             "it would crash-loop on start", settings.set_command(entry.name, needed), False))
     path = observed.env.path
     if observed.env.exists:
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode != 0o600:
-            out.append(Finding("env-file", entry.name, f"{path} has mode {mode:04o}, not 0600",
-                               f"chmod 600 {path}", True, repair=lambda: path.chmod(0o600)))
-    return out
+            after.append(Finding("env-file", entry.name, f"{path} has mode {mode:04o}, not 0600",
+                                 f"chmod 600 {path}", True, repair=lambda: path.chmod(0o600)))
+    return _Checked(out, after, notes, login, on_login)
 
 
 def _quota(server: Server, project: Project, entry: BotEntry, observed: reconcile.Observed) -> list[Finding]:
@@ -316,29 +344,34 @@ def _inside(server: Server, entry: BotEntry, inside: _Inside) -> list[Finding]:
     return out
 
 
-def _credentials(server: Server, entry: BotEntry, observed: reconcile.Observed, *, known: bool,
-                 notes: list[str]) -> list[Finding]:
+def _credentials(server: Server, entry: BotEntry, observed: reconcile.Observed, *, known: bool, notes: list[str]
+                 ) -> tuple[Callable[[], tuple[str | None, str | None]] | None,
+                            Callable[[tuple[str | None, str | None]], list[Finding]]]:
     """Whether the bot can log in with its env file's password: a real login as the bot into its
     database (an expiring password, VALID UNTIL, is the reconcile's: add-bot lifts it too).
+    Returns the login to make (None: none is needed) and what turns its result into findings
+    (a note, when the server was not reached, goes to ``notes``).
 
     ``known``: a password finding is already there (the reconcile compared the verifier): no login."""
-    conn = server.conn
-    assert conn is not None
     password = observed.env.password(entry.role) if observed.env.exists else None
     role, database = observed.role, observed.database
+
+    def findings(result: tuple[str | None, str | None]) -> list[Finding]:
+        failure, where = result
+        if failure is None:
+            return []
+        if where is None:  # the server was not reached over TCP: no word on the password
+            notes.append(f"{entry.name}: could not log in as {entry.role} to check its password: {failure}")
+            return []
+        return [Finding("login", entry.name, f"{entry.role} cannot log in to {entry.database} at {where} with the "
+                        f"password in {observed.env.path}: {failure}",
+                        f"provision add-bot {entry.name}  (sets the server's password to the env file's)", False)]
+
     if role is None or database is None or password is None:
-        return []  # reported as missing by the reconcile
+        return None, findings  # reported as missing by the reconcile
     if known or role.valid_until or not role.flags.get("rolcanlogin") or not database.allow_connections:
-        return []  # the reconcile's findings say why it cannot log in
-    failure, where = _login(server.url, entry, password)
-    if failure is None:
-        return []
-    if where is None:  # the server was not reached over TCP: no word on the password
-        notes.append(f"{entry.name}: could not log in as {entry.role} to check its password: {failure}")
-        return []
-    return [Finding("login", entry.name, f"{entry.role} cannot log in to {entry.database} at {where} with the password "
-                    f"in {observed.env.path}: {failure}",
-                    f"provision add-bot {entry.name}  (sets the server's password to the env file's)", False)]
+        return None, findings  # the reconcile's findings say why it cannot log in
+    return (lambda: _login(server.url, entry, password)), findings
 
 
 def _login(admin_url: str, entry: BotEntry, password: str) -> tuple[str | None, str | None]:

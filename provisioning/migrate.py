@@ -453,6 +453,45 @@ def current_revision(conninfo: str) -> str | None:
         return revision_of(conn)
 
 
+def at_head(targets: list[Target], dest: str = "head") -> tuple[list[Outcome], list[Target]]:
+    """The targets already at their code's head ("up to date" outcomes, in their order) and the
+    rest (for :func:`migrate_many`). Each database's revision is read as the bot's role over one
+    plain connection, a few at once (pool.py), so a ``migrate --all`` with nothing pending forks
+    no migrator. A target whose revision cannot be read, or whose code has several heads, is
+    left to the migrator (which reports why); so is every target when ``dest`` is not head."""
+    from . import pool
+
+    if dest != "head" or not targets:
+        return [], list(targets)
+    heads: dict[tuple[str, str], str | None] = {}
+    broken: set[tuple[str, str]] = set()
+    for t in targets:
+        key = (t.root, t.package)
+        if key not in heads and key not in broken:
+            try:
+                heads[key] = head_of(script_directory(t.root, t.package), t.package)
+            except Exception:  # noqa: BLE001 - the migrator reports it, bot by bot
+                broken.add(key)
+
+    def read(t: Target) -> tuple[bool, str | None, float]:
+        if (t.root, t.package) in broken:
+            return False, None, 0.0
+        start = time.perf_counter()
+        try:
+            rev = current_revision(t.conninfo)
+        except psycopg.Error:
+            return False, None, 0.0
+        return rev == heads[(t.root, t.package)], rev, time.perf_counter() - start
+
+    done, rest = [], []
+    for t, (there, rev, seconds) in zip(targets, pool.visit(targets, read, pool.jobs(None, len(targets)))):
+        if there:
+            done.append(Outcome(bot=t.bot, status="up to date", from_rev=rev, to_rev=rev, seconds=seconds))
+        else:
+            rest.append(t)
+    return done, rest
+
+
 def bot_conninfo_from_env(url: str, application_name: str = "botfleet-migrate") -> str:
     """A bot's DATABASE_URL (SQLAlchemy style) as a libpq conninfo."""
     from psycopg.conninfo import make_conninfo

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import databases, passwords, quota, roles
+from . import databases, passwords, pool, quota, roles
 from .db import AdminInfo, advisory_lock, connect, with_database
 from .envfile import EnvFile, database_url
 from .names import derive
@@ -132,6 +132,7 @@ class Observed:
     revision: str | None = None
     inside_error: str | None = None  # the database could not be looked inside
     extra: Any = None  # what the caller's ``read_inside`` returned
+    context: RoleContext | None = None  # read with the fleet's (observe_many); else role_context() reads it
 
     @property
     def exists(self) -> bool:
@@ -142,25 +143,67 @@ def observe(server: Server, project: Project, entry: BotEntry, *, inside: bool =
             read_inside: Callable[[psycopg.Connection], Any] | None = None) -> Observed:
     """The bot's role, database and env file; with ``inside``, one connection into its
     database (when it accepts connections) for the schema, the revision and ``read_inside``."""
-    from .migrate import revision_of
+    observed = _observe_outside(server, project, entry)
+    if inside:
+        _look_inside(server.url, entry, observed, read_inside)
+    return observed
 
+
+def observe_many(server: Server, project: Project, entries: list[BotEntry], *,
+                 read_inside: Callable[[BotEntry], Callable[[psycopg.Connection], Any] | None] | None = None
+                 ) -> list[Observed]:
+    """:func:`observe` of each of ``entries`` (all on ``server``), in their order: the catalog
+    reads on the admin connection, then the looks inside the bot databases through a small
+    bounded pool of connections at once (pool.py), one connection per bot database.
+    ``read_inside(entry)``: what to read inside that bot's database, as :func:`observe`'s."""
+    conn, admin = server.conn, server.admin
+    assert conn is not None and admin is not None
+    # The catalogs once for the fleet: its roles, its databases, the guards this admin cannot set.
+    role_states = roles.inspect_many(conn, [e.role for e in entries], read_verifier=admin.superuser)
+    database_states = databases.inspect_many(conn, [e.database for e in entries])
+    problems = roles.setting_problems(conn, list(GUARDS)) if entries else {}
+    out = []
+    for entry in entries:
+        observed = Observed(role=role_states.get(entry.role), database=database_states.get(entry.database),
+                            env=project.env(entry.name))
+        if observed.role is not None:
+            observed.context = RoleContext(problems, quota.is_suspended(conn, entry.role))
+        out.append(observed)
+
+    def look(i: int) -> None:
+        _look_inside(server.url, entries[i], out[i], read_inside(entries[i]) if read_inside else None)
+
+    pool.visit(range(len(entries)), look, pool.jobs(server.conn, len(entries)))
+    return out
+
+
+def _observe_outside(server: Server, project: Project, entry: BotEntry) -> Observed:
     assert server.conn is not None and server.admin is not None
-    observed = Observed(
+    return Observed(
         role=roles.inspect(server.conn, entry.role, read_verifier=server.admin.superuser),
         database=databases.inspect(server.conn, entry.database),
         env=project.env(entry.name),
     )
-    if inside and observed.database is not None and observed.database.allow_connections:
-        observed.looked_inside = True
-        try:
-            with connect(with_database(server.url, entry.database)) as db_conn:
-                observed.public_schema_open = databases.public_schema_open(db_conn)
-                observed.revision = revision_of(db_conn)
-                if read_inside is not None:
-                    observed.extra = read_inside(db_conn)
-        except (ProvisionError, psycopg.Error) as err:
-            observed.inside_error = one_line(err)
-    return observed
+
+
+def _look_inside(url: str, entry: BotEntry, observed: Observed,
+                 read_inside: Callable[[psycopg.Connection], Any] | None) -> None:
+    """One connection into the bot's database (when it accepts connections): its schema, its
+    revision and ``read_inside``; what stops it is ``inside_error``. Touches only ``observed``
+    and a connection of its own (observe_many runs it in threads)."""
+    from .migrate import revision_of
+
+    if observed.database is None or not observed.database.allow_connections:
+        return
+    observed.looked_inside = True
+    try:
+        with connect(with_database(url, entry.database)) as db_conn:
+            observed.public_schema_open = databases.public_schema_open(db_conn)
+            observed.revision = revision_of(db_conn)
+            if read_inside is not None:
+                observed.extra = read_inside(db_conn)
+    except (ProvisionError, psycopg.Error) as err:
+        observed.inside_error = one_line(err)
 
 
 # --------------------------------------------------------------------------- changes
@@ -302,7 +345,7 @@ def changes(server: Server, project: Project, entry: BotEntry, observed: Observe
                           f"role {entry.role} does not exist on the server",
                           f"provision add-bot {entry.name}  (creates it with a new password)", False))
     else:
-        spec = role_context(server.conn, entry).spec(entry, fleet)
+        spec = (observed.context or role_context(server.conn, entry)).spec(entry, fleet)
         out += _role_changes(server.conn, entry, observed.role, spec)
     if observed.database is None:
         latest = sorted(project.backups(entry.name).glob(f"{entry.name}-*.dump"))

@@ -95,8 +95,18 @@ def inspect(conn: psycopg.Connection, name: str, *, read_verifier: bool = True) 
     """
     query = sql.SQL(_INSPECT).format(verifier=_VERIFIER if read_verifier else sql.SQL("NULL"))
     row = conn.execute(query, {"name": name}).fetchone()
-    if row is None:
-        return None
+    return None if row is None else _state(row, read_verifier)
+
+
+def inspect_many(conn: psycopg.Connection, names: list[str], *, read_verifier: bool = True) -> dict[str, RoleState]:
+    """:func:`inspect` of each of ``names`` in one query (a fleet-wide read): the ones that exist."""
+    query = sql.SQL(_INSPECT.replace("r.rolname = %(name)s", "r.rolname = ANY(%(names)s)")
+                    .replace("SELECT r.rolcanlogin", "SELECT r.rolname, r.rolcanlogin")).format(
+        verifier=_VERIFIER if read_verifier else sql.SQL("NULL"))
+    return {row[0]: _state(row[1:], read_verifier) for row in conn.execute(query, {"names": list(names)}).fetchall()}
+
+
+def _state(row, read_verifier: bool) -> RoleState:
     flags = dict(zip(REQUIRED_FLAGS, row[0:6]))
     settings = dict(item.split("=", 1) for item in (row[7] or []))
     return RoleState(flags=flags, connection_limit=row[6], settings=settings, comment=row[8], verifier=row[9],

@@ -1,0 +1,144 @@
+"""Fleet-wide reads (issue 16): `doctor` and `plan` visit the bot databases through a small
+bounded pool of connections at once, one admin connection per bot database, and say exactly
+what they said when they visited them one after another.
+
+Every connection the command opens is seen by wrapping ``psycopg.connect`` in this process.
+Two looks inside bot databases must be open at the same moment (a barrier the first two
+wait on: a run that opens them one after another never gets past it), never more than
+pool.MAX_JOBS at once, and each bot database is opened once by the admin (doctor also logs
+in once as each bot, which is its check of the bot's password).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from provisioning import pool
+
+from .conftest import other_fleets, provision_in_process
+
+
+class Watch:
+    """Every psycopg.connect of the command: per (database, user), and how many bot-database
+    connections were open at once."""
+
+    def __init__(self, bot_dbs: set[str], admin_user: str):
+        self.bot_dbs, self.admin_user = bot_dbs, admin_user
+        self.opened: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.open_now = self.peak = 0
+        self.lock = threading.Lock()
+        self.barrier = threading.Barrier(2, timeout=30)  # a deadlock guard, not a timing
+        self.waited = 0
+
+    def wrap(self, real):
+        def connect(conninfo="", **kwargs):
+            params = conninfo_to_dict(conninfo)
+            key = (params.get("dbname", ""), params.get("user", ""))
+            inside = key[0] in self.bot_dbs and key[1] == self.admin_user
+            with self.lock:
+                self.opened[key] += 1
+                first_two = inside and self.waited < 2
+                self.waited += first_two
+            if first_two:
+                self.barrier.wait()  # the first two looks inside must be open together
+            conn = real(conninfo, **kwargs)
+            if key[0] in self.bot_dbs:
+                with self.lock:
+                    self.open_now += 1
+                    self.peak = max(self.peak, self.open_now)
+                close = conn.close
+
+                def closed(close=close):
+                    with self.lock:
+                        self.open_now -= 1
+                    close()
+                conn.close = closed
+            return conn
+        return connect
+
+
+def watched(fleet, names, *args):
+    bot_dbs = {n.replace("-", "_") + "_db" for n in names}
+    watch = Watch(bot_dbs, conninfo_to_dict(fleet.server.url).get("user", "postgres"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(psycopg, "connect", watch.wrap(psycopg.connect))
+        proc = provision_in_process(list(args), fleet.env())
+    return proc, watch
+
+
+def test_doctor_and_plan_visit_bot_databases_a_few_at_once_once_each_with_the_same_output(fleet, admin, monkeypatch):
+    names = [fleet.name("fr") for _ in range(5)]
+    for name in names:
+        fleet.add(name, "--pool-size", "1", "--max-overflow", "0", "--no-migrate")
+    # something for each command to say: drift on one bot's role, a loose env file on another
+    admin.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT 7").format(sql.Identifier(names[1].replace("-", "_") + "_user")))
+    fleet.env_file(names[3]).chmod(0o644)
+    ignore = other_fleets()
+
+    for command in (["doctor", *ignore, "--json"], ["plan", *ignore, "--json"]):
+        proc, watch = watched(fleet, names, *command)
+        assert proc.returncode == (1 if command[0] == "doctor" else 0), proc.stderr
+        inside = {db: n for (db, user), n in watch.opened.items() if db in watch.bot_dbs and user == watch.admin_user}
+        assert inside == {db: 1 for db in watch.bot_dbs}, (command[0], watch.opened)
+        as_bots = {db: n for (db, user), n in watch.opened.items() if db in watch.bot_dbs and user != watch.admin_user}
+        assert all(n == 1 for n in as_bots.values()), watch.opened  # doctor's login as each bot, once
+        assert len(as_bots) == (len(names) if command[0] == "doctor" else 0)
+        assert 2 <= watch.peak <= pool.MAX_JOBS
+        parallel = json.loads(proc.stdout)
+
+        # the same run, one bot database after another: the very same answer
+        monkeypatch.setattr(pool, "MAX_JOBS", 1)
+        serial = provision_in_process(command, fleet.env())
+        monkeypatch.undo()
+        assert serial.returncode == proc.returncode
+        assert json.loads(serial.stdout) == parallel
+
+        text = json.dumps(parallel)
+        assert names[1] in text and "connection limit" in text and "7" in text  # the drift is reported
+        if command[0] == "doctor":
+            mode = [f for f in parallel["found"] if f["bot"] == names[3] and f["check"] == "env-file"]
+            assert mode and "0644" in mode[0]["message"], parallel
+        fleet.env_file(names[3]).chmod(0o644)
+
+
+@pytest.mark.parametrize("free, n, expected", [(400, 300, 8), (12, 300, 3), (2, 300, 1), (400, 1, 1), (400, 3, 3)])
+def test_the_pool_takes_at_most_eight_and_a_quarter_of_the_free_slots(free, n, expected):
+    class Conn:
+        def execute(self, _query):
+            return self
+
+        def fetchone(self):
+            return (free,)
+    assert pool.jobs(Conn(), n) == expected
+    assert pool.visit(range(n), lambda i: i * i, expected) == [i * i for i in range(n)]
+
+
+def test_migrate_all_with_nothing_pending_reads_each_bot_once_and_forks_no_migrator(code_fleet, monkeypatch):
+    from provisioning import migrate
+
+    fleet = code_fleet
+    names = [fleet.name("fm") for _ in range(3)]
+    for name in names[:2]:
+        fleet.add(name, "--pool-size", "1", "--max-overflow", "0", "--code", "chat-bot")
+    fleet.add(names[2], "--pool-size", "1", "--max-overflow", "0", "--code", "chat-bot", "--no-migrate")
+    head = migrate.head_of(migrate.script_directory(str(fleet.root), "chat_bot"), "chat_bot")
+    migrated: list[list[str]] = []
+    real = migrate.migrate_many
+    monkeypatch.setattr(migrate, "migrate_many", lambda targets, *a, **k: (migrated.append([t.bot for t in targets]),
+                                                                           real(targets, *a, **k))[1])
+    for pending in (True, False):
+        proc, watch = watched(fleet, names, "migrate", "--all", "--json")
+        assert proc.returncode == 0, proc.stderr
+        outcomes = {o["bot"]: o for o in json.loads(proc.stdout)}
+        assert [outcomes[n]["status"] for n in names] == ["up to date", "up to date", "upgraded" if pending else "up to date"]
+        assert all(outcomes[n]["to_rev"] == head for n in names)
+        # the bots at head: one connection each, as the bot, and no migrator process for them
+        assert all(watch.opened[(n.replace("-", "_") + "_db", n.replace("-", "_") + "_user")] == 1 for n in names[:2])
+    assert migrated == [[names[2]]]  # only the pending bot reached the migrator; the second run none
