@@ -63,6 +63,10 @@ def _import_everything() -> None:
             importlib.import_module(info.name)
     import alembic.command  # noqa: F401
     import alembic.config  # noqa: F401
+    import alembic.runtime.environment  # noqa: F401 - provisioning.migrate imports these when a migration runs
+    import alembic.runtime.migration  # noqa: F401
+    import alembic.script  # noqa: F401
+    import sqlalchemy.ext.asyncio  # noqa: F401
 
 
 _import_everything()
@@ -232,6 +236,24 @@ _EMBEDDED: list[EmbeddedServer] = []  # every embedded cluster this session star
 _URLS: list[str] = []  # every server URL handed to tests
 _KEPT_LOGS: list[Path] = []  # embedded server logs kept for a failed session
 _STATE = {"last_failed": False, "server_down": False}
+
+
+def role(name: str) -> str:
+    """A bot's role, as botfleet derives it from its name."""
+    return name.replace("-", "_") + "_user"
+
+
+def db(name: str) -> str:
+    """A bot's database, as botfleet derives it from its name."""
+    return name.replace("-", "_") + "_db"
+
+
+def login(fleet: "Fleet", name: str) -> psycopg.Connection:
+    """A real login as the bot into its database, with its env file's password (role-level
+    settings apply at login, not with SET ROLE)."""
+    from provisioning.db import as_role
+
+    return psycopg.connect(as_role(fleet.server.url, role(name), fleet.password(name), db(name)), autocommit=True)
 
 
 def tls_binaries() -> Path:

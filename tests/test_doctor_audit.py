@@ -22,15 +22,7 @@ from psycopg.conninfo import make_conninfo
 
 from provisioning.db import STATE_DATABASE, parse_url
 
-from .conftest import RUN_ID, assert_no_leak, drop_bot_objects, other_fleets
-
-
-def role(name: str) -> str:
-    return name.replace("-", "_") + "_user"
-
-
-def db(name: str) -> str:
-    return name.replace("-", "_") + "_db"
+from .conftest import RUN_ID, assert_no_leak, db, drop_bot_objects, other_fleets, role
 
 
 def doctor(fleet, *args: str, env: dict[str, str] | None = None, ignore: tuple[str, ...] | None = None):

@@ -15,15 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PROVISION, assert_no_leak, snapshot
-
-
-def role(name: str) -> str:
-    return name.replace("-", "_") + "_user"
-
-
-def db(name: str) -> str:
-    return name.replace("-", "_") + "_db"
+from .conftest import PROVISION, assert_no_leak, db, role, snapshot
 
 
 def exists(admin, name: str) -> bool:

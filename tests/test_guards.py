@@ -15,25 +15,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from provisioning.db import as_role
 
-from .conftest import RUN_ID, _fleet, snapshot
+from .conftest import RUN_ID, _fleet, db, login, role, snapshot
 
 # A sort that spills well past 1MB of temp files when work_mem is 64kB.
 BIG_SORT = "SELECT count(*) FROM (SELECT g FROM generate_series(1, 300000) g ORDER BY g DESC) s"
-
-
-def role(name: str) -> str:
-    return name.replace("-", "_") + "_user"
-
-
-def db(name: str) -> str:
-    return name.replace("-", "_") + "_db"
-
-
-def login(fleet, name: str) -> psycopg.Connection:
-    """A real login as the bot (role-level settings apply at login, not with SET ROLE)."""
-    return psycopg.connect(as_role(fleet.server.url, role(name), fleet.password(name), db(name)), autocommit=True)
 
 
 def role_settings(admin, name: str) -> dict[str, str]:

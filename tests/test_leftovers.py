@@ -24,15 +24,7 @@ from provisioning.db import LOCK_NAMESPACE, STATE_DATABASE, lock_key
 from provisioning.migrate import MIGRATION_LOCK_SPACE
 from provisioning.revisions import scratch_prefix
 
-from .conftest import PROVISION, assert_no_leak, other_fleets
-
-
-def role(name: str) -> str:
-    return name.replace("-", "_") + "_user"
-
-
-def db(name: str) -> str:
-    return name.replace("-", "_") + "_db"
+from .conftest import PROVISION, assert_no_leak, db, other_fleets, role
 
 
 AN_HOUR_AGO = time.time() - 3600

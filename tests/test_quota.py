@@ -14,22 +14,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from provisioning.db import STATE_DATABASE, as_role
+from provisioning.db import STATE_DATABASE
 from provisioning.quota import TABLE
 
+from .conftest import db, login, role
+
 MB = 1024 * 1024
-
-
-def role(name: str) -> str:
-    return name.replace("-", "_") + "_user"
-
-
-def db(name: str) -> str:
-    return name.replace("-", "_") + "_db"
-
-
-def login(fleet, name: str) -> psycopg.Connection:
-    return psycopg.connect(as_role(fleet.server.url, role(name), fleet.password(name), db(name)), autocommit=True)
 
 
 def can_login(admin, name: str) -> bool:

@@ -15,15 +15,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from .conftest import assert_matches_server, drop_bot_objects, snapshot, tree
-
-
-def role(name: str) -> str:
-    return name.replace("-", "_") + "_user"
-
-
-def db(name: str) -> str:
-    return name.replace("-", "_") + "_db"
+from .conftest import assert_matches_server, db, drop_bot_objects, role, snapshot, tree
 
 
 def verifier(admin, name: str) -> str | None:

@@ -21,19 +21,11 @@ from provisioning.db import STATE_DATABASE, as_role
 
 from provisioning.embedded import EmbeddedServer
 
-from .conftest import PROVISION, Fleet, TestServer, _server_folder, drop_bot_objects, snapshot
+from .conftest import Fleet, PROVISION, TestServer, _server_folder, db, drop_bot_objects, role, snapshot
 from .test_everyday import closed_stdout_run
 
 ROWS = 25
 SECRET = "sekrit-literal-in-sql"  # what a bot might put in its SQL: shown only with --queries
-
-
-def role(name: str) -> str:
-    return name.replace("-", "_") + "_user"
-
-
-def db(name: str) -> str:
-    return name.replace("-", "_") + "_db"
 
 
 def bot_conn(fleet: Fleet, name: str) -> psycopg.Connection:
