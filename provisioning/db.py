@@ -262,7 +262,14 @@ def open_maintenance_databases(conn: psycopg.Connection) -> list[str]:
 def close_maintenance_databases(conn: psycopg.Connection) -> list[str]:
     """REVOKE CONNECT ON the maintenance databases FROM PUBLIC, on a server botfleet runs (its
     embedded one, the stack's): bots reach their own database only. Returns what it closed."""
-    closed = open_maintenance_databases(conn)
-    for name in closed:
-        conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+    if not open_maintenance_databases(conn):
+        return []
+    with conn.transaction():
+        # One at a time (concurrent first commands on a new server would otherwise fail on
+        # "tuple concurrently updated"); the next one finds them closed.
+        conn.execute("SET LOCAL lock_timeout = '30s'")
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, lock_key("maintenance databases")))
+        closed = open_maintenance_databases(conn)
+        for name in closed:
+            conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
     return closed
