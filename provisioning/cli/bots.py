@@ -102,9 +102,9 @@ def _print_added(result) -> None:
     typer.echo(f"  connection limit  {result.connection_limit}")
     typer.echo(f"  env file          {result.env_file}" + ("  (new password)" if result.password_changed else ""))
     if not result.has_code:
-        typer.echo(f"  code              none yet: database and role only (add bots/{result.code}/)")
+        typer.echo(f"  code              none yet: database and role only (add bots/{result.code.replace('-', '_')}/)")
     else:
-        typer.echo(f"  code              bots/{result.code}")
+        typer.echo(f"  code              {result.code} (bots/{result.code.replace('-', '_')})")
     migration = result.migration
     if migration is not None and migration.ok:
         typer.echo(f"  schema            {migration.status}: {migration.from_rev or 'base'} -> {migration.to_rev or 'base'}")
