@@ -52,6 +52,17 @@ def find_pg_dump(server_major: int) -> Path:
     return find_tool("pg_dump", server_major, hint="install one or pass --no-backup")
 
 
+def _pg_dump(pg_dump: Path, url: str, dbname: str, out: IO[bytes], left: str) -> None:
+    """``pg_dump -Fc`` of ``dbname`` onto the file ``out`` (credentials through libpq's
+    environment, never argv); BackupFailed with its cause and ``left`` (what the failure left)."""
+    proc = subprocess.run(
+        [str(pg_dump), "--format=custom", "--no-password"],
+        stdout=out, stderr=subprocess.PIPE, text=False, env=libpq_env(url, dbname), timeout=3600,
+    )
+    if proc.returncode != 0:
+        raise BackupFailed(f"pg_dump of {dbname} failed: {tool_error(proc.stderr, proc.returncode)}; {left}")
+
+
 def dump(url: str, dbname: str, dest_dir: Path, bot: str, *, server_major: int, pg_dump: Path | None = None) -> Path:
     """``pg_dump -Fc`` of ``dbname`` into ``dest_dir/<bot>-<UTC timestamp>.dump`` (mode 0600),
     plus ``.sha256``. Raises BackupFailed and leaves no partial file behind."""
@@ -62,13 +73,7 @@ def dump(url: str, dbname: str, dest_dir: Path, bot: str, *, server_major: int, 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
-            proc = subprocess.run(
-                [str(pg_dump), "--format=custom", "--no-password"],
-                stdout=out, stderr=subprocess.PIPE, text=False, env=libpq_env(url, dbname), timeout=3600,
-            )
-        if proc.returncode != 0:
-            raise BackupFailed(f"pg_dump of {dbname} failed: {tool_error(proc.stderr, proc.returncode)}; "
-                               "nothing was removed")
+            _pg_dump(pg_dump, url, dbname, out, "nothing was removed")
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -175,13 +180,7 @@ def dump_to(url: str, dbname: str, out: IO[bytes], bot: str, *, server_major: in
     started = time.monotonic()
     pg_dump = find_tool("pg_dump", server_major, hint="install the PostgreSQL client tools of that version")
     with tempfile.TemporaryFile() as spool:
-        proc = subprocess.run(
-            [str(pg_dump), "--format=custom", "--no-password"],
-            stdout=spool, stderr=subprocess.PIPE, text=False, env=libpq_env(url, dbname), timeout=3600,
-        )
-        if proc.returncode != 0:
-            raise BackupFailed(f"pg_dump of {dbname} failed: {tool_error(proc.stderr, proc.returncode)}; "
-                               "nothing was written")
+        _pg_dump(pg_dump, url, dbname, spool, "nothing was written")
         spool.seek(0)
         digest = hashlib.sha256()
         for chunk in iter(lambda: spool.read(1 << 20), b""):

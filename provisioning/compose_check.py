@@ -101,8 +101,7 @@ def _blocks(lines: list[str], indent: str) -> list[list[str]]:
     list item); lines before the first such line form a block of their own."""
     out: list[list[str]] = []
     for line in lines:
-        rest = line[len(indent):] if line.startswith(indent) else ""
-        if (rest[:1] not in ("", " ", "#", "-", "\n", "\t")) or not out:
+        if _is_key(line, indent) or not out:
             out.append([line])
         else:
             out[-1].append(line)
