@@ -154,7 +154,8 @@ def stack(request):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, root / rel)
     s = Stack(root, env)
-    s.ports = {"postgres": free_port(), "chat-bot": free_port(), "feishu-bot": free_port(), "acme-chat": free_port()}
+    s.ports = {"postgres": free_port(), "chat-bot": free_port(), "feishu-bot": free_port(), "acme-chat": free_port(),
+               "exporter": free_port()}
     try:
         yield s
     finally:
@@ -173,15 +174,16 @@ def test_01_a_fleet_developed_on_the_embedded_server_comes_up_from_an_empty_volu
     stack.provision("add-bot", "hello-bot")
     stack.provision("config", "set", "hello-bot", f"BOT_TOKEN={BOT_TOKEN}")
     stack.provision("config", "set", "feishu-bot", f"FEISHU_VERIFICATION_TOKEN={FEISHU_TOKEN}")
-    stack.provision("render", "--publish", f"127.0.0.1:{stack.ports['postgres']}")
+    stack.provision("render", "--publish", f"127.0.0.1:{stack.ports['postgres']}", "--exporter",
+                    "--exporter-publish", f"127.0.0.1:{stack.ports['exporter']}")
     stack.write_override()
     stack.compose("build", timeout=1800)
     stack.up()
     ps = stack.containers()
     assert ps["postgres"]["Health"] == "healthy", ps["postgres"]
     assert ps["provision"]["State"] == "exited" and ps["provision"]["ExitCode"] == 0, stack.logs()
-    for bot in BOTS:
-        assert ps[bot]["State"] == "running" and ps[bot]["Health"] == "healthy", (bot, ps[bot], stack.logs())
+    for service in (*BOTS, "exporter"):
+        assert ps[service]["State"] == "running" and ps[service]["Health"] == "healthy", (service, ps[service], stack.logs())
 
 
 def test_02_the_bots_answer_through_their_published_ports_and_write_their_own_databases(stack: Stack):
@@ -227,7 +229,8 @@ def test_04_no_password_in_any_containers_environment_or_command(stack: Stack):
     passwords = []
     for bot in BOTS:
         passwords.append(bot_password(stack, bot))
-    passwords += [BOT_TOKEN, FEISHU_TOKEN, (stack.root / "secrets" / "postgres-password").read_text().strip()]
+    passwords += [BOT_TOKEN, FEISHU_TOKEN, (stack.root / "secrets" / "postgres-password").read_text().strip(),
+                  monitor_password(stack)]
     for service, row in stack.containers().items():
         inspect = json.loads(stack.docker("inspect", row["ID"]).stdout)[0]
         shown = json.dumps({"env": inspect["Config"]["Env"], "cmd": inspect["Config"]["Cmd"],
@@ -277,6 +280,52 @@ def test_04b_the_stacks_postgres_takes_tls_and_passwords_only_and_logs_who_conne
         assert secret not in logs
 
 
+def monitor_password(stack: Stack) -> str:
+    from provisioning import monitoring
+
+    found = monitoring.read_url_file(stack.root / monitoring.URL_FILE)
+    assert found is not None, "render wrote no monitoring URL file"
+    return found.password
+
+
+def scrape(stack: Stack) -> dict:
+    """The exporter's /metrics through its published port, parsed by Prometheus's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['exporter']}/metrics", timeout=15) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def by_bot(family) -> dict[str, float]:
+    return {s.labels["bot"]: s.value for s in family.samples if "bot" in s.labels}
+
+
+def test_04c_the_exporter_serves_each_bots_figures_as_its_own_monitoring_role(stack: Stack):
+    assert stack.http("chat-bot", "GET", "/conversations/1/context?limit=1")[0] in (200, 404)
+    families = scrape(stack)
+    assert [s.value for s in families["botfleet_up"].samples] == [1.0]
+    assert set(by_bot(families["botfleet_bot_connection_limit"])) == set(BOTS)
+    assert by_bot(families["botfleet_bot_transactions"])["chat-bot"] > 0
+    assert by_bot(families["botfleet_bot_database_size_bytes"])["chat-bot"] > 1_000_000
+    # As botfleet_monitor (pg_monitor), over verified TLS; the container is not root.
+    with stack.admin() as conn:
+        rows = conn.execute("SELECT a.usename, a.application_name, s.ssl FROM pg_stat_activity a "
+                            "JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'botfleet_monitor'").fetchall()
+        assert rows == [("botfleet_monitor", "botfleet-exporter", True)], rows
+        assert conn.execute("SELECT rolsuper, pg_has_role('botfleet_monitor', 'pg_monitor', 'MEMBER') "
+                            "FROM pg_roles WHERE rolname = 'botfleet_monitor'").fetchone() == (False, True)
+    uid = stack.compose("exec", "-T", "exporter", "id", "-u").stdout.strip()
+    assert uid == "10001", uid
+    # Its role reaches no bot's database, even from inside the stack.
+    script = ("import psycopg, sys\ntry:\n    psycopg.connect(open('/run/secrets/monitor_url').read().strip()"
+              ".replace('/botfleet?', '/chat_bot_db?'))\nexcept psycopg.OperationalError as e:\n"
+              "    print('refused:', str(e).splitlines()[0]); sys.exit(0)\nsys.exit(1)")
+    proc = stack.compose("exec", "-T", "exporter", "python", "-c", script, check=False)
+    assert proc.returncode == 0 and "refused:" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_05_a_bot_added_later_comes_up_without_recreating_the_others(stack: Stack):
     before = {s: r["ID"] for s, r in stack.containers().items() if s in BOTS or s == "postgres"}
     stack.provision("add-bot", "acme-chat", "--code", "chat-bot", "--publish", f"127.0.0.1:{stack.ports['acme-chat']}")
@@ -288,6 +337,8 @@ def test_05_a_bot_added_later_comes_up_without_recreating_the_others(stack: Stac
     assert {s: ps[s]["ID"] for s in before} == before, "running services were recreated"
     code, conv = stack.http("acme-chat", "POST", "/conversations", {"title": "acme"})
     assert code == 201, conv
+    # The exporter follows fleet.toml: recreated with the new registry, it watches the new bot too.
+    assert "acme-chat" in by_bot(scrape(stack)["botfleet_bot_connection_limit"])
     with stack.admin("acme_chat_db") as conn:
         assert conn.execute("SELECT count(*) FROM conversations").fetchone()[0] == 1
 

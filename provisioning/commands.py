@@ -31,7 +31,7 @@ from . import codes, compose, declarative, reconcile
 from . import quota as quotas
 from .backup import BackupResult, DumpFile, backup_bot, dump
 from .doctor import Report
-from .errors import InvalidInput, ProvisionError
+from .errors import InvalidInput, ProvisionError, one_line
 from .migrate import DEFAULT_LOCK_WAIT, MigrationFailed, Outcome, Target, is_unknown
 from .names import CODE_RE, BotNames, canonical_code, derive, validate
 from .project import Project
@@ -693,6 +693,8 @@ def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tu
                     results.append(StepResult(step.action, step.subject, True, added.status))
             except ProvisionError as err:
                 results.append(StepResult(step.action, step.subject, False, str(err)))
+        if credentials_only and DEFAULT_SERVER in by_name:
+            results += _converge_monitor(project, by_name[DEFAULT_SERVER], progress)
     bots = [s.subject for s in fleet_plan.of(MIGRATE)]
     if bots:
         targets, early = plan_targets(project, bots, all_bots=False, admin_url=default_url)
@@ -700,6 +702,29 @@ def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tu
     if not credentials_only:
         results += apply_files(project)
     return Applied(fleet_plan, results, migrations_gate_bots=credentials_only)
+
+
+def _converge_monitor(project: Project, server: Server, progress: Progress) -> list[Any]:
+    """The stack's provisioning service: the exporter's monitoring role, when the stack has an
+    exporter (its URL file mounted from secrets/); see monitoring.py."""
+    import psycopg
+
+    from . import monitoring
+    from .declarative import UPDATE, StepResult
+
+    if not project.fleet.stack.exporter:
+        return []
+    found = monitoring.read_url_file(project.root / monitoring.URL_FILE)
+    if found is None:
+        return [StepResult(UPDATE, monitoring.ROLE, False, f"no {monitoring.URL_FILE}: run provision render")]
+    assert server.conn is not None
+    try:
+        changed = monitoring.converge(server.conn, found.password)
+    except psycopg.Error as err:
+        return [StepResult(UPDATE, monitoring.ROLE, False, one_line(err))]
+    if changed:
+        progress(f"update {monitoring.ROLE}: {', '.join(changed)}")
+    return [StepResult(UPDATE, monitoring.ROLE, True, ", ".join(changed) or "unchanged")]
 
 
 # --------------------------------------------------------------------------- migrations
@@ -1152,26 +1177,28 @@ from .watch import DEFAULT_INTERVAL, Frame, Scrape, Watch, check_interval  # noq
 
 
 def watch(project: Project, servers: Servers, bots: list[str], *, server: str | None = None,
-          queries: bool = False) -> Watch:
+          queries: bool = False, monitor_url: str | None = None) -> Watch:
     """The servers of ``bots`` (every bot when empty; only ``server``'s with it) watched for
     `provision top`: a context manager whose ``frames(interval)`` yields each refresh. The bots
     and servers are checked (InvalidInput, before any server is touched); a server that does not
-    answer is reported in each frame's ``unreachable``."""
-    return Watch(project, servers, bots, server=server, queries=queries)
+    answer is reported in each frame's ``unreachable``. ``monitor_url``: the default server read
+    as the monitoring role (the stack's exporter; monitoring.py), not as its admin."""
+    return Watch(project, servers, bots, server=server, queries=queries, monitor_url=monitor_url)
 
 
-def metrics(project: Project, servers: Servers, bots: list[str], *, server: str | None = None) -> Scrape:
+def metrics(project: Project, servers: Servers, bots: list[str], *, server: str | None = None,
+            monitor_url: str | None = None) -> Scrape:
     """Every watched bot's figures once, in Prometheus's text exposition format."""
-    with Watch(project, servers, bots, server=server) as watching:
+    with Watch(project, servers, bots, server=server, monitor_url=monitor_url) as watching:
         return watching.scrape()
 
 
 def serve_metrics(project: Project, servers: Servers, bots: list[str], listen: str, *, server: str | None = None,
-                  ready: Progress = _quiet) -> None:
+                  monitor_url: str | None = None, ready: Progress = _quiet) -> None:
     """Serve the figures at http://LISTEN/metrics, sampled anew for each scrape, until interrupted.
     ``listen`` and the bots are checked before any server is touched (InvalidInput)."""
     host, port = exporter.parse_listen(listen)
-    with Watch(project, servers, bots, server=server) as watching:
+    with Watch(project, servers, bots, server=server, monitor_url=monitor_url) as watching:
         exporter.serve(host, port, lambda: watching.scrape().text, ready=ready)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import budget as budgets
-from . import settings
+from . import monitoring, settings
 from .db import STATE_DATABASE
 from .compose_check import COMPOSE_FILE, STACK_FILE, StackFiles, PlannedFile, validate
 from .errors import InvalidInput, ProvisionError, StackInvalid
@@ -226,7 +226,8 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
     pair = _tls(root, server.publish)
     passwords.append(pair.key_pem)
     conf = t.get_template("postgresql.conf.j2").render(header=HEADER, t=tuning)
-    hba = t.get_template("pg_hba.conf.j2").render(header=HEADER, state_database=STATE_DATABASE)
+    hba = t.get_template("pg_hba.conf.j2").render(header=HEADER, state_database=STATE_DATABASE,
+                                                   monitor_role=monitoring.ROLE if server.exporter else "")
     files += [PlannedFile(POSTGRES_CONF, conf), PlannedFile(PG_HBA, hba), PlannedFile(TLS_CERT, pair.cert_pem, create_only=not pair.renewed),
               PlannedFile(TLS_KEY, pair.key_pem, secret=True, create_only=not pair.renewed)]
     configs = [{"key": "postgresql_conf", "file": f"./{POSTGRES_CONF}", "name": f"botfleet_postgresql_conf_{_sha(conf)}"},
@@ -261,6 +262,25 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
 
     secret_defs.insert(2, {"key": "postgres_pgpass", "file": f"./{ADMIN_PGPASS}",
                            "name": f"botfleet_postgres_pgpass_{_sha(admin_password)}"})
+    exporter = None
+    if server.exporter:
+        # The exporter's monitoring role (monitoring.py): its password kept from render to render.
+        try:
+            exporter_published = budgets.parse_publish(server.exporter_publish)
+        except InvalidInput:
+            raise InvalidInput(f"exporter_publish must be ADDRESS:PORT such as 127.0.0.1:{monitoring.PORT}, or empty "
+                               f"(got {server.exporter_publish[:60]!r})") from None
+        stored = monitoring.read_url_file(root / monitoring.URL_FILE)
+        monitor_password = stored.password if stored else pysecrets.token_urlsafe(32)
+        monitor_url = monitoring.stack_url(monitor_password, TLS_QUERY)
+        passwords.append(monitor_password)
+        files.append(PlannedFile(monitoring.URL_FILE, monitor_url + "\n", secret=True, container=True))
+        secret_defs.append({"key": "monitor_url", "file": f"./{monitoring.URL_FILE}",
+                            "name": f"botfleet_monitor_url_{_sha(monitor_url)}"})
+        provision_secrets.append({"key": "monitor_url", "target": f"/app/{monitoring.URL_FILE}"})
+        exporter = {"memory": monitoring.MEMORY, "url_file": monitoring.CONTAINER_URL_FILE,
+                    "publish": (f"{exporter_published[0]}:{exporter_published[1]}:{monitoring.PORT}"
+                                if exporter_published else "")}
     provision = {
         # compose recreates (so runs again) a one-shot whose definition changed, else it keeps the
         # exited container: this label changes with fleet.toml and every credentials file it reads.
@@ -274,7 +294,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
     publish = budgets.parse_publish(server.publish)
     context = {
         "header": HEADER, "image": server.bot_image, "build_context": ".", "project_name": server.project_name,
-        "log_max_size": "10m", "log_max_file": "3", "bots": bots, "pgbouncer": pgbouncer,
+        "log_max_size": "10m", "log_max_file": "3", "bots": bots, "pgbouncer": pgbouncer, "exporter": exporter,
         "provision": provision if provision_secrets else None,
         "postgres": {
             "image": f"postgres:{server.postgres_major}",

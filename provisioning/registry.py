@@ -90,6 +90,9 @@ class StackSettings:
     pgbouncer_pool_size: int = 2  # server connections PgBouncer keeps per bot
     pgbouncer_image: str = "edoburu/pgbouncer:v1.24.1-p1"  # needs PgBouncer >= 1.21
     bot_image: str = "botfleet-bot:latest"  # built from the repo's Dockerfile
+    # `provision metrics` as a service of the stack (a monitoring role of its own, pg_monitor's rights)
+    exporter: bool = False
+    exporter_publish: str = "127.0.0.1:9187"  # host address:port of its /metrics ("" = the stack's networks only)
 
 
 @dataclass

@@ -22,10 +22,12 @@ from typing import Any
 
 import psycopg
 
-from . import monitor
+from . import monitor, monitoring
+from .db import connect
 from .errors import InvalidInput, ProvisionError, one_line
 from .names import validate
 from .project import Project
+from .registry import DEFAULT_SERVER
 from .servers import Server, Servers
 
 # Between two samples: short enough to see a burst, long enough not to load the server it measures.
@@ -86,11 +88,14 @@ class Watch:
     """The servers of the watched bots, opened on entry and sampled on demand."""
 
     def __init__(self, project: Project, servers: Servers, bots: list[str], *, server: str | None = None,
-                 queries: bool = False):
+                 queries: bool = False, monitor_url: str | None = None):
         self.targets = watched(project, bots, server)
         self.server_names = [server] if server else servers.of(bots) if bots else servers.fleet_wide()
+        # The default server read as the monitoring role (the stack's exporter), not as its admin.
+        self.monitor_url = monitor_url
         for name in self.server_names:
-            servers.choose(name, start_embedded=False)  # InvalidInput now, not as a server "not read" later
+            if not (monitor_url and name == DEFAULT_SERVER):
+                servers.choose(name, start_embedded=False)  # InvalidInput now, not as a server "not read" later
         self.servers = servers
         self.queries = queries
         self.opened: dict[str, Server] = {}
@@ -109,7 +114,12 @@ class Watch:
     def _server(self, name: str) -> Server:
         server = self.opened.get(name)
         if server is None or server.conn is None or server.conn.closed:
-            server = self.opened[name] = self.servers.open(name)
+            if self.monitor_url and name == DEFAULT_SERVER:
+                server = Server(name, self.monitor_url, monitoring.URL_FILE_ENV)
+                server.conn = connect(self.monitor_url)  # no admin facts, no botfleet database: it only reads
+                self.opened[name] = server
+            else:
+                server = self.opened[name] = self.servers.open(name)
         return server
 
     def sample(self) -> tuple[list[monitor.ServerSample], dict[str, str]]:

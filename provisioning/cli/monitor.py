@@ -53,16 +53,17 @@ def top_cmd(
     live view shows totals only; rates come from the next one. On a terminal the
     screen is redrawn; otherwise frames follow one another (--json: one JSON
     object per line, per frame). A server that does not answer is shown as not
-    read and tried again (--once: exit code 1).
+    read and tried again (--once: exit code 1). BOTFLEET_MONITOR_URL_FILE: as
+    for metrics.
 
     Example: provision top --once --json
     """
-    from .. import commands
+    from .. import commands, monitoring
 
     proj = project_of(project)
     commands.check_interval(interval)
     watching = commands.watch(proj, servers_of(proj, admin_url, read_only=True), list(bots or ()), server=server,
-                              queries=queries)
+                              queries=queries, monitor_url=monitoring.url_from_environment())
     terminal = sys.stdout.isatty() and not as_json
     frame = None
     try:
@@ -104,22 +105,25 @@ def metrics_cmd(
     sessions waiting on a lock. Every series has the labels server and bot;
     botfleet_up{server} is 0 for a server that could not be read. With
     pg_stat_statements installed in the botfleet database: statement calls and
-    time per bot. No statement text is ever exported.
+    time per bot. No statement text is ever exported. With BOTFLEET_MONITOR_URL_FILE
+    set (the stack's exporter service) the default server is read as the
+    monitoring role botfleet_monitor from the URL in that file, not as its admin.
 
     Example: provision metrics --listen 127.0.0.1:9187
     """
-    from .. import commands
+    from .. import commands, monitoring
 
     proj = project_of(project)
     servers = servers_of(proj, admin_url, read_only=True)
+    monitor_url = monitoring.url_from_environment()
     if listen is None:
-        scrape = commands.metrics(proj, servers, list(bots or ()), server=server)
+        scrape = commands.metrics(proj, servers, list(bots or ()), server=server, monitor_url=monitor_url)
         typer.echo(scrape.text, nl=False)
         if scrape.unreachable:  # printed all the same (botfleet_up 0), and the exit code says so
             raise fail(_not_read(scrape.unreachable), 1)
         return
     try:
-        commands.serve_metrics(proj, servers, list(bots or ()), listen, server=server,
+        commands.serve_metrics(proj, servers, list(bots or ()), listen, server=server, monitor_url=monitor_url,
                                ready=lambda url: say(f"serving {url} (Ctrl-C to stop)"))
     except KeyboardInterrupt:
         return  # how an exporter run by hand ends: exit 0

@@ -20,6 +20,12 @@ PublishOpt = Annotated[Optional[str], typer.Option("--publish", help="ADDRESS:PO
                                                    "postgres ('' = not published).", show_default="127.0.0.1:5432")]
 PgbouncerOpt = Annotated[Optional[bool], typer.Option("--pgbouncer/--no-pgbouncer", help="Put PgBouncer (transaction "
                                                       "pooling) between the bots and postgres.", show_default="off")]
+ExporterOpt = Annotated[Optional[bool], typer.Option("--exporter/--no-exporter", help="Run provision metrics as a "
+                                                     "service of the stack (Prometheus text at :9187/metrics), as "
+                                                     "its own monitoring role.", show_default="off")]
+ExporterPublishOpt = Annotated[Optional[str], typer.Option("--exporter-publish", metavar="ADDRESS:PORT",
+                                                           help="Where the host reaches the exporter ('' = the "
+                                                           "stack's networks only).", show_default="127.0.0.1:9187")]
 PoolOpt = Annotated[Optional[int], typer.Option("--pgbouncer-pool-size", help="Server connections PgBouncer keeps per bot.",
                                                 show_default="2")]
 ImageOpt = Annotated[Optional[str], typer.Option("--bot-image", help="Image the bots and migrate run (built from the "
@@ -109,6 +115,8 @@ def render_cmd(
     pgbouncer: PgbouncerOpt = None,
     pgbouncer_pool_size: PoolOpt = None,
     bot_image: ImageOpt = None,
+    exporter: ExporterOpt = None,
+    exporter_publish: ExporterPublishOpt = None,
     allow_missing_config: Annotated[bool, typer.Option("--allow-missing-config", help="Render even when a bot lacks a "
                                                        "setting its code requires (it would crash-loop on start).")] = False,
     as_json: JsonOpt = False,
@@ -118,7 +126,7 @@ def render_cmd(
 
     Validated (Compose Specification schema and semantic checks) before anything is written; options are remembered in fleet.toml. Refuses when the fleet does not fit the connection or memory budget; a refused render changes nothing (the new options are saved only once the whole stack is checked with them). Once a project has a stack, add-bot and remove-bot re-render it. Needs no server.
 
-    Example: provision render --postgres-memory 1G --pgbouncer
+    Example: provision render --postgres-memory 1G --pgbouncer --exporter
     """
     from .. import commands
 
@@ -126,7 +134,7 @@ def render_cmd(
                              postgres_memory=postgres_memory,
                              max_connections=max_connections, bot_memory=bot_memory, postgres_major=postgres_major,
                              publish=publish, pgbouncer=pgbouncer, pgbouncer_pool_size=pgbouncer_pool_size,
-                             bot_image=bot_image)
+                             bot_image=bot_image, exporter=exporter, exporter_publish=exporter_publish)
     if as_json:
         print_json(result.as_dict())
         return
