@@ -279,6 +279,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
                             "name": f"botfleet_monitor_url_{_sha(monitor_url)}"})
         provision_secrets.append({"key": "monitor_url", "target": f"/app/{monitoring.URL_FILE}"})
         exporter = {"memory": monitoring.MEMORY, "url_file": monitoring.CONTAINER_URL_FILE,
+                    "fleet_sha256": _sha(registry_text + monitor_url, 64),
                     "publish": (f"{exporter_published[0]}:{exporter_published[1]}:{monitoring.PORT}"
                                 if exporter_published else "")}
     provision = {
