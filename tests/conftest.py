@@ -265,6 +265,38 @@ def tls_binaries() -> Path:
     return Path(found[-1]).parent
 
 
+def start_on_rendered_files(server, root: Path) -> tuple[int, Path, Path]:
+    """Start a stopped throwaway cluster (``server``, an EmbeddedServer on tls_binaries()) on the
+    stack's rendered postgresql.conf, pg_hba.conf and TLS pair from the fleet folder ``root``,
+    with only the container paths replaced (-c on the command line wins over the file). Returns
+    (its TCP port on 127.0.0.1, the folder of the files, its log)."""
+    import socket
+
+    from provisioning.compose import PG_HBA, POSTGRES_CONF, TLS_CERT, TLS_KEY
+
+    files = server.state_dir / "stack"
+    files.mkdir()
+    for rel in (POSTGRES_CONF, PG_HBA, TLS_CERT, TLS_KEY):
+        shutil.copyfile(root / rel, files / Path(rel).name)
+    (files / "postgres-tls.key").chmod(0o600)
+    server._chown(files, *files.iterdir())
+    with socket.socket() as probe:  # a port the OS hands out, outside the embedded servers' range
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    overrides = {
+        "config_file": files / "postgresql.conf", "hba_file": files / "pg_hba.conf",
+        "ssl_cert_file": files / "postgres-tls.crt", "ssl_key_file": files / "postgres-tls.key",
+        "port": port, "listen_addresses": "127.0.0.1", "unix_socket_directories": server.socket_dir,
+        "shared_buffers": "32MB",  # the container's figure needs the container's memory; the rest is as rendered
+    }
+    opts = " ".join(f"-c {key}={value}" for key, value in overrides.items())
+    log = server.state_dir / "stack.log"
+    log.touch()
+    server._chown(log)
+    server._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(server.pgdata), "-l", str(log), "-o", opts, timeout=90)
+    return port, files, log
+
+
 def _log_tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")

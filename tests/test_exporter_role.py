@@ -10,8 +10,6 @@ turned into this machine's), as the exporter's container does. The e2e suite run
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -20,11 +18,11 @@ import pytest
 from psycopg import sql
 
 from provisioning import monitoring, passwords
-from provisioning.compose import PG_HBA, POSTGRES_CONF, TLS_CERT, TLS_KEY
+from provisioning.compose import PG_HBA
 from provisioning.db import STATE_DATABASE, ensure_state_database
 from provisioning.embedded import EmbeddedServer
 
-from .conftest import provision, tls_binaries
+from .conftest import provision, start_on_rendered_files, tls_binaries
 from .test_compose import FAKE, all_passwords, make_project, run
 
 ADMIN_PASSWORD = "admin-" + passwords.generate()
@@ -50,26 +48,7 @@ def monitored(tmp_path_factory):
         ensure_state_database(conn)
     server.stop()
 
-    files = server.state_dir / "stack"
-    files.mkdir()
-    for rel in (POSTGRES_CONF, PG_HBA, TLS_CERT, TLS_KEY):
-        shutil.copyfile(root / rel, files / Path(rel).name)
-    (files / "postgres-tls.key").chmod(0o600)
-    server._chown(files, *files.iterdir())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    overrides = {
-        "config_file": files / "postgresql.conf", "hba_file": files / "pg_hba.conf",
-        "ssl_cert_file": files / "postgres-tls.crt", "ssl_key_file": files / "postgres-tls.key",
-        "port": port, "listen_addresses": "127.0.0.1", "unix_socket_directories": server.socket_dir,
-        "shared_buffers": "32MB",
-    }
-    opts = " ".join(f"-c {key}={value}" for key, value in overrides.items())
-    log = server.state_dir / "stack.log"
-    log.touch()
-    server._chown(log)
-    server._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(server.pgdata), "-l", str(log), "-o", opts, timeout=90)
+    port, files, _log = start_on_rendered_files(server, root)
     admin = connect(port, files, "postgres", ADMIN_PASSWORD, STATE_DATABASE)
     try:
         yield root, port, files, admin

@@ -11,8 +11,6 @@ binaries (Debian's, as in the stack's image).
 from __future__ import annotations
 
 import re
-import shutil
-import socket
 from pathlib import Path
 
 import psycopg
@@ -20,10 +18,10 @@ import pytest
 from psycopg import sql
 
 from provisioning import passwords, tls
-from provisioning.compose import PG_HBA, POSTGRES_CONF, TLS_CERT, TLS_KEY
+from provisioning.compose import TLS_CERT, TLS_KEY
 from provisioning.embedded import EmbeddedServer
 
-from .conftest import tls_binaries
+from .conftest import start_on_rendered_files, tls_binaries
 from .test_compose import make_project, run
 
 ADMIN_PASSWORD = "admin-" + passwords.generate()
@@ -51,28 +49,7 @@ def stack_server(tmp_path_factory) -> tuple[EmbeddedServer, int, Path, Path]:
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(DB), sql.Identifier(BOT)))
     server.stop()
 
-    # The rendered files where the server's OS user reads them; the key 0600 and its own.
-    files = server.state_dir / "stack"
-    files.mkdir()
-    for rel in (POSTGRES_CONF, PG_HBA, TLS_CERT, TLS_KEY):
-        shutil.copyfile(root / rel, files / Path(rel).name)
-    (files / "postgres-tls.key").chmod(0o600)
-    server._chown(files, *files.iterdir())
-    with socket.socket() as probe:  # a port the OS hands out, outside the embedded servers' range
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    sock = server.socket_dir
-    overrides = {
-        "config_file": files / "postgresql.conf", "hba_file": files / "pg_hba.conf",
-        "ssl_cert_file": files / "postgres-tls.crt", "ssl_key_file": files / "postgres-tls.key",
-        "port": port, "listen_addresses": "127.0.0.1", "unix_socket_directories": sock,
-        "shared_buffers": "32MB",  # the container's figure needs the container's memory; the rest is as rendered
-    }
-    opts = " ".join(f"-c {key}={value}" for key, value in overrides.items())
-    log = server.state_dir / "stack.log"
-    log.touch()
-    server._chown(log)
-    server._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(server.pgdata), "-l", str(log), "-o", opts, timeout=90)
+    port, files, log = start_on_rendered_files(server, root)
     try:
         yield server, port, files, log
     finally:
