@@ -42,7 +42,7 @@ URL_FILE = "secrets/botfleet-monitor.url"
 URL_FILE_ENV = "BOTFLEET_MONITOR_URL_FILE"
 CONTAINER_URL_FILE = "/run/secrets/monitor_url"
 PORT = 9187  # the port Prometheus's postgres_exporter made the custom one
-MEMORY = "128M"  # measured resident ~45 MiB (Python, psycopg, the CLI); the rest is headroom
+MEMORY = "128M"  # measured: 51 MiB resident after scrapes (VmHWM; Python 3.11, psycopg, the CLI), + a health check
 
 
 @dataclass(frozen=True)
