@@ -393,7 +393,7 @@ def cpu_times() -> tuple[int, int]:
 
 
 class Bench:
-    def __init__(self, tmp: Path, bots: int, rate: float, storm: int):
+    def __init__(self, tmp: Path, bots: int, rate: float, storm: int, parallel: int = 0):
         from provisioning import budget as budgets
         from provisioning.embedded import EmbeddedServer
 
@@ -405,7 +405,9 @@ class Bench:
         self.server.init()
         with open(self.server.pgdata / "postgresql.conf", "a") as fh:  # after the include: wins
             fh.write(f"\n# bench_noisy\nmax_connections = {self.max_connections}\n"
-                     f"superuser_reserved_connections = {budgets.SUPERUSER_RESERVED}\n")
+                     f"superuser_reserved_connections = {budgets.SUPERUSER_RESERVED}\n"
+                     # as the stack's postgres runs (compose/postgresql.conf.j2): no parallel workers
+                     f"max_parallel_workers_per_gather = {parallel}\n")
         self.server.start()
         from provisioning.project import Project
         from provisioning.servers import Servers
@@ -607,6 +609,8 @@ def main() -> int:
     parser.add_argument("--storm", type=int, default=150, help="connections the noisy bot opens at once (case 4)")
     parser.add_argument("--enforce-every", type=float, default=2.0, help="seconds between quota enforce runs (case 5, with guards)")
     parser.add_argument("--cases", default=",".join(CASES), help="which cases, comma-separated")
+    parser.add_argument("--parallel", type=int, default=0,
+                        help="max_parallel_workers_per_gather (0, as the stack's postgres; 2 is PostgreSQL's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -621,7 +625,7 @@ def main() -> int:
         bench = None
         try:
             say("starting a private embedded PostgreSQL and provisioning the fleet ...")
-            bench = Bench(Path(tmp), args.bots, args.rate, args.storm)
+            bench = Bench(Path(tmp), args.bots, args.rate, args.storm, args.parallel)
             settings_on = bench.configure(True)
             bench.prepare_data()
             version = bench.server.status().version
@@ -641,7 +645,8 @@ def main() -> int:
                 bench.server.destroy()
     print(f"machine: {host}; shared with other work (load average {os.getloadavg()[0]:.2f} at the end)")
     print(f"server: embedded PostgreSQL {version} (private cluster), max_connections {bench.max_connections}, "
-          f"server defaults otherwise (work_mem 4MB, shared_buffers 128MB, max_parallel_workers_per_gather 2)")
+          f"max_parallel_workers_per_gather {args.parallel}, "
+          f"server defaults otherwise (work_mem 4MB, shared_buffers 128MB)")
     print(f"fleet: {args.bots} good bots x {args.rate:g} req/s (80% indexed read, 20% one-row insert) + 1 new connection/s "
           f"each; 1 noisy bot; {args.seconds:g} s per phase")
     print(f"guards on:  {settings_on}; case 5: --max-size (size at start + {QUOTA_HEADROOM_MB} MB), "
