@@ -46,7 +46,7 @@ from typing import Any
 from .errors import InvalidInput
 from .names import code_package
 from .registry import (
-    CPUS_RE, DEFAULT_SERVER, HOST_RE, MAX_CONNECTIONS, MIGRATION_MARGIN, MIN_CONNECTIONS, SERVER_NAME_RE, BotEntry, Fleet,
+    CPUS_RE, DEFAULT_SERVER, HOST_RE, MAX_CONNECTIONS, MIN_CONNECTIONS, SERVER_NAME_RE, BotEntry, Fleet,
     StackSettings,
 )
 
@@ -228,7 +228,7 @@ def derived_max_connections(mem: int, active_percent: int = DEFAULT_ACTIVE_PERCE
     up to 16 MB, the headroom as its percent. The active connections are ceil(C x
     active%), charged here as C x active% plus one whole active connection. Each exact share is
     at least what the rounded settings take, so the memory estimate always fits; and the count
-    rises with M (the numerator grows faster than the per-connection cost). Then within
+    rises with M (what is left grows with M, a connection's cost does not). Then within
     MIN_CONNECTIONS-MAX_CONNECTIONS. Everything is in hundredths of a kB, in integers."""
     active = WORK_MEM_FACTOR * WORK_MEM_MB * 1024 + ACTIVE_EXTRA_KB
     # + 3 MB: the estimate rounds the slots, the backends and the active part up to whole MB
