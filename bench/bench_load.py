@@ -208,7 +208,8 @@ def main() -> int:
     pss = runs[0][1]["pss_kb"]
     if pss:
         print(f"\nan idle bot backend after the run: {pss / 1024:.1f} MB PSS "
-              f"(budget.py counts {budgets.CONNECTION_OVERHEAD_MB} MB + work_mem per connection)")
+              f"(budget.py counts {budgets.BACKEND_KB / 1024:g} MB a connection, work_mem only for the active ones; "
+              "bench_budget.py measures it without the shared-memory share)")
     return 0
 
 

@@ -3,28 +3,37 @@
 Everything here is pure arithmetic over the registry (no server, no files), so
 ``provision budget``, ``provision render`` and ``add-bot`` agree to the byte.
 
-The model (documented in compose/README.md):
+The model (measured by bench/bench_budget.py; README "The compose stack"):
 
 - memory limit M of the postgres container (default 512M);
-- shared_buffers = M/4, effective_cache_size = M/2 (the page cache is charged to
-  the same cgroup), maintenance_work_mem = M/16, autovacuum_work_mem = M/64 for
-  each of 2 autovacuum workers, work_mem = M/256 (1-64 MB);
-- fixed memory = shared_buffers + maintenance_work_mem + the autovacuum workers'
-  + 24 MB for the background processes;
-- each connection costs work_mem + 3 MB (an idle backend that has run queries
-  holds ~2.5 MB of private memory; bench/bench_load.py measures it);
-- max_connections: the operator's number, or (M - fixed) / per-connection cost
-  with both counted at their exact shares of M (work_mem as M/256, not rounded
-  down), so that more memory never affords fewer connections and a refusal's
-  memory advice is a value that fits (see ``derived_max_connections``);
-- reserve: superuser_reserved_connections (3) + the provisioner's margin (2:
-  an admin session and a pg_dump);
-- each bot's share is its role's CONNECTION LIMIT, ``(pool_size +
-  max_overflow) x replicas + 1`` (the + 1 for migrations); behind PgBouncer a
-  bot holds at most ``pgbouncer_pool_size`` server connections (+ 1).
+- shared_buffers = M/4, effective_cache_size = M/2, maintenance_work_mem = M/16,
+  autovacuum_work_mem = M/64 for each of 2 autovacuum workers, work_mem = 4 MB at every
+  size (PostgreSQL's default: bots run small queries, more memory buys more connections;
+  a bot that needs more sets its own --work-mem);
+- shared memory = shared_buffers + M/128 (buffer descriptors and the like) + WAL buffers
+  (M/128 up to 16 MB, as wal_buffers = -1 sizes them) + 12 MB + 96 kB per max_connections
+  slot (PGPROC, locks): above PostgreSQL 15's and 18's ``shared_memory_size`` at every size
+  measured;
+- fixed = shared memory + maintenance_work_mem + the autovacuum workers' + 24 MB for the
+  background processes;
+- every allowed connection (max_connections) costs a backend's own memory, BACKEND_KB
+  (an idle backend that served a bot's queries: PSS less its shared-memory share);
+- only the connections running a query at once cost work_mem: ``active_percent`` of them
+  (fleet.toml [server], default 10), each charged WORK_MEM_FACTOR (3) x work_mem (a sort and a
+  hash, which may take hash_mem_multiplier 2 x work_mem) + ACTIVE_EXTRA_KB (3 MB) of executor
+  memory;
+- ``headroom_percent`` of M (default 10) is kept free for what the model does not count
+  (page tables, a connection storm's short-lived backends, fragmentation);
+- max_connections: the operator's number, or the most that fit M with all of the above, each
+  share counted at its exact fraction of M so that more memory never affords fewer connections;
+- reserve: superuser_reserved_connections (3) + the provisioner's margin (2: an admin session
+  and a pg_dump) + behind PgBouncer the migrator's jobs (8: the only direct connections then);
+- each bot's share is its role's CONNECTION LIMIT, ``(pool_size + max_overflow) x replicas + 1``
+  (the + 1 for migrations); behind PgBouncer a bot holds at most ``pgbouncer_pool_size``
+  server connections (its pools go to PgBouncer, its migrations come from the reserve).
 
-The fleet fits when reserve + the sum of the shares <= max_connections and the
-memory estimate (fixed + max_connections x per-connection cost) <= M.
+The fleet fits when reserve + the sum of the shares <= max_connections and the memory
+estimate (fixed + connections + active + headroom) <= M.
 """
 
 from __future__ import annotations
@@ -37,15 +46,24 @@ from typing import Any
 from .errors import InvalidInput
 from .names import code_package
 from .registry import (
-    CPUS_RE, DEFAULT_SERVER, HOST_RE, MAX_CONNECTIONS, MIGRATION_MARGIN, MIN_CONNECTIONS, SERVER_NAME_RE, BotEntry, Fleet,
+    CPUS_RE, DEFAULT_SERVER, HOST_RE, MAX_CONNECTIONS, MIN_CONNECTIONS, SERVER_NAME_RE, BotEntry, Fleet,
     StackSettings,
 )
 
 SUPERUSER_RESERVED = 3
 PROVISIONER_MARGIN = 2  # `provision` admin session + a pg_dump during remove-bot
-CONNECTION_OVERHEAD_MB = 3
+MIGRATION_JOBS = 8  # behind PgBouncer: migrate's worker pool, the only direct bot connections
 BACKGROUND_MB = 24
 AUTOVACUUM_WORKERS = 2
+# Measured by bench/bench_budget.py (README "Benchmarks"), rounded up:
+BACKEND_KB = 2048  # an idle backend's own memory after it served a bot's queries (PSS - Pss_Shmem)
+SLOT_KB = 96  # shared memory per max_connections slot (PGPROC, lock table; shared_memory_size)
+SHARED_BASE_MB = 12  # shared memory beyond shared_buffers, its descriptors, WAL buffers and the slots
+WORK_MEM_FACTOR = 3  # a running sort and hash: a hash takes up to hash_mem_multiplier (2) x work_mem
+ACTIVE_EXTRA_KB = 3072  # a running query's executor memory beyond work_mem
+WORK_MEM_MB = 4  # PostgreSQL's own default: bots run small queries; one that needs more sets --work-mem
+DEFAULT_ACTIVE_PERCENT = 10
+DEFAULT_HEADROOM_PERCENT = 10
 POSTGRES_MAJORS = range(13, 19)
 MEMORY_RE = re.compile(r"([1-9][0-9]{0,6})([MG])")
 IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._/:-]{0,199}(@sha256:[0-9a-f]{64})?")
@@ -114,6 +132,11 @@ def validate_stack(server: StackSettings) -> None:
     if server.max_connections != 0 and not MIN_CONNECTIONS <= server.max_connections <= MAX_CONNECTIONS:
         raise InvalidInput(f"max_connections must be 0 (derived from the memory) or {MIN_CONNECTIONS}-{MAX_CONNECTIONS} "
                            f"(got {server.max_connections})")
+    if not 1 <= server.active_percent <= 100:
+        raise InvalidInput(f"active_percent must be 1-100: the share of connections running a query at once "
+                           f"(got {server.active_percent})")
+    if not 0 <= server.headroom_percent <= 50:
+        raise InvalidInput(f"headroom_percent must be 0-50: the share of the memory kept free (got {server.headroom_percent})")
     if not 1 <= server.pgbouncer_pool_size <= 100:
         raise InvalidInput(f"pgbouncer_pool_size must be 1-100 (got {server.pgbouncer_pool_size})")
     for key in ("pgbouncer_image", "bot_image"):
@@ -126,7 +149,7 @@ def validate_stack(server: StackSettings) -> None:
 
 @dataclass(frozen=True)
 class Tuning:
-    """postgresql.conf numbers for one memory limit (all sizes in MB)."""
+    """postgresql.conf numbers for one memory limit (sizes in MB), and the memory model behind them."""
 
     memory_mb: int
     shared_buffers_mb: int
@@ -138,50 +161,86 @@ class Tuning:
     max_connections_derived: bool
     superuser_reserved_connections: int = SUPERUSER_RESERVED
     autovacuum_max_workers: int = AUTOVACUUM_WORKERS
+    active_percent: int = DEFAULT_ACTIVE_PERCENT
+    headroom_percent: int = DEFAULT_HEADROOM_PERCENT
 
     @property
-    def per_connection_mb(self) -> int:
-        return self.work_mem_mb + CONNECTION_OVERHEAD_MB
+    def shared_mb(self) -> int:
+        """The shared memory segment: shared_buffers, its descriptors and WAL buffers, a slot per connection."""
+        return (self.shared_buffers_mb + self.memory_mb // 128 + min(self.memory_mb // 128, 16) + SHARED_BASE_MB
+                + -(-self.max_connections * SLOT_KB // 1024))
+
+    @property
+    def maintenance_mb(self) -> int:
+        return self.maintenance_work_mem_mb + self.autovacuum_max_workers * self.autovacuum_work_mem_mb
 
     @property
     def fixed_mb(self) -> int:
-        return (self.shared_buffers_mb + self.maintenance_work_mem_mb
-                + self.autovacuum_max_workers * self.autovacuum_work_mem_mb + BACKGROUND_MB)
+        return self.shared_mb + self.maintenance_mb + BACKGROUND_MB
+
+    @property
+    def active_connections(self) -> int:
+        """Connections assumed to run a query (a sort or a hash) at the same moment."""
+        return -(-self.max_connections * self.active_percent // 100)
+
+    @property
+    def active_kb(self) -> int:
+        """What one running query may add to its backend: work_mem x the factor + executor memory."""
+        return WORK_MEM_FACTOR * self.work_mem_mb * 1024 + ACTIVE_EXTRA_KB
+
+    @property
+    def headroom_mb(self) -> int:
+        return self.memory_mb * self.headroom_percent // 100
+
+    @property
+    def connections_mb(self) -> int:
+        return -(-self.max_connections * BACKEND_KB // 1024)
+
+    @property
+    def active_mb(self) -> int:
+        return -(-self.active_connections * self.active_kb // 1024)
 
     @property
     def memory_estimate_mb(self) -> int:
-        return self.fixed_mb + self.max_connections * self.per_connection_mb
+        """Everything the model charges, headroom included: it fits when this is at most memory_mb."""
+        return self.fixed_mb + self.connections_mb + self.active_mb + self.headroom_mb
 
 
 def tune(server: StackSettings) -> Tuning:
     """The postgres settings derived from the memory limit (and max_connections, if set)."""
     validate_stack(server)
-    return tuning_for(memory_mb(server.postgres_memory, "postgres_memory"), server.max_connections)
+    return tuning_for(memory_mb(server.postgres_memory, "postgres_memory"), server.max_connections,
+                      server.active_percent, server.headroom_percent)
 
 
 def _work_mem_mb(mem: int) -> int:
-    """work_mem for a memory limit: M/256, 1-64 MB (rounded down)."""
-    return min(max(mem // 256, 1), 64)
+    """work_mem at every memory limit: WORK_MEM_MB. More memory buys more connections, not larger sorts."""
+    return WORK_MEM_MB
 
 
-def derived_max_connections(mem: int) -> int:
+def derived_max_connections(mem: int, active_percent: int = DEFAULT_ACTIVE_PERCENT,
+                            headroom_percent: int = DEFAULT_HEADROOM_PERCENT) -> int:
     """max_connections derived from a memory limit M (MB, at least 128), never fewer at a larger M.
 
-    What M affords once the fixed part is taken, each connection charged the backend's 3 MB
-    plus work_mem's exact share of M (M/256, 1-64 MB), not the rounded work_mem: the rounded
-    one steps up by 1 MB every 256 MB, which made the count fall as the memory rose (768M
-    afforded fewer than 704M). The fixed part is its exact share, 1/4 + 1/16 + 2 x 1/64 of M,
-    plus the background processes. Both exact shares are at least what the rounded settings
-    take, so the memory estimate always fits; on a multiple of 256M the count is the rounded
-    model's own. Then within MIN_CONNECTIONS-MAX_CONNECTIONS."""
-    share = 16 + 4 + AUTOVACUUM_WORKERS  # the fixed part in 64ths of M
-    free_64ths = (64 - share) * mem - 64 * BACKGROUND_MB  # 64 x (M - fixed)
-    per_256ths = min(max(mem, 256), 64 * 256) + 256 * CONNECTION_OVERHEAD_MB  # 256 x a connection's cost
-    afford = free_64ths * 4 // per_256ths
+    The most connections C with fixed + C x (backend + slot) + active + headroom <= M, every
+    share of M counted at its exact fraction, not the rounded setting: shared_buffers + M/128 +
+    maintenance + the autovacuum workers as 45/128 of M (360 kB per MB), the WAL buffers as M/128
+    up to 16 MB, the headroom as its percent. The active connections are ceil(C x
+    active%), charged here as C x active% plus one whole active connection. Each exact share is
+    at least what the rounded settings take, so the memory estimate always fits; and the count
+    rises with M (what is left grows with M, a connection's cost does not). Then within
+    MIN_CONNECTIONS-MAX_CONNECTIONS. Everything is in hundredths of a kB, in integers."""
+    active = WORK_MEM_FACTOR * WORK_MEM_MB * 1024 + ACTIVE_EXTRA_KB
+    # + 3 MB: the estimate rounds the slots, the backends and the active part up to whole MB
+    fixed_kb = 360 * mem + min(8 * mem, 16 * 1024) + (SHARED_BASE_MB + BACKGROUND_MB + 3) * 1024
+    free = 100 * (1024 * mem - fixed_kb - active) - headroom_percent * 1024 * mem
+    per = 100 * (BACKEND_KB + SLOT_KB) + active_percent * active
+    afford = max(free, 0) // per
     return min(max(afford, MIN_CONNECTIONS), MAX_CONNECTIONS)
 
 
-def tuning_for(mem: int, max_connections: int = 0) -> Tuning:
+def tuning_for(mem: int, max_connections: int = 0, active_percent: int = DEFAULT_ACTIVE_PERCENT,
+               headroom_percent: int = DEFAULT_HEADROOM_PERCENT) -> Tuning:
     """The tuning of a memory limit (MB), with max_connections set (or 0: derived from it)."""
     derived = max_connections == 0
     return Tuning(
@@ -191,8 +250,10 @@ def tuning_for(mem: int, max_connections: int = 0) -> Tuning:
         maintenance_work_mem_mb=max(mem // 16, 8),
         autovacuum_work_mem_mb=max(mem // 64, 2),
         work_mem_mb=_work_mem_mb(mem),
-        max_connections=derived_max_connections(mem) if derived else max_connections,
+        max_connections=derived_max_connections(mem, active_percent, headroom_percent) if derived else max_connections,
         max_connections_derived=derived,
+        active_percent=active_percent,
+        headroom_percent=headroom_percent,
     )
 
 
@@ -200,19 +261,29 @@ ADVICE_STEP_MB = 64
 ADVICE_LIMIT_MB = 1024 * 1024  # 1T: beyond it the advice is not memory
 
 
-def memory_to_fit(connections: int, max_connections: int, memory: int) -> int | None:
+def memory_to_fit(connections: int, max_connections: int, memory: int, active_percent: int = DEFAULT_ACTIVE_PERCENT,
+                  headroom_percent: int = DEFAULT_HEADROOM_PERCENT) -> int | None:
     """The smallest memory limit (MB: ``memory`` itself, else a multiple of 64M above it) whose
     tuning has ``connections`` and fits its memory estimate, with ``max_connections`` set (or 0:
     derived from the memory). None when no memory up to 1T does."""
     mem = max(memory, 128)
     while mem <= ADVICE_LIMIT_MB:
-        t = tuning_for(mem, max_connections)
+        t = tuning_for(mem, max_connections, active_percent, headroom_percent)
         if t.max_connections >= connections and t.memory_estimate_mb <= mem:
             return mem
         if t.max_connections_derived and t.max_connections >= MAX_CONNECTIONS:
             return None  # derived: more memory gives no more connections
         mem = (mem // ADVICE_STEP_MB + 1) * ADVICE_STEP_MB
     return None
+
+
+def memory_terms(t: Tuning) -> str:
+    """The estimate's terms in words (budget's output and a refusal's)."""
+    return (f"shared {t.shared_mb}MB (shared_buffers {t.shared_buffers_mb}MB + {t.shared_mb - t.shared_buffers_mb}MB) "
+            f"+ maintenance {t.maintenance_mb}MB + background {BACKGROUND_MB}MB + {t.max_connections} connections x "
+            f"{BACKEND_KB / 1024:g}MB + {t.active_connections} active ({t.active_percent}%) x {t.active_kb / 1024:g}MB "
+            f"({WORK_MEM_FACTOR} x work_mem {t.work_mem_mb}MB + {ACTIVE_EXTRA_KB / 1024:g}MB) "
+            f"+ headroom {t.headroom_mb}MB ({t.headroom_percent}%)")
 
 
 def memory_text(mb: int) -> str:
@@ -235,7 +306,8 @@ def bot_share(entry: BotEntry, server: StackSettings, fleet: Fleet | None = None
     clients = entry.pool_max * entry.replicas
     share = entry.connection_limit
     if server.pgbouncer:
-        share = min(clients, server.pgbouncer_pool_size) + MIGRATION_MARGIN
+        # its pools go to PgBouncer; its migrations are the migrator's, counted in the reserve
+        share = min(clients, server.pgbouncer_pool_size)
     memory = memory_mb(bot_memory(fleet, entry), "memory") * entry.replicas if fleet is not None else 0
     return BotShare(entry.name, f"{entry.pool_size}+{entry.max_overflow}", entry.pool_max, entry.replicas, share,
                     clients, memory)
@@ -248,8 +320,14 @@ class Budget:
     bots: list[BotShare] = field(default_factory=list)
 
     @property
+    def migration_reserve(self) -> int:
+        """Behind PgBouncer the bots reach postgres only through it (their network has no route to
+        postgres); their migrations come from the provision service, at most MIGRATION_JOBS at once."""
+        return MIGRATION_JOBS if self.pgbouncer else 0
+
+    @property
     def reserve(self) -> int:
-        return self.tuning.superuser_reserved_connections + PROVISIONER_MARGIN
+        return self.tuning.superuser_reserved_connections + PROVISIONER_MARGIN + self.migration_reserve
 
     @property
     def total(self) -> int:
@@ -279,10 +357,16 @@ class Budget:
         return {
             "max_connections": t.max_connections, "max_connections_derived": t.max_connections_derived,
             "superuser_reserved_connections": t.superuser_reserved_connections,
-            "provisioner_margin": PROVISIONER_MARGIN, "reserve": self.reserve, "pgbouncer": self.pgbouncer,
+            "provisioner_margin": PROVISIONER_MARGIN, "migration_reserve": self.migration_reserve,
+            "reserve": self.reserve, "pgbouncer": self.pgbouncer,
             "bots": [asdict(b) for b in self.bots], "total": self.total, "headroom": self.headroom,
-            "memory": {"limit_mb": t.memory_mb, "shared_buffers_mb": t.shared_buffers_mb, "fixed_mb": t.fixed_mb,
-                       "per_connection_mb": t.per_connection_mb, "estimate_mb": t.memory_estimate_mb,
+            "memory": {"limit_mb": t.memory_mb, "shared_buffers_mb": t.shared_buffers_mb, "shared_mb": t.shared_mb,
+                       "maintenance_mb": t.maintenance_mb, "background_mb": BACKGROUND_MB if t.memory_mb else 0,
+                       "fixed_mb": t.fixed_mb, "backend_kb": BACKEND_KB, "connections_mb": t.connections_mb,
+                       "work_mem_mb": t.work_mem_mb, "active_percent": t.active_percent,
+                       "active_connections": t.active_connections, "active_kb": t.active_kb,
+                       "active_mb": t.active_mb, "headroom_percent": t.headroom_percent,
+                       "headroom_mb": t.headroom_mb, "estimate_mb": t.memory_estimate_mb,
                        "bots_mb": self.bots_memory_mb},
             "fits": self.fits,
         }
@@ -326,7 +410,7 @@ def explain(budget: Budget, what: str) -> str:
                    f"but max_connections is {t.max_connections}: {-budget.headroom} too many")
     else:
         problem = (f"{what}: max_connections {t.max_connections} needs about {t.memory_estimate_mb}MB "
-                   f"({t.fixed_mb}MB fixed + {t.max_connections} x {t.per_connection_mb}MB) but postgres has {t.memory_mb}MB")
+                   f"({memory_terms(t)}) but postgres has {t.memory_mb}MB")
     if t.memory_mb == 0:  # a [servers.NAME]: its numbers are declared in fleet.toml
         return (f"{problem}; nothing was changed. Options: raise that server's max_connections in fleet.toml "
                 "(if the server really allows that many), shrink pools (--pool-size 1 --max-overflow 1), "
@@ -335,11 +419,11 @@ def explain(budget: Budget, what: str) -> str:
     options = []
     if budget.headroom < 0:
         # Each option is a value that fits this fleet (the tuning recomputed for it), or is left out.
-        derived = memory_to_fit(need, 0, t.memory_mb)
+        derived = memory_to_fit(need, 0, t.memory_mb, t.active_percent, t.headroom_percent)
         if derived is not None:
             options.append(f"raise the memory (provision render --postgres-memory {memory_text(derived)}"
                            + ("" if t.max_connections_derived else " --max-connections 0") + ")")
-        fixed = memory_to_fit(need, need, t.memory_mb)
+        fixed = memory_to_fit(need, need, t.memory_mb, t.active_percent, t.headroom_percent)
         if fixed is not None and need <= MAX_CONNECTIONS:
             options.append(f"raise max_connections (provision render --max-connections {need}"
                            + ("" if fixed == t.memory_mb else f" --postgres-memory {memory_text(fixed)}") + ")")
@@ -347,7 +431,7 @@ def explain(budget: Budget, what: str) -> str:
         if not budget.pgbouncer:
             options.append("or put PgBouncer in front (provision render --pgbouncer)")
     else:
-        more = memory_to_fit(t.max_connections, t.max_connections, t.memory_mb)
+        more = memory_to_fit(t.max_connections, t.max_connections, t.memory_mb, t.active_percent, t.headroom_percent)
         if more is not None:
             options.append(f"raise the memory (provision render --postgres-memory {memory_text(more)})")
         options.append("or lower --max-connections (0 derives it from the memory)")

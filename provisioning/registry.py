@@ -81,13 +81,17 @@ class StackSettings:
     postgres_major: int = 17  # the official postgres image's major version, pinned
     postgres_memory: str = "512M"  # the postgres container's memory limit; tuning derives from it
     max_connections: int = 0  # 0: as many as the memory limit affords
+    # The memory budget's two assumptions (provision budget): the percent of the connections that
+    # run a query (a sort or hash: work_mem) at the same moment, and the percent of the memory kept free.
+    active_percent: int = 10
+    headroom_percent: int = 10
     bot_memory: str = ""  # each bot container's memory limit; "" = its code's measured default
     bot_cpus: str = "0.5"  # each bot container's CPU limit (cores)
     # host address:port where the admin reaches the stack's postgres ("" = not published); not
     # 5432, where a PostgreSQL already running on the host usually listens
     publish: str = "127.0.0.1:15432"
     pgbouncer: bool = False  # bots connect through a PgBouncer in transaction mode
-    pgbouncer_pool_size: int = 2  # server connections PgBouncer keeps per bot
+    pgbouncer_pool_size: int = 1  # server connections PgBouncer keeps per bot (transaction pooling)
     pgbouncer_image: str = "edoburu/pgbouncer:v1.24.1-p1"  # needs PgBouncer >= 1.21
     bot_image: str = "botfleet-bot:latest"  # built from the repo's Dockerfile
     # `provision metrics` as a service of the stack (a monitoring role of its own, pg_monitor's rights)

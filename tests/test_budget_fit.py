@@ -1,4 +1,5 @@
-"""The connection budget holds and its advice fits (issue 15, items 2, 3 and 9).
+"""The connection budget holds and its advice fits (issue 15, items 2, 3 and 9), and the memory
+model grounded in measurement (issue 16) admits the fleets it should and refuses the others.
 
 - the derived max_connections never falls as the memory rises, and the memory a refusal
   advises is one at which the fleet fits (pure arithmetic, then `provision budget`);
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -24,10 +26,19 @@ ADVICE = re.compile(r"--postgres-memory (\d+[MG])\b")
 
 
 def fleet_of(bots: int, *, pool: tuple[int, int] = (2, 3), replicas: int = 1, memory: str = "512M",
-             pgbouncer: bool = False) -> Fleet:
+             pgbouncer: bool = False, **stack: int) -> Fleet:
     entries = {f"bot-{i}": BotEntry(name=f"bot-{i}", code="hello-bot", pool_size=pool[0], max_overflow=pool[1],
                                     replicas=replicas) for i in range(bots)}
-    return Fleet(StackSettings(postgres_memory=memory, pgbouncer=pgbouncer), entries)
+    return Fleet(StackSettings(postgres_memory=memory, pgbouncer=pgbouncer, **stack), entries)
+
+
+def most_default_bots(memory: str, **stack) -> int:
+    """The largest fleet of default bots (pool 2+3, one replica) the budget admits."""
+    lo, hi = 0, 5000
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if budgets.compute(fleet_of(mid, memory=memory, **stack)).fits else (lo, mid - 1)
+    return lo
 
 
 def with_memory(fleet: Fleet, memory: str) -> Fleet:
@@ -105,6 +116,88 @@ def test_provision_budget_advice_followed_once_fits(tmp_path):
     proc = run(root, "budget", "--postgres-memory", found.group(1))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip().endswith("fits")
+
+
+# -- the measured model: what fits, what is refused --------------------------------------------
+
+def test_direct_connections_at_4g_fit_three_times_the_old_budgets_bots():
+    """The old model (work_mem + 3 MB per connection) admitted 22 default bots at 4G."""
+    assert most_default_bots("4G") >= 3 * 22
+    assert most_default_bots("512M") >= 9, "the default size admits no fewer bots than before"
+
+
+def test_a_thousand_default_bots_fit_8g_behind_pgbouncer_and_not_direct():
+    fleet = fleet_of(1000, memory="8G", pgbouncer=True)
+    budget = budgets.compute(fleet)
+    assert budget.fits, budgets.explain(budget, "the fleet")
+    assert budget.total == 1000 and budget.reserve == 3 + 2 + budgets.MIGRATION_JOBS
+    assert budget.tuning.memory_estimate_mb <= 8 * 1024
+    direct = budgets.compute(fleet_of(1000, memory="8G"))
+    assert not direct.fits and direct.reserve + direct.total == 6005, "each direct bot is its role's limit, 6"
+    assert not budgets.compute(fleet_of(1000, memory="4G", pgbouncer=True)).fits
+    assert not budgets.compute(fleet_of(1000, memory="8G", pgbouncer=True, pgbouncer_pool_size=2)).fits
+
+
+def test_the_estimate_adds_up_and_its_assumptions_move_it():
+    t = budgets.tune(StackSettings(postgres_memory="4G"))
+    assert t.work_mem_mb == 4 and t.shared_buffers_mb == 1024
+    assert t.memory_estimate_mb == (t.shared_mb + t.maintenance_mb + budgets.BACKGROUND_MB + t.connections_mb
+                                    + t.active_mb + t.headroom_mb) <= 4096
+    assert t.active_connections == -(-t.max_connections * 10 // 100) and t.headroom_mb == 409
+    busier = budgets.tune(StackSettings(postgres_memory="4G", active_percent=50))
+    tighter = budgets.tune(StackSettings(postgres_memory="4G", headroom_percent=30))
+    assert busier.max_connections < t.max_connections and tighter.max_connections < t.max_connections
+    for tuning in (busier, tighter):
+        assert tuning.memory_estimate_mb <= 4096
+    # max_connections set by hand: charged in full, and refused when it does not fit
+    over = budgets.compute(Fleet(StackSettings(postgres_memory="4G", max_connections=t.max_connections + 50), {}))
+    assert not over.memory_fits and "needs about" in budgets.explain(over, "the fleet")
+
+
+@pytest.mark.parametrize("active", [1, 10, 25, 100])
+@pytest.mark.parametrize("headroom", [0, 10, 50])
+def test_derived_max_connections_fits_and_rises_for_any_assumptions(active, headroom):
+    previous = 0
+    for mb in range(128, 40 * 1024 + 1, 37):
+        t = budgets.tune(StackSettings(postgres_memory=f"{mb}M", active_percent=active, headroom_percent=headroom))
+        assert t.max_connections >= previous, f"{mb}M derives fewer connections than a smaller memory"
+        if t.max_connections > budgets.MIN_CONNECTIONS:
+            assert t.memory_estimate_mb <= mb, f"{mb}M: the derived tuning does not fit its own memory"
+        previous = t.max_connections
+
+
+def test_budget_shows_and_previews_the_assumptions(tmp_path):
+    root = tmp_path / "fleet"
+    root.mkdir()
+    (root / "fleet.toml").write_text(REGISTRY_HEAD + "active_percent = 20\nheadroom_percent = 5\n\n[bots.small]\n")
+    data = json.loads(run(root, "budget", "--json").stdout)
+    memory = data["memory"]
+    assert memory["active_percent"] == 20 and memory["headroom_percent"] == 5 and memory["work_mem_mb"] == 4
+    assert memory["estimate_mb"] == (memory["fixed_mb"] + memory["connections_mb"] + memory["active_mb"]
+                                     + memory["headroom_mb"]) <= memory["limit_mb"]
+    assert memory["active_connections"] == -(-data["max_connections"] * 20 // 100)
+    preview = json.loads(run(root, "budget", "--json", "--active-percent", "50").stdout)
+    assert preview["memory"]["active_percent"] == 50 and preview["max_connections"] < data["max_connections"]
+    proc = run(root, "budget")
+    assert proc.returncode == 0 and "active (20%)" in proc.stdout and "headroom" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("args, word", [(("--active-percent", "0"), "active_percent must be 1-100"),
+                                        (("--headroom-percent", "60"), "headroom_percent must be 0-50")])
+def test_bad_assumptions_are_refused_in_one_line_and_change_nothing(tmp_path, args, word):
+    root = make_project(tmp_path / "fleet")
+    assert run(root, "render").returncode == 0
+    before = files(root)
+    for command in ("budget", "render"):
+        proc = run(root, command, *args)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and word in errors[0], proc.stderr
+        assert files(root) == before
+    registry = (root / "fleet.toml").read_text()
+    (root / "fleet.toml").write_text(registry.replace("[server]\n", "[server]\nactive_percent = 0\n", 1))
+    proc = run(root, "budget")
+    assert proc.returncode == 2 and "active_percent must be 1-100" in proc.stderr, proc.stderr
 
 
 # -- add-bot holds the server's own max_connections when no stack is rendered ----------------------

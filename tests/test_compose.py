@@ -263,7 +263,7 @@ def test_pgbouncer_switch_needs_no_new_env_files(tmp_path):
     url = (root / "secrets/hello-bot.url").read_text()
     assert url == f"postgresql+asyncpg://hello_bot_user:{FAKE['hello-bot']}@pgbouncer:6432/hello_bot_db\n"
     ini = (root / "deploy/pgbouncer.ini").read_text()
-    assert "chat_bot_db = host=postgres port=5432 dbname=chat_bot_db pool_size=2 max_db_connections=2" in ini
+    assert "chat_bot_db = host=postgres port=5432 dbname=chat_bot_db pool_size=1 max_db_connections=1" in ini
     assert "pool_mode = transaction" in ini and "max_prepared_statements = 200" in ini
     compose = compose_check.load_yaml((root / "compose.yaml").read_text())
     assert compose["services"]["hello-bot"]["networks"] == ["fleet"]  # cannot reach postgres around PgBouncer
@@ -283,10 +283,10 @@ def test_budget_prints_the_numbers(tmp_path):
     root = make_project(tmp_path / "fleet")
     proc = run(root, "budget")
     assert proc.returncode == 0, proc.stderr
-    assert "max_connections 62 (derived from the memory)" in proc.stdout
+    assert "max_connections 61 (derived from the memory)" in proc.stdout
     assert "chat-bot      3+2   2         10       11" in proc.stdout
     data = json.loads(run(root, "budget", "--json").stdout)
-    assert data["total"] == 6 + 11 + 6 + 6 and data["reserve"] == 5 and data["headroom"] == 62 - 5 - 29
+    assert data["total"] == 6 + 11 + 6 + 6 and data["reserve"] == 5 and data["headroom"] == 61 - 5 - 29
     assert data["memory"]["estimate_mb"] <= data["memory"]["limit_mb"]
     proc = run(root, "budget", "--max-connections", "30")
     assert proc.returncode == 2
@@ -327,7 +327,7 @@ def test_postgresql_conf_is_read_by_a_real_postgres(tmp_path):
     for name in ("max_connections", "shared_buffers", "work_mem", "effective_cache_size", "maintenance_work_mem"):
         proc = server._run("postgres", "-D", str(server.pgdata), "-c", f"config_file={conf}", "-C", name)
         values[name] = proc.stdout.strip()
-    assert values == {"max_connections": "92", "shared_buffers": "32768", "work_mem": "4096",
+    assert values == {"max_connections": "139", "shared_buffers": "32768", "work_mem": "4096",
                       "effective_cache_size": "65536", "maintenance_work_mem": "65536"}
 
 
@@ -339,7 +339,7 @@ def test_add_bot_refuses_a_bot_that_does_not_fit(fleet, admin):
         (fleet.root / "bots" / name.replace("-", "_")).mkdir(parents=True)
     fleet.add(a)
     fleet.add(b)
-    proc = fleet.run("render", "--postgres-memory", "160M")  # 20 connections: 5 reserved + 6 + 6 fit
+    proc = fleet.run("render", "--postgres-memory", "256M", "--max-connections", "20")  # 5 reserved + 6 + 6 fit
     assert proc.returncode == 0, proc.stderr
     compose = compose_check.load_yaml((fleet.root / "compose.yaml").read_text())
     assert {a, b} <= set(compose["services"])

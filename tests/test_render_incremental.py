@@ -47,7 +47,8 @@ def one_more(tmp_path: Path, monkeypatch, size: int) -> tuple[Counted, list[str]
     root = make_project(tmp_path / f"fleet{size}")
     for i in range(size - 3):  # make_project has three bots
         add_fake_bot(root, f"extra-{i:02d}")
-    assert run(root, "render").returncode == 0
+    # 1G: the 16-bot fleet needs 62 connections, one more than 512M holds (test_budget_fit sizes the budget)
+    assert run(root, "render", "--postgres-memory", "1G").returncode == 0
     add_fake_bot(root, "newcomer")
     counted = Counted(monkeypatch)
     proc = run(root, "render")

@@ -57,7 +57,7 @@ def test_bots_live_on_their_server_and_every_command_spans_both(two, pg):
     proc = fleet.run("add-bot", a, "--code", "hello-bot", "--server", "second")
     assert proc.returncode == 0 and "server second:" in proc.stderr, proc.stderr
     assert fleet.run("config", "set", a, "BOT_TOKEN=123:fake").returncode == 0  # hello-bot's code requires it
-    # The default server (512M: max_connections 62) has more headroom than second (40).
+    # The default server (512M: max_connections 61) has more headroom than second (40).
     proc = fleet.run("add-bot", b, "--code", "chat-bot")
     assert proc.returncode == 0 and f"placing {b} on server default" in proc.stderr, proc.stderr
     assert registry(fleet)["bots"][a]["server"] == "second" and "server" not in registry(fleet)["bots"][b]

@@ -27,12 +27,19 @@ ExporterPublishOpt = Annotated[Optional[str], typer.Option("--exporter-publish",
                                                            help="Where the host reaches the exporter ('' = the "
                                                            "stack's networks only).", show_default="127.0.0.1:9187")]
 PoolOpt = Annotated[Optional[int], typer.Option("--pgbouncer-pool-size", help="Server connections PgBouncer keeps per bot.",
-                                                show_default="2")]
+                                                show_default="1")]
+ActiveOpt = Annotated[Optional[int], typer.Option("--active-percent", help="Percent of the connections the memory "
+                                                  "budget assumes run a query (sort/hash: work_mem) at once.",
+                                                  show_default="10")]
+HeadroomOpt = Annotated[Optional[int], typer.Option("--headroom-percent", help="Percent of the postgres memory the "
+                                                    "budget keeps free.", show_default="10")]
 ImageOpt = Annotated[Optional[str], typer.Option("--bot-image", help="Image the bots and migrate run (built from the "
                                                  "Dockerfile).", show_default="botfleet-bot:latest")]
 
 
 def _print_budget(b) -> None:
+    from ..budget import memory_terms
+
     t = b.tuning
     how = "derived from the memory" if t.max_connections_derived else "set in fleet.toml"
     mode = "through PgBouncer (transaction pooling)" if b.pgbouncer else "direct (no PgBouncer)"
@@ -46,17 +53,18 @@ def _print_budget(b) -> None:
             (s.name, s.pool, str(s.replicas), str(s.client_connections), str(s.share)) for s in b.bots
         ])
         typer.echo("")
-    share = "PgBouncer's cap per bot + 1 for migrations" if b.pgbouncer else "pool max x replicas + 1 for migrations: the roles' CONNECTION LIMITs"
+    share = ("PgBouncer's server pool per bot" if b.pgbouncer
+             else "pool max x replicas + 1 for migrations: the roles' CONNECTION LIMITs")
+    migrations = f" + migrations {b.migration_reserve}" if b.migration_reserve else ""
     rows = [
-        ("reserve", f"{b.reserve} (superuser_reserved_connections {t.superuser_reserved_connections} + provisioner 2)"),
+        ("reserve", f"{b.reserve} (superuser_reserved_connections {t.superuser_reserved_connections} + provisioner 2"
+                    f"{migrations})"),
         ("bots", f"{b.total} ({share})"),
         ("total", f"{b.reserve + b.total} of max_connections {t.max_connections}"),
         ("headroom", str(b.headroom)),
     ]
     if t.memory_mb:
-        rows.append(("memory", f"{t.memory_estimate_mb}MB of {t.memory_mb}MB: shared_buffers {t.shared_buffers_mb}MB + "
-                               f"other fixed {t.fixed_mb - t.shared_buffers_mb}MB + {t.max_connections} connections x "
-                               f"{t.per_connection_mb}MB (work_mem {t.work_mem_mb}MB + backend)"))
+        rows.append(("memory", f"{t.memory_estimate_mb}MB of {t.memory_mb}MB: {memory_terms(t)}"))
         rows.append(("bot memory", f"{b.bots_memory_mb}MB of container memory limits besides postgres's "
                              f"(host total {b.bots_memory_mb + t.memory_mb}MB)"))
     else:
@@ -73,6 +81,8 @@ def budget_cmd(
     max_connections: MaxConnOpt = None,
     pgbouncer: PgbouncerOpt = None,
     pgbouncer_pool_size: PoolOpt = None,
+    active_percent: ActiveOpt = None,
+    headroom_percent: HeadroomOpt = None,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
 ) -> None:
@@ -89,7 +99,8 @@ def budget_cmd(
 
     proj = project_of(project)
     budgets = commands.budget(proj, postgres_memory=postgres_memory, max_connections=max_connections,
-                              pgbouncer=pgbouncer, pgbouncer_pool_size=pgbouncer_pool_size)
+                              pgbouncer=pgbouncer, pgbouncer_pool_size=pgbouncer_pool_size,
+                              active_percent=active_percent, headroom_percent=headroom_percent)
     many = bool(proj.fleet.servers)
     if as_json:
         print_json(budgets["default"].as_dict() if not many else {"servers": {n: b.as_dict() for n, b in budgets.items()}})
@@ -114,6 +125,8 @@ def render_cmd(
     publish: PublishOpt = None,
     pgbouncer: PgbouncerOpt = None,
     pgbouncer_pool_size: PoolOpt = None,
+    active_percent: ActiveOpt = None,
+    headroom_percent: HeadroomOpt = None,
     bot_image: ImageOpt = None,
     exporter: ExporterOpt = None,
     exporter_publish: ExporterPublishOpt = None,
@@ -134,7 +147,8 @@ def render_cmd(
                              postgres_memory=postgres_memory,
                              max_connections=max_connections, bot_memory=bot_memory, postgres_major=postgres_major,
                              publish=publish, pgbouncer=pgbouncer, pgbouncer_pool_size=pgbouncer_pool_size,
-                             bot_image=bot_image, exporter=exporter, exporter_publish=exporter_publish)
+                             active_percent=active_percent, headroom_percent=headroom_percent, bot_image=bot_image,
+                             exporter=exporter, exporter_publish=exporter_publish)
     if as_json:
         print_json(result.as_dict())
         return
