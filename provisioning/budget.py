@@ -52,6 +52,9 @@ from .registry import (
 
 SUPERUSER_RESERVED = 3
 PROVISIONER_MARGIN = 2  # `provision` admin session + a pg_dump during remove-bot
+# The stack's metrics exporter (render --exporter): its role's CONNECTION LIMIT, its container's memory
+EXPORTER_CONNECTIONS = 2
+EXPORTER_MEMORY = "128M"  # measured: 51 MiB resident after scrapes (VmHWM), + a health check
 MIGRATION_JOBS = 8  # behind PgBouncer: migrate's worker pool, the only direct bot connections
 BACKGROUND_MB = 24
 AUTOVACUUM_WORKERS = 2
@@ -318,6 +321,7 @@ class Budget:
     tuning: Tuning
     pgbouncer: bool
     bots: list[BotShare] = field(default_factory=list)
+    exporter: bool = False  # the stack's exporter service: its connections are reserved, its memory counted
 
     @property
     def migration_reserve(self) -> int:
@@ -327,7 +331,12 @@ class Budget:
 
     @property
     def reserve(self) -> int:
-        return self.tuning.superuser_reserved_connections + PROVISIONER_MARGIN + self.migration_reserve
+        return (self.tuning.superuser_reserved_connections + PROVISIONER_MARGIN + self.migration_reserve
+                + self.exporter_connections)
+
+    @property
+    def exporter_connections(self) -> int:
+        return EXPORTER_CONNECTIONS if self.exporter else 0
 
     @property
     def total(self) -> int:
@@ -335,9 +344,9 @@ class Budget:
 
     @property
     def bots_memory_mb(self) -> int:
-        """What the bots' containers may use together (their memory limits): the host needs it
-        beside postgres's."""
-        return sum(b.memory_mb for b in self.bots)
+        """What the bots' containers (and the exporter's) may use together (their memory limits):
+        the host needs it beside postgres's."""
+        return sum(b.memory_mb for b in self.bots) + (memory_mb(EXPORTER_MEMORY, "memory") if self.exporter else 0)
 
     @property
     def headroom(self) -> int:
@@ -358,7 +367,7 @@ class Budget:
             "max_connections": t.max_connections, "max_connections_derived": t.max_connections_derived,
             "superuser_reserved_connections": t.superuser_reserved_connections,
             "provisioner_margin": PROVISIONER_MARGIN, "migration_reserve": self.migration_reserve,
-            "reserve": self.reserve, "pgbouncer": self.pgbouncer,
+            "exporter_connections": self.exporter_connections, "reserve": self.reserve, "pgbouncer": self.pgbouncer,
             "bots": [asdict(b) for b in self.bots], "total": self.total, "headroom": self.headroom,
             "memory": {"limit_mb": t.memory_mb, "shared_buffers_mb": t.shared_buffers_mb, "shared_mb": t.shared_mb,
                        "maintenance_mb": t.maintenance_mb, "background_mb": BACKGROUND_MB if t.memory_mb else 0,
@@ -392,7 +401,7 @@ def server_budget(fleet: Fleet, server: str, extra: BotEntry | None = None) -> B
             bots[extra.name] = extra
     if server == DEFAULT_SERVER:
         return Budget(tune(fleet.stack), fleet.stack.pgbouncer,
-                      [bot_share(bots[name], fleet.stack, fleet) for name in sorted(bots)])
+                      [bot_share(bots[name], fleet.stack, fleet) for name in sorted(bots)], exporter=fleet.stack.exporter)
     spec = fleet.servers[server]  # its numbers were range-checked when fleet.toml was loaded
     tuning = Tuning(memory_mb=0, shared_buffers_mb=0, effective_cache_size_mb=0, maintenance_work_mem_mb=0,
                     autovacuum_work_mem_mb=0, work_mem_mb=0, max_connections=spec.max_connections,

@@ -31,18 +31,19 @@ import psycopg
 from psycopg import sql
 
 from . import passwords
+from .budget import EXPORTER_CONNECTIONS, EXPORTER_MEMORY
 from .db import STATE_DATABASE
 from .errors import InvalidInput, ProvisionError
 
 ROLE = "botfleet_monitor"
-CONNECTION_LIMIT = 2
+CONNECTION_LIMIT = EXPORTER_CONNECTIONS  # the budget reserves them
 # The URL the exporter connects with (password included, like a bot's URL file).
 URL_FILE = "secrets/botfleet-monitor.url"
 # Where the exporter's container finds it, and the variable that tells `provision metrics`/`top`.
 URL_FILE_ENV = "BOTFLEET_MONITOR_URL_FILE"
 CONTAINER_URL_FILE = "/run/secrets/monitor_url"
 PORT = 9187  # the port Prometheus's postgres_exporter made the custom one
-MEMORY = "128M"  # measured: 51 MiB resident after scrapes (VmHWM; Python 3.11, psycopg, the CLI), + a health check
+MEMORY = EXPORTER_MEMORY
 
 
 @dataclass(frozen=True)

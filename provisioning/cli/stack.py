@@ -56,6 +56,7 @@ def _print_budget(b) -> None:
     share = ("PgBouncer's server pool per bot" if b.pgbouncer
              else "pool max x replicas + 1 for migrations: the roles' CONNECTION LIMITs")
     migrations = f" + migrations {b.migration_reserve}" if b.migration_reserve else ""
+    migrations += f" + exporter {b.exporter_connections}" if b.exporter_connections else ""
     rows = [
         ("reserve", f"{b.reserve} (superuser_reserved_connections {t.superuser_reserved_connections} + provisioner 2"
                     f"{migrations})"),
