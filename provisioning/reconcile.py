@@ -162,12 +162,13 @@ def observe_many(server: Server, project: Project, entries: list[BotEntry], *,
     role_states = roles.inspect_many(conn, [e.role for e in entries], read_verifier=admin.superuser)
     database_states = databases.inspect_many(conn, [e.database for e in entries])
     problems = roles.setting_problems(conn, list(GUARDS)) if entries else {}
+    suspended = quota.suspended_many(conn, [e.role for e in entries if e.role in role_states])
     out = []
     for entry in entries:
         observed = Observed(role=role_states.get(entry.role), database=database_states.get(entry.database),
                             env=project.env(entry.name))
         if observed.role is not None:
-            observed.context = RoleContext(problems, quota.is_suspended(conn, entry.role))
+            observed.context = RoleContext(problems, suspended[entry.role])
         out.append(observed)
 
     def look(i: int) -> None:
