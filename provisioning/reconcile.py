@@ -133,6 +133,10 @@ class Observed:
     inside_error: str | None = None  # the database could not be looked inside
     extra: Any = None  # what the caller's ``read_inside`` returned
     context: RoleContext | None = None  # read with the fleet's (observe_many); else role_context() reads it
+    # Whether the env file's password is the one behind the role's verifier (None: not worked out
+    # yet). observe_many works it out in its pool's threads (PBKDF2, the client's costliest step,
+    # runs there while the other threads wait on the server); else _env_changes does.
+    password_matches: bool | None = None
 
     @property
     def exists(self) -> bool:
@@ -172,7 +176,12 @@ def observe_many(server: Server, project: Project, entries: list[BotEntry], *,
         out.append(observed)
 
     def look(i: int) -> None:
-        _look_inside(server.url, entries[i], out[i], read_inside(entries[i]) if read_inside else None)
+        observed = out[i]
+        if observed.role is not None and observed.role.verifier is not None:
+            password = observed.env.password(entries[i].role)
+            if password is not None:
+                observed.password_matches = passwords.verifier_matches(password, observed.role.verifier)
+        _look_inside(server.url, entries[i], observed, read_inside(entries[i]) if read_inside else None)
 
     pool.visit(range(len(entries)), look, pool.jobs(server.conn, len(entries)))
     return out
@@ -328,7 +337,9 @@ def _env_changes(fleet: Fleet, entry: BotEntry, observed: Observed) -> list[Chan
         out.append(Change("password", PASSWORD, f"server password set to the one in {rel} (the role has none)",
                           f"role {entry.role} has no password on the server (its bot cannot log in)",
                           f"provision add-bot {entry.name}  (sets the server's password to the env file's)", False))
-    elif role is not None and role.verifier is not None and not passwords.verifier_matches(password, role.verifier):
+    elif role is not None and role.verifier is not None and not (
+            observed.password_matches if observed.password_matches is not None
+            else passwords.verifier_matches(password, role.verifier)):
         out.append(Change("password", PASSWORD, f"server password reset to the one in {rel}",
                           f"the password in {env.path} is not the role's password on the server",
                           f"provision add-bot {entry.name}  (sets the server's password to the env file's)", False))
