@@ -196,20 +196,27 @@ def _observe_outside(server: Server, project: Project, entry: BotEntry) -> Obser
     )
 
 
+_LOOK = sql.SQL("SELECT ({}), to_regclass('alembic_version') IS NOT NULL").format(
+    sql.SQL(databases._PUBLIC_ON_SCHEMA))
+
+
 def _look_inside(url: str, entry: BotEntry, observed: Observed,
                  read_inside: Callable[[psycopg.Connection], Any] | None) -> None:
     """One connection into the bot's database (when it accepts connections): its schema, its
     revision and ``read_inside``; what stops it is ``inside_error``. Touches only ``observed``
     and a connection of its own (observe_many runs it in threads)."""
-    from .migrate import revision_of
-
     if observed.database is None or not observed.database.allow_connections:
         return
     observed.looked_inside = True
     try:
         with connect(with_database(url, entry.database)) as db_conn:
-            observed.public_schema_open = databases.public_schema_open(db_conn)
-            observed.revision = revision_of(db_conn)
+            # databases.public_schema_open and migrate.revision_of, in two round trips, not three
+            row = db_conn.execute(_LOOK).fetchone()
+            assert row is not None
+            observed.public_schema_open = bool(row[0])
+            if row[1]:
+                version = db_conn.execute("SELECT version_num FROM alembic_version").fetchone()
+                observed.revision = version[0] if version else None
             if read_inside is not None:
                 observed.extra = read_inside(db_conn)
     except (ProvisionError, psycopg.Error) as err:
