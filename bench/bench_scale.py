@@ -14,8 +14,11 @@ with ALTER SYSTEM and a restart, never on a shared server) and is built in-proce
   ``remove-bot`` (of the bot just added, --no-backup);
 - the fleet-wide commands ``render``, ``plan``, ``doctor``, ``migrate --all`` (nothing pending),
   ``list``, ``budget``, with their time per bot;
+- the floor of a fleet-wide read, in the benchmark's own process: one connection into each bot
+  database through the same bounded pool (8 at a time) and a ``SELECT 1``;
 
-and, for each, the peak number of client connections on the server (pg_stat_activity,
+each the median of its wall times and of its process's CPU times (user + system, "wall / CPU" in
+the table), and, for each, the peak number of client connections on the server (pg_stat_activity,
 sampled every 10 ms from a connection of the benchmark's own, which is not counted) and the
 peak of the command's open file descriptors (/proc/PID/fd). It prints one table. Nothing is
 asserted: the figures are for the README.
@@ -37,7 +40,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from provisioning import db
+from provisioning import db, pool
 from provisioning.commands import BotOptions, add_bot
 from provisioning.embedded import EmbeddedServer
 from provisioning.project import Project
@@ -55,6 +58,10 @@ FLEET_WIDE = [
     ("list", ["list"]),
     ("budget", ["budget"]),
 ]
+
+
+FLOOR = "floor: connect to each bot database + SELECT 1"
+IN_PROCESS = ("add-bot --no-migrate in-process", FLOOR)  # timed in the benchmark's own process
 
 
 def say(msg: str) -> None:
@@ -97,16 +104,28 @@ class Sampler:
         self._thread.join()
 
 
+# The CPU time (user + system) of the last run_cli's process, children included.
+last_cpu = 0.0
+
+
 def run_cli(root: Path, url: str, args: list[str], sampler: Sampler, *, ok=(0,)) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "BOTFLEET_HOME"} | {"ADMIN_DATABASE_URL": url}
+    """Wall time of one ``provision`` process (its CPU time in ``last_cpu``). It runs as an
+    installed botfleet does, from byte-compiled modules: PYTHONDONTWRITEBYTECODE is dropped from
+    its environment (set, every run compiled every module of botfleet's again: 0.1-0.4 s)."""
+    global last_cpu
+    env = {k: v for k, v in os.environ.items() if k not in ("BOTFLEET_HOME", "PYTHONDONTWRITEBYTECODE")}
+    env["ADMIN_DATABASE_URL"] = url
     with sampler:
+        before = os.times()
         start = time.perf_counter()
         proc = subprocess.Popen([PROVISION, *args, "--project-dir", str(root)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         sampler.pid = proc.pid
         out, err = proc.communicate()
         elapsed = time.perf_counter() - start
+        after = os.times()
         sampler.pid = None
+    last_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     if proc.returncode not in ok:
         raise RuntimeError(f"provision {' '.join(args)} exited {proc.returncode}: {(err or out).strip()[-400:]}")
     return elapsed
@@ -144,27 +163,30 @@ def build(root: Path, n: int) -> str:
     return url
 
 
-def median_of(runs: int, fn, label: str = "") -> tuple[float, int, int]:
-    times, conns, fds = [], [], []
+def median_of(runs: int, fn, label: str = "") -> tuple[float, int, int, float]:
+    """Median wall time, peak connections, peak fds, median CPU time of ``fn``'s runs; ``fn``
+    returns (wall, connections, fds, cpu)."""
+    times, conns, fds, cpus = [], [], [], []
     for _ in range(runs):
-        t, c, f = fn()
+        t, c, f, cpu = fn()
         times.append(t)
         conns.append(c)
         fds.append(f)
-    result = statistics.median(times), max(conns), max(fds)
-    say(f"    {label}: {result[0]:.2f} s, {result[1]} connections, {result[2]} fds")
+        cpus.append(cpu)
+    result = statistics.median(times), max(conns), max(fds), statistics.median(cpus)
+    say(f"    {label}: {result[0]:.2f} s ({result[3]:.2f} s CPU), {result[1]} connections, {result[2]} fds")
     return result
 
 
-def measure(root: Path, url: str, n: int, runs: int) -> dict[str, tuple[float, int, int]]:
+def measure(root: Path, url: str, n: int, runs: int) -> dict[str, tuple[float, int, int, float]]:
     sampler = Sampler(url)
-    out: dict[str, tuple[float, int, int]] = {}
+    out: dict[str, tuple[float, int, int, float]] = {}
     counter = iter(range(10_000))
 
     def cli(args: list[str], ok=(0,)):
         def one():
             t = run_cli(root, url, args, sampler, ok=ok)
-            return t, sampler.peak_conns, sampler.peak_fds
+            return t, sampler.peak_conns, sampler.peak_fds, last_cpu
         return one
 
     def add_remove(migrate: bool, key: str):
@@ -172,32 +194,45 @@ def measure(root: Path, url: str, n: int, runs: int) -> dict[str, tuple[float, i
             name = f"x{next(counter):04d}"
             flags = [] if migrate else ["--no-migrate"]
             t = run_cli(root, url, ["add-bot", name, *POOL, *flags], sampler)
-            peak = sampler.peak_conns, sampler.peak_fds
+            peak = sampler.peak_conns, sampler.peak_fds, last_cpu
             tr = run_cli(root, url, ["remove-bot", name, "--yes", "--no-backup"], sampler)
-            removes.append((tr, sampler.peak_conns, sampler.peak_fds))
+            removes.append((tr, sampler.peak_conns, sampler.peak_fds, last_cpu))
             return t, *peak
         return one
 
-    removes: list[tuple[float, int, int]] = []
+    removes: list[tuple[float, int, int, float]] = []
     out["add-bot --no-migrate"] = median_of(runs, add_remove(False, "add"), "add-bot --no-migrate")
     out["add-bot (migrated)"] = median_of(runs, add_remove(True, "add-m"), "add-bot (migrated)")
     out["remove-bot"] = (statistics.median(r[0] for r in removes), max(r[1] for r in removes),
-                         max(r[2] for r in removes))
+                         max(r[2] for r in removes), statistics.median(r[3] for r in removes))
 
     project = Project(root)
     servers = Servers(project, url)
 
     def in_process():
         name = f"y{next(counter):04d}"
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         add_bot(project, servers, name, BotOptions(**OPTS), migrate=False)
-        t = time.perf_counter() - start
+        t, cpu = time.perf_counter() - start, time.process_time() - cpu
         run_cli(root, url, ["remove-bot", name, "--yes", "--no-backup"], sampler)
-        return t, 0, 0
+        return t, 0, 0, cpu
     out["add-bot --no-migrate in-process"] = median_of(runs, in_process, "add-bot in-process")
     for label, args in FLEET_WIDE:
         # plan: exit 0 (nothing to apply); doctor: 0, or 1 on a finding
         out[label] = median_of(runs, cli(args, ok=(0, 1) if label == "doctor" else (0,)), label)
+
+    def floor():
+        """What any fleet-wide read costs at least: one connection into each bot database (as the
+        admin, through the same bounded pool) and one SELECT 1, nothing else."""
+        databases = [e.database for e in Project(root).fleet.bots.values()]
+
+        def visit(database: str) -> None:
+            with db.connect(db.with_database(url, database)) as conn:
+                conn.execute("SELECT 1").fetchone()
+        start, cpu = time.perf_counter(), time.process_time()
+        pool.visit(databases, visit, pool.MAX_JOBS)
+        return time.perf_counter() - start, 0, 0, time.process_time() - cpu
+    out[FLOOR] = median_of(runs, floor, FLOOR)
     sampler.conn.close()
     return out
 
@@ -214,7 +249,7 @@ def main() -> None:
         url = build(args.keep, sizes[0])
         say(f"fleet of {sizes[0]} in {args.keep} ({time.perf_counter() - t0:.0f} s); ADMIN_DATABASE_URL={url}")
         return
-    results: dict[int, dict[str, tuple[float, int, int]]] = {}
+    results: dict[int, dict[str, tuple[float, int, int, float]]] = {}
     build_times: dict[int, float] = {}
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix=f"bf-scale-{n}-") as tmp:
@@ -236,11 +271,11 @@ def main() -> None:
     for label in labels:
         row = [label]
         for n in sizes:
-            t, c, f = results[n][label]
-            row.append(f"{t:.2f} s" + (f" ({c} conn, {f} fd)" if label != "add-bot --no-migrate in-process" else ""))
+            t, c, f, cpu = results[n][label]
+            row.append(f"{t:.2f} s / {cpu:.2f} s" + (f" ({c} conn, {f} fd)" if label not in IN_PROCESS else ""))
         for n in sizes:
             if n >= 100:
-                row.append(f"{results[n][label][0] / n * 1000:.1f} ms" if label in fleet_wide else "")
+                row.append(f"{results[n][label][0] / n * 1000:.1f} ms" if label in fleet_wide | {FLOOR} else "")
         rows.append(row)
     print("| " + " | ".join(head) + " |")
     print("| " + " | ".join("---" for _ in head) + " |")

@@ -116,11 +116,26 @@ def required_settings(root: Path, code: str) -> tuple[str, ...]:
         return ()
     init = root / "bots" / found.package / "__init__.py"
     try:
-        tree = ast.parse(init.read_text(encoding="utf-8"), str(init))
+        text = init.read_text(encoding="utf-8")
     except FileNotFoundError:
         return ()
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, ValueError) as err:
         raise ProvisionError(f"cannot read {init}: {getattr(err, 'strerror', None) or err}") from None
+    # Parsed once per process and text (a fleet-wide command asks for every bot of a code).
+    key = (str(init), text)
+    if key not in _DECLARED:
+        _DECLARED[key] = _declared(init, text)
+    return _DECLARED[key]
+
+
+_DECLARED: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+def _declared(init: Path, text: str) -> tuple[str, ...]:
+    try:
+        tree = ast.parse(text, str(init))
+    except (SyntaxError, ValueError) as err:
+        raise ProvisionError(f"cannot read {init}: {err}") from None
     for node in tree.body:
         if isinstance(node, ast.Assign):
             targets, value = node.targets, node.value

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import budget as budgets
@@ -81,31 +83,49 @@ def _validator():
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
+# check-jsonschema's vendored copy of the Compose Specification schema, read as bytes for its digest.
+_SCHEMA_FILE = ("builtin_schemas", "vendor", "compose-spec.json")
+
+
 @functools.lru_cache(maxsize=1)
 def _schema_digest() -> str:
+    """The schema's digest, from its file when it is where check-jsonschema keeps it: a render
+    whose services all passed before then never imports jsonschema nor builds the validator."""
+    spec = importlib.util.find_spec("check_jsonschema")
+    if spec is not None and spec.origin:
+        try:
+            data = Path(spec.origin).parent.joinpath(*_SCHEMA_FILE).read_bytes()
+            return "file:" + hashlib.sha256(data).hexdigest()
+        except OSError:
+            pass
     return hashlib.sha256(json.dumps(_validator().schema, sort_keys=True).encode()).hexdigest()
 
 
-def _service_digest(name: str, service: Any) -> str:
-    """What a service's schema verdict depends on: the schema and the service itself."""
-    text = json.dumps([_schema_digest(), name, service], sort_keys=True, default=str)
+def _service_digest(name: str, service: Any, section: str = "services") -> str:
+    """What an entry's schema verdict depends on: the schema, its section and the entry itself."""
+    key = [_schema_digest(), name, service] if section == "services" else [_schema_digest(), section, name, service]
+    text = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 _KEY_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*):[ \t]*\n?")
 _ANCHOR = re.compile(r"(^|[\s\[{,:])[&*][A-Za-z0-9_-]|<<:", re.M)
+_NAME_CHAR = re.compile(r"[A-Za-z0-9_-]")
 
 
-def _blocks(lines: list[str], indent: str) -> list[list[str]]:
-    """``lines`` cut before each line that is ``indent`` then a key (not a space, a comment or a
-    list item); lines before the first such line form a block of their own."""
-    out: list[list[str]] = []
-    for line in lines:
-        if _is_key(line, indent) or not out:
-            out.append([line])
-        else:
-            out[-1].append(line)
-    return out
+def _has_anchor(text: str) -> bool:
+    """``_ANCHOR.search(text)``, in a small part of its time: each ``&`` and ``*`` (found with
+    str.find: a URL or two has one, not every line) is checked for what precedes it."""
+    if "<<:" in text:
+        return True
+    for mark in "&*":
+        at = text.find(mark)
+        while at != -1:
+            if _NAME_CHAR.match(text, at + 1) and (at == 0 or text[at - 1] in " \t\n\r\x0b\x0c[{,:"
+                                                   or text[at - 1].isspace()):
+                return True
+            at = text.find(mark, at + 1)
+    return False
 
 
 def _is_key(line: str, indent: str) -> bool:
@@ -121,47 +141,104 @@ class _Fallback(Exception):
     """The text is not shaped as render writes it: parse it whole."""
 
 
-def load_yaml_cached(text: str, cache: dict[str, Any], used: dict[str, Any]) -> Any:
-    """:func:`load_yaml` for the files render writes, entry by entry: each top-level scalar and
-    each second-level entry (one service, one secret, ...) is parsed on its own, and an entry
-    whose exact text parsed before (its digest in ``cache``) is not parsed again; ``used``
-    collects this text's entries. So the cost follows what changed, not the fleet's size.
-    Anything else (anchors, a duplicate key, a top-level list...) is parsed whole, as before."""
+# Where an entry starts: a line that is its indent then a key (not a space, a comment or a list
+# item); where a list item starts: its indent, then "-".
+_KEY_AT = {n: re.compile(rf"^(?={' ' * n}[^ #\-\n\t])", re.M) for n in (0, 2, 4)}
+_ITEM_AT = {n: re.compile(rf"^(?={' ' * n}-(?:[ \t]|$))", re.M) for n in (6,)}
+# Line breaks other than \n (str.splitlines' and YAML's): a text with one is parsed whole.
+_OTHER_BREAKS = re.compile("[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+# A service's text longer than this is cut further, into its keys and their lists' items (the
+# provision service names every bot's credentials file: one more bot must not parse it all again).
+SPLIT_AT = 4096
 
-    def parse(chunk: str) -> Any:
-        digest = hashlib.sha256(chunk.encode()).hexdigest()[:32]
+
+def _cut(text: str, at: re.Pattern[str]) -> list[str]:
+    """``text`` cut before each line ``at`` matches (an indent, then a key or an item); what comes
+    before the first such line is a piece of its own."""
+    return [piece for piece in at.split(text) if piece]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def load_yaml_cached(text: str, cache: dict[str, Any], used: dict[str, Any],
+                     digests: dict[int, str] | None = None) -> Any:
+    """:func:`load_yaml` for the files render writes, entry by entry: each top-level scalar and
+    each second-level entry (one service, one secret, ...) is parsed on its own (a long one, key
+    by key and list item by list item), and a piece whose exact text parsed before (its digest
+    in ``cache``) is not parsed again; ``used`` collects this text's pieces. So the cost follows
+    what changed, not the fleet's size. ``digests``: each second-level entry's value (by id) ->
+    the digest of its text, which the schema check keys its verdicts on.
+    Anything else (anchors, a duplicate key, a top-level list...) is parsed whole, as before."""
+    ids: dict[int, str] = {} if digests is None else digests
+
+    def parse(chunk: str) -> tuple[Any, str]:
+        digest = _digest(chunk)
         if digest not in cache:
-            cache[digest] = load_yaml(chunk)
+            try:
+                cache[digest] = load_yaml(chunk)
+            except Exception:  # noqa: BLE001 - the whole parse raises it, with the file's own line numbers
+                raise _Fallback from None
         used[digest] = cache[digest]
-        return cache[digest]
+        return cache[digest], digest
+
+    def one(part: Any, kind: type) -> Any:
+        if not isinstance(part, kind) or len(part) != 1:
+            raise _Fallback
+        return part
 
     def merge(into: dict[str, Any], part: Any) -> None:
-        if not isinstance(part, dict) or len(part) != 1 or set(part) & set(into):
+        key = next(iter(one(part, dict)))
+        if key in into:
             raise _Fallback
-        into.update(part)
+        into[key] = part[key]
 
-    if _ANCHOR.search(text):
+    def node(piece: str, indent: int) -> tuple[Any, str]:
+        """One piece (``indent`` spaces, then a key): ({key: value}, the digest of its text)."""
+        first, newline, rest = piece.partition("\n")
+        head = _KEY_LINE.fullmatch(first[indent:] + newline) if first.startswith(" " * indent) else None
+        if head is None or (indent > 0 and len(piece) <= SPLIT_AT):
+            return parse(piece)  # a scalar, a flow value, a short entry
+        inner = " " * (indent + 2)
+        if indent + 2 in _KEY_AT:
+            body = _cut(rest, _KEY_AT[indent + 2])
+            if any(_is_key(entry, inner) for entry in body):
+                value: dict[str, Any] = {}
+                parts = []
+                for entry in body:
+                    if not _is_key(entry, inner):
+                        if not _only_comments(entry.splitlines()):
+                            raise _Fallback
+                        continue
+                    part, digest = node(entry, indent + 2)
+                    merge(value, part)
+                    if indent == 0:  # a second-level entry: one service, one secret...
+                        ids[id(part[next(iter(part))])] = digest
+                    parts.append(digest)
+                return {head.group(1): value}, _digest(f"{head.group(1)}:{parts}")
+        if indent + 2 in _ITEM_AT:
+            items = _cut(rest, _ITEM_AT[indent + 2])
+            if items and all(item.startswith(inner + "-") for item in items):
+                values, parts = [], []
+                for item in items:
+                    part, digest = parse(item)
+                    values.append(one(part, list)[0])
+                    ids[id(values[-1])] = digest
+                    parts.append(digest)
+                return {head.group(1): values}, _digest(f"{head.group(1)}:[{parts}]")
+        return parse(piece)
+
+    if _has_anchor(text) or _OTHER_BREAKS.search(text):
         return load_yaml(text)
     doc: dict[str, Any] = {}
     try:
-        for block in _blocks(text.splitlines(keepends=True), ""):
-            if not _is_key(block[0], ""):
-                if not _only_comments(block):
+        for block in _cut(text, _KEY_AT[0]):
+            if not _is_key(block, ""):
+                if not _only_comments(block.splitlines()):
                     raise _Fallback
                 continue
-            head = _KEY_LINE.fullmatch(block[0])
-            body = _blocks(block[1:], "  ") if head else []
-            if head is None or not any(_is_key(entry[0], "  ") for entry in body):
-                merge(doc, parse("".join(block)))  # a scalar, a flow value, or a key with no entries
-                continue
-            entries: dict[str, Any] = {}
-            for entry in body:
-                if not _is_key(entry[0], "  "):
-                    if not _only_comments(entry):
-                        raise _Fallback
-                    continue
-                merge(entries, parse("".join(entry)))
-            merge(doc, {head.group(1): entries})
+            merge(doc, node(block, 0)[0])
     except _Fallback:
         return load_yaml(text)
     return doc
@@ -170,9 +247,14 @@ def load_yaml_cached(text: str, cache: dict[str, Any], used: dict[str, Any]) -> 
 def load_yaml(text: str) -> Any:
     """Parse YAML with ruamel's C parser (ruamel.yaml.clib): five times the pure-Python one, which
     dominated a render of a large fleet."""
+    return _yaml().load(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _yaml():
     from ruamel.yaml import YAML
 
-    return YAML(typ="safe", pure=False).load(text)
+    return YAML(typ="safe", pure=False)
 
 
 def _errors(doc: Any) -> list[str]:
@@ -183,28 +265,88 @@ def _errors(doc: Any) -> list[str]:
     return out
 
 
+# The top-level sections the schema judges entry by entry (each an object of named entries,
+# ``patternProperties`` -> one definition, nothing relating two entries): checked one entry at
+# a time, and an entry that passed before, unchanged, is not checked again.
+SECTIONS = ("services", "networks", "volumes", "secrets", "configs")
+
+
 def schema_errors(doc: Any, *, known: frozenset[str] | set[str] = frozenset(),
-                  passed: set[str] | None = None) -> list[str]:
+                  passed: set[str] | None = None, digests: dict[int, str] | None = None) -> list[str]:
     """The compose-spec schema's complaints, one line each ('' path = the top).
 
-    The schema judges each service on its own (nothing in it relates two services), so the
-    document is checked as its top level plus one small document per service, and a service
-    whose digest is in ``known`` (it passed before, unchanged) is not checked again. ``passed``
-    collects the digests of the services that pass now."""
-    services = doc.get("services") if isinstance(doc, dict) else None
-    if not isinstance(services, dict) or not services:
+    The schema judges each entry of the sections in SECTIONS on its own (nothing in it relates
+    two services, two secrets...), so the document is checked as its top level (those sections
+    emptied) plus one small document per entry, and an entry whose digest is in ``known`` (it
+    passed before, unchanged) is not checked again. ``passed`` collects the digests of the
+    entries that pass now. A fleet's one new bot costs the schema its few entries, whatever the
+    fleet's size. ``digests``: an entry's value (by id) -> the digest of the text it was parsed
+    from (load_yaml_cached), which then stands for the value itself."""
+    passed = set() if passed is None else passed
+    if not isinstance(doc, dict):
         return _errors(doc)
-    out = _errors({**doc, "services": {}})
-    for name, service in services.items():
-        digest = _service_digest(str(name), service)
-        if digest not in known:
-            errors = _errors({"services": {name: service}})
-            if errors:
-                out += errors
-                continue
-        if passed is not None:
-            passed.add(digest)
+    split = {k: v for k, v in doc.items() if k in SECTIONS and isinstance(v, dict) and v}
+    if not split:
+        return _errors(doc)
+    skeleton = {k: ({} if k in split else v) for k, v in doc.items()}
+    digest = _service_digest("", skeleton, "(top)")
+    out = []
+    if digest not in known:
+        out = _errors(skeleton)
+    if not out:
+        passed.add(digest)
+    schema = _schema_digest()
+    for section, entries in split.items():
+        for name, entry in entries.items():
+            text = digests.get(id(entry)) if digests else None
+            digest = (_digest(f"{schema}|{section}|{name}|{text}") if text is not None
+                      else _service_digest(str(name), entry, section))
+            if digest in known:
+                passed.add(digest)
+                passed.update(_item_digests(section, entry, digests))  # for the next render's changed lists
+            else:
+                out += _entry_errors(section, name, entry, digest, known, passed, digests)
     return out
+
+
+# A service's lists whose items the schema judges each on its own (no uniqueItems, no length):
+# in a long one, only the items not seen passing before are checked (the provision service's
+# secrets name every bot's credentials file).
+ITEM_LISTS = ("secrets", "configs")
+_LONG_LIST = 8
+
+
+def _long_lists(section: str, entry: Any) -> list[tuple[str, list[Any]]]:
+    if section != "services" or not isinstance(entry, dict):
+        return []
+    return [(key, entry[key]) for key in ITEM_LISTS if isinstance(entry.get(key), list) and len(entry[key]) > _LONG_LIST]
+
+
+def _item_digest(key: str, value: Any, digests: dict[int, str] | None) -> str:
+    text = digests.get(id(value)) if digests else None
+    return _digest(f"{key}|item|{text}") if text is not None else _service_digest(key, value, "service-item")
+
+
+def _item_digests(section: str, entry: Any, digests: dict[int, str] | None) -> list[str]:
+    return [_item_digest(key, value, digests) for key, values in _long_lists(section, entry) for value in values]
+
+
+def _entry_errors(section: str, name: Any, entry: Any, digest: str, known: frozenset[str] | set[str],
+                  passed: set[str], digests: dict[int, str] | None) -> list[str]:
+    """The schema's complaints about one entry not known to pass; its digest (and its long lists'
+    items') go to ``passed`` when there are none."""
+    reduced, items = entry, []
+    for key, values in _long_lists(section, entry):
+        mine = [_item_digest(key, value, digests) for value in values]
+        reduced = {**reduced, key: [v for v, d in zip(values, mine) if d not in known]}
+        items += mine
+    errors = _errors({section: {name: reduced}})
+    if errors and reduced is not entry:
+        errors = _errors({section: {name: entry}})  # the whole entry's complaints, as they always were
+    if not errors:
+        passed.add(digest)
+        passed.update(items)
+    return errors
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -337,6 +479,44 @@ def _env_items(svc: dict) -> list[tuple[str, Any]]:
     return list(env.items())
 
 
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
+_WINDOWED = 16  # shorter passwords (a few settings, if any) are searched for as they are
+
+
+class PasswordFinder:
+    """Whether a text contains any of many passwords, in time linear in the text. ``pw in text``
+    for each of them costs the number of passwords times the text, and both grow with the fleet.
+
+    A password made only of URL-safe characters (botfleet's own: ``secrets.token_urlsafe``) can
+    only occur inside a run of such characters in the text, so the runs at least as long as it
+    are cut into windows of its length and looked up in a set; any other password (a bot's
+    setting, the TLS key) is searched for as it is."""
+
+    def __init__(self, passwords: list[str]):
+        self.by_length: dict[int, set[str]] = {}
+        self.others: list[str] = []
+        for pw in passwords:
+            if not pw:
+                continue
+            if len(pw) >= _WINDOWED and _WORD.fullmatch(pw):
+                self.by_length.setdefault(len(pw), set()).add(pw)
+            else:
+                self.others.append(pw)
+
+    def found_in(self, text: str) -> bool:
+        if any(pw in text for pw in self.others):
+            return True
+        if not self.by_length:
+            return False
+        # Each run of URL-safe characters at least as long as the shortest such password.
+        runs = re.compile(rf"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{{{min(self.by_length)},}}")
+        for word in runs.findall(text):
+            for length, group in self.by_length.items():
+                if any(word[i:i + length] in group for i in range(len(word) - length + 1)):
+                    return True
+        return False
+
+
 def validate(files: StackFiles, fleet: Fleet, known: frozenset[str] | set[str] = frozenset(),
              parsed: dict[str, Any] | None = None) -> None:
     """Raise StackInvalid unless both compose files pass the schema and the semantic checks
@@ -347,11 +527,13 @@ def validate(files: StackFiles, fleet: Fleet, known: frozenset[str] | set[str] =
     publish = f"{published[0]}:{published[1]}" if published else ""
     problems: list[str] = []
     for rel, stack in ((COMPOSE_FILE, False), (STACK_FILE, True)):
-        doc = load_yaml_cached(files.content(rel), dict(parsed or {}), files.parsed)
-        problems += [f"{rel}: {e}" for e in schema_errors(doc, known=known, passed=files.validated)]
+        digests: dict[int, str] = {}
+        doc = load_yaml_cached(files.content(rel), dict(parsed or {}), files.parsed, digests)
+        problems += [f"{rel}: {e}" for e in schema_errors(doc, known=known, passed=files.validated, digests=digests)]
         problems += [f"{rel}: {e}" for e in semantic_errors(doc, fleet, files.bots, stack=stack, publish=publish)]
+    finder = PasswordFinder(files.passwords)
     for f in files.files:
-        if not f.secret and any(pw and pw in f.content for pw in files.passwords):
+        if not f.secret and finder.found_in(f.content):
             problems.append(f"{f.path}: contains a password")
     if problems:
         raise StackInvalid(f"the rendered stack is invalid ({len(problems)} problems): " + "; ".join(problems[:8]))

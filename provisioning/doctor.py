@@ -68,27 +68,51 @@ class Finding:
 
 _SERVER_DATABASES = "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE NOT datistemplate"
 _SERVER_ROLES = "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles"
+# The catalog reads of the audit, each one query for all the bots on a server (first column:
+# the bot's database or role the row is about).
 _DATABASE_ACL = """
-SELECT r.rolname, r.rolsuper OR (r.rolcreatedb AND r.rolcreaterole),
+SELECT d.datname, r.rolname, r.rolsuper OR (r.rolcreatedb AND r.rolcreaterole),
        string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type)
 FROM pg_database d, aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a JOIN pg_roles r ON r.oid = a.grantee
-WHERE d.datname = %(db)s AND a.grantee <> d.datdba AND a.grantee <> 0
-GROUP BY 1, 2 ORDER BY 1
+WHERE d.datname = ANY(%(dbs)s) AND a.grantee <> d.datdba AND a.grantee <> 0
+GROUP BY 1, 2, 3 ORDER BY 1, 2
 """
 _MEMBERSHIPS = """
-SELECT g.rolname, gr.rolname FROM pg_auth_members am
+SELECT m.rolname, g.rolname, gr.rolname FROM pg_auth_members am
 JOIN pg_roles g ON g.oid = am.roleid JOIN pg_roles m ON m.oid = am.member
 LEFT JOIN pg_roles gr ON gr.oid = am.grantor
-WHERE m.rolname = %(role)s ORDER BY 1
+WHERE m.rolname = ANY(%(roles)s) ORDER BY 1, 2
 """
 # The other direction: roles that are members OF the bot's role (they act as the bot), and
 # whether each is one botfleet accepts as an admin (see _members).
 _MEMBERS = """
-SELECT m.rolname, gr.rolname, m.rolsuper OR (m.rolcreatedb AND m.rolcreaterole) FROM pg_auth_members am
+SELECT g.rolname, m.rolname, gr.rolname, m.rolsuper OR (m.rolcreatedb AND m.rolcreaterole) FROM pg_auth_members am
 JOIN pg_roles g ON g.oid = am.roleid JOIN pg_roles m ON m.oid = am.member
 LEFT JOIN pg_roles gr ON gr.oid = am.grantor
-WHERE g.rolname = %(role)s ORDER BY 1, 2
+WHERE g.rolname = ANY(%(roles)s) ORDER BY 1, 2, 3
 """
+
+
+@dataclass
+class _Catalog:
+    """What the audit reads from the server's catalogs for every bot at once, by role or database."""
+
+    memberships: dict[str, list[tuple]] = field(default_factory=dict)  # role -> (granted, grantor)
+    members: dict[str, list[tuple]] = field(default_factory=dict)  # role -> (member, grantor, admin-like)
+    acl: dict[str, list[tuple]] = field(default_factory=dict)  # database -> (grantee, admin-like, privileges)
+
+    @classmethod
+    def read(cls, conn: psycopg.Connection, entries: list[BotEntry]) -> "_Catalog":
+        out = cls()
+        if not entries:
+            return out
+        role_names, dbs = [e.role for e in entries], [e.database for e in entries]
+        for target, query, params in ((out.memberships, _MEMBERSHIPS, {"roles": role_names}),
+                                      (out.members, _MEMBERS, {"roles": role_names}),
+                                      (out.acl, _DATABASE_ACL, {"dbs": dbs})):
+            for row in conn.execute(query, params).fetchall():
+                target.setdefault(row[0], []).append(tuple(row[1:]))
+        return out
 # How long doctor waits for a login as a bot.
 LOGIN_TIMEOUT_S = 5
 # A temporary file of an atomic write untouched this long has no writer left (see files.stale_temp_files).
@@ -145,10 +169,11 @@ def audit(
     # connections at once (pool.py); the rest, on the admin connection, bot by bot in order.
     progress(f"looking inside {len(names)} bot database(s)")
     seen = reconcile.observe_many(server, project, entries, read_inside=lambda e: _read_inside(e.role))
+    catalog = _Catalog.read(server.conn, entries)
     checked = []
     for i, (entry, observed) in enumerate(zip(entries, seen), 1):
         progress(f"checking {entry.name} ({i}/{len(names)})")
-        checked.append(_check_bot(server, project, entry, observed, bot_roles, registry_roles))
+        checked.append(_check_bot(server, project, entry, observed, bot_roles, registry_roles, catalog))
     logins = pool.visit([c.login for c in checked], lambda login: login() if login else None,
                         pool.jobs(server.conn, sum(1 for c in checked if c.login)))
     for c, login in zip(checked, logins):
@@ -181,7 +206,7 @@ class _Checked:
 
 
 def _check_bot(server: Server, project: Project, entry: BotEntry, observed: reconcile.Observed, bot_roles: set[str],
-               registry_roles: set[str]) -> _Checked:
+               registry_roles: set[str], catalog: _Catalog) -> _Checked:
     """The reconcile's changes as findings, then the audit-only checks of doctor's own."""
     notes: list[str] = []
     out = [Finding(c.check, entry.name, c.finding, c.fix, c.safe,
@@ -192,10 +217,10 @@ def _check_bot(server: Server, project: Project, entry: BotEntry, observed: reco
         notes += context.notes(entry, project.fleet)
     out += _quota(server, project, entry, observed)
     if observed.role is not None:
-        out += _memberships(server, entry, bot_roles)
-        out += _members(server, entry, bot_roles, registry_roles)
+        out += _memberships(server, entry, bot_roles, catalog.memberships.get(entry.role, []))
+        out += _members(server, entry, bot_roles, registry_roles, catalog.members.get(entry.role, []))
     if observed.database is not None:
-        out += _grants(server, entry, bot_roles)
+        out += _grants(server, entry, bot_roles, catalog.acl.get(entry.database, []))
     if isinstance(observed.extra, _Inside):
         out += _inside(server, entry, observed.extra)
     login, on_login = _credentials(server, entry, observed, known=any(f.check == "password" for f in out),
@@ -222,7 +247,8 @@ def _quota(server: Server, project: Project, entry: BotEntry, observed: reconcil
     limit = project.fleet.max_size(entry)
     if observed.database is None or server.conn is None:
         return []
-    suspended = quota.is_suspended(server.conn, entry.role)
+    suspended = (observed.context.suspended if observed.context is not None
+                 else quota.is_suspended(server.conn, entry.role))
     if limit is None and not suspended:
         return []
     size = quota.database_sizes(server.conn, [entry.database]).get(entry.database)
@@ -262,11 +288,11 @@ def _run(conn: psycopg.Connection, stmt: sql.Composable) -> Callable[[], None]:
     return lambda: conn.execute(stmt)
 
 
-def _memberships(server: Server, entry: BotEntry, bot_roles: set[str]) -> list[Finding]:
+def _memberships(server: Server, entry: BotEntry, bot_roles: set[str], rows: list[tuple]) -> list[Finding]:
     conn, admin = server.conn, server.admin
     assert conn is not None and admin is not None
     out = []
-    for granted, grantor in conn.execute(_MEMBERSHIPS, {"role": entry.role}).fetchall():
+    for granted, grantor in rows:
         stmt = sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(granted), sql.Identifier(entry.role))
         if admin.major >= 16 and grantor:
             stmt = sql.SQL("{} GRANTED BY {}").format(stmt, sql.Identifier(grantor))
@@ -276,7 +302,8 @@ def _memberships(server: Server, entry: BotEntry, bot_roles: set[str]) -> list[F
     return out
 
 
-def _members(server: Server, entry: BotEntry, bot_roles: set[str], registry_roles: set[str]) -> list[Finding]:
+def _members(server: Server, entry: BotEntry, bot_roles: set[str], registry_roles: set[str],
+             rows: list[tuple]) -> list[Finding]:
     """Roles that are members of the bot's role: each can act as the bot (read and change its
     rows, alter its tables). Left out: admins (botfleet grants a non-superuser admin membership
     in each bot role it creates, and such a role can take any bot's role anyway) and the fleet's
@@ -284,7 +311,7 @@ def _members(server: Server, entry: BotEntry, bot_roles: set[str], registry_role
     conn, admin = server.conn, server.admin
     assert conn is not None and admin is not None
     out = []
-    for member, grantor, admin_like in conn.execute(_MEMBERS, {"role": entry.role}).fetchall():
+    for member, grantor, admin_like in rows:
         if member == admin.role or admin_like or member in registry_roles:
             continue
         stmt = sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(entry.role), sql.Identifier(member))
@@ -297,13 +324,13 @@ def _members(server: Server, entry: BotEntry, bot_roles: set[str], registry_role
     return out
 
 
-def _grants(server: Server, entry: BotEntry, bot_roles: set[str]) -> list[Finding]:
+def _grants(server: Server, entry: BotEntry, bot_roles: set[str], rows: list[tuple]) -> list[Finding]:
     """Roles other than the owner granted rights on this bot's database (PUBLIC is the
     reconcile's). botfleet grants none; admins (superusers pass every check anyway) are left out."""
     conn = server.conn
     assert conn is not None
     out = []
-    for grantee, admin_like, privileges in conn.execute(_DATABASE_ACL, {"db": entry.database}).fetchall():
+    for grantee, admin_like, privileges in rows:
         if admin_like:
             continue
         who = f"another bot's role {grantee}" if grantee in bot_roles else f"role {grantee} (not a bot of this fleet)"

@@ -20,6 +20,7 @@ and :meth:`EnvFile.parse` all read back the very same value:
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ class Credentials:
     database: str
 
 
+@functools.lru_cache(maxsize=4096)  # a fleet-wide command reads each bot's URL several times
 def parse_credentials(url: str) -> Credentials | None:
     """A DATABASE_URL (any SQLAlchemy postgresql scheme) as Credentials; None when it is
     not a complete URL with a user, password, host and database."""

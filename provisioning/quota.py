@@ -123,6 +123,17 @@ def is_suspended(conn: psycopg.Connection, role: str) -> bool | None:
     return row is not None
 
 
+def suspended_many(conn: psycopg.Connection, role_names: list[str]) -> dict[str, bool | None]:
+    """:func:`is_suspended` of each of ``role_names``, in one or two queries for the fleet."""
+    readable = _record(conn)
+    if not readable:
+        return {role: readable for role in role_names}
+    rows = conn.execute(sql.SQL("SELECT role FROM {} WHERE role = ANY(%s)").format(sql.Identifier("public", TABLE)),
+                        (list(role_names),)).fetchall()
+    found = {r[0] for r in rows}
+    return {role: role in found for role in role_names}
+
+
 def suspend(conn: psycopg.Connection, bot: str, role: str, size: int, max_size: int) -> int:
     """Enforce the quota: record it and make the role NOLOGIN (one transaction), then end the
     role's sessions. Returns how many sessions were ended. Idempotent."""

@@ -133,6 +133,10 @@ class Observed:
     inside_error: str | None = None  # the database could not be looked inside
     extra: Any = None  # what the caller's ``read_inside`` returned
     context: RoleContext | None = None  # read with the fleet's (observe_many); else role_context() reads it
+    # Whether the env file's password is the one behind the role's verifier (None: not worked out
+    # yet). observe_many works it out in its pool's threads (PBKDF2, the client's costliest step,
+    # runs there while the other threads wait on the server); else _env_changes does.
+    password_matches: bool | None = None
 
     @property
     def exists(self) -> bool:
@@ -162,16 +166,22 @@ def observe_many(server: Server, project: Project, entries: list[BotEntry], *,
     role_states = roles.inspect_many(conn, [e.role for e in entries], read_verifier=admin.superuser)
     database_states = databases.inspect_many(conn, [e.database for e in entries])
     problems = roles.setting_problems(conn, list(GUARDS)) if entries else {}
+    suspended = quota.suspended_many(conn, [e.role for e in entries if e.role in role_states])
     out = []
     for entry in entries:
         observed = Observed(role=role_states.get(entry.role), database=database_states.get(entry.database),
                             env=project.env(entry.name))
         if observed.role is not None:
-            observed.context = RoleContext(problems, quota.is_suspended(conn, entry.role))
+            observed.context = RoleContext(problems, suspended[entry.role])
         out.append(observed)
 
     def look(i: int) -> None:
-        _look_inside(server.url, entries[i], out[i], read_inside(entries[i]) if read_inside else None)
+        observed = out[i]
+        if observed.role is not None and observed.role.verifier is not None:
+            password = observed.env.password(entries[i].role)
+            if password is not None:
+                observed.password_matches = passwords.verifier_matches(password, observed.role.verifier)
+        _look_inside(server.url, entries[i], observed, read_inside(entries[i]) if read_inside else None)
 
     pool.visit(range(len(entries)), look, pool.jobs(server.conn, len(entries)))
     return out
@@ -186,20 +196,27 @@ def _observe_outside(server: Server, project: Project, entry: BotEntry) -> Obser
     )
 
 
+_LOOK = sql.SQL("SELECT ({}), to_regclass('alembic_version') IS NOT NULL").format(
+    sql.SQL(databases._PUBLIC_ON_SCHEMA))
+
+
 def _look_inside(url: str, entry: BotEntry, observed: Observed,
                  read_inside: Callable[[psycopg.Connection], Any] | None) -> None:
     """One connection into the bot's database (when it accepts connections): its schema, its
     revision and ``read_inside``; what stops it is ``inside_error``. Touches only ``observed``
     and a connection of its own (observe_many runs it in threads)."""
-    from .migrate import revision_of
-
     if observed.database is None or not observed.database.allow_connections:
         return
     observed.looked_inside = True
     try:
         with connect(with_database(url, entry.database)) as db_conn:
-            observed.public_schema_open = databases.public_schema_open(db_conn)
-            observed.revision = revision_of(db_conn)
+            # databases.public_schema_open and migrate.revision_of, in two round trips, not three
+            row = db_conn.execute(_LOOK).fetchone()
+            assert row is not None
+            observed.public_schema_open = bool(row[0])
+            if row[1]:
+                version = db_conn.execute("SELECT version_num FROM alembic_version").fetchone()
+                observed.revision = version[0] if version else None
             if read_inside is not None:
                 observed.extra = read_inside(db_conn)
     except (ProvisionError, psycopg.Error) as err:
@@ -327,7 +344,9 @@ def _env_changes(fleet: Fleet, entry: BotEntry, observed: Observed) -> list[Chan
         out.append(Change("password", PASSWORD, f"server password set to the one in {rel} (the role has none)",
                           f"role {entry.role} has no password on the server (its bot cannot log in)",
                           f"provision add-bot {entry.name}  (sets the server's password to the env file's)", False))
-    elif role is not None and role.verifier is not None and not passwords.verifier_matches(password, role.verifier):
+    elif role is not None and role.verifier is not None and not (
+            observed.password_matches if observed.password_matches is not None
+            else passwords.verifier_matches(password, role.verifier)):
         out.append(Change("password", PASSWORD, f"server password reset to the one in {rel}",
                           f"the password in {env.path} is not the role's password on the server",
                           f"provision add-bot {entry.name}  (sets the server's password to the env file's)", False))

@@ -338,6 +338,17 @@ class Fleet:
         return entry.db_host or host, entry.db_port or port
 
 
+def _copy(fleet: Fleet) -> Fleet:
+    """A copy of ``fleet`` that shares nothing a caller may change (every field of its entries
+    is a str, an int or a bool)."""
+    return Fleet(copy.copy(fleet.stack), {k: copy.copy(v) for k, v in fleet.bots.items()},
+                 {k: copy.copy(v) for k, v in fleet.servers.items()}, copy.copy(fleet.defaults))
+
+
+# fleet.toml's path -> (its text, the fleet it parsed to), the last one this process read.
+_LOADED: dict[str, tuple[str, Fleet]] = {}
+
+
 class Registry:
     """Read and update ``fleet.toml`` under ``project``."""
 
@@ -351,8 +362,20 @@ class Registry:
     def load(self) -> Fleet:
         if not self.path.exists():
             return Fleet(StackSettings(), {})
+        text = self.path.read_text(encoding="utf-8")
+        # The same text parses to the same fleet: a command that reads fleet.toml, then re-reads
+        # it under the lock to change it, parses (and checks every bot of) it once.
+        key = str(self.path.resolve())
+        cached = _LOADED.get(key)
+        if cached is not None and cached[0] == text:
+            return _copy(cached[1])
+        fleet = self._parse(text)
+        _LOADED[key] = (text, _copy(fleet))
+        return fleet
+
+    def _parse(self, text: str) -> Fleet:
         try:
-            data = tomllib.loads(self.path.read_text(encoding="utf-8"))
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise InvalidInput(f"{self.path} is not valid TOML: {err}") from None
         unknown = set(data) - {"version", "server", "servers", "bots", "defaults"}
@@ -463,7 +486,7 @@ class Registry:
         """Load under an exclusive lock, let the block change it, write it back atomically."""
         with file_lock(self._lock_path):
             fleet = self.load()
-            before = copy.deepcopy(fleet)
+            before = _copy(fleet)
             yield fleet
             if fleet != before:
                 atomic_write(self.path, self._dump(fleet))

@@ -19,6 +19,7 @@ from .test_compose import make_project, run
 class Counted:
     def __init__(self, monkeypatch):
         self.parsed = self.checked = 0
+        self.names: list[str] = []  # the services and other entries schema-checked, by name
         real_load, real_errors = compose_check.load_yaml, compose_check._errors
 
         def load(text: str):
@@ -28,6 +29,9 @@ class Counted:
         def errors(doc):
             services = doc.get("services") if isinstance(doc, dict) else None
             self.checked += len(services) if isinstance(services, dict) else 0  # services schema-checked
+            for section in compose_check.SECTIONS:
+                entries = doc.get(section) if isinstance(doc, dict) else None
+                self.names += [str(name) for name in entries] if isinstance(entries, dict) else []
             return real_errors(doc)
         monkeypatch.setattr(compose_check, "load_yaml", load)
         monkeypatch.setattr(compose_check, "_errors", errors)
@@ -98,3 +102,40 @@ def test_texts_not_shaped_like_a_render_are_parsed_whole(text):
             compose_check.load_yaml_cached(text, {}, {})
     else:
         assert compose_check.load_yaml_cached(text, {}, {}) == expected
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def test_add_bot_leaves_the_other_bots_files_and_services_alone(code_fleet, monkeypatch):
+    """add-bot into a fleet with a rendered stack, on a real server: every other bot's env file
+    and URL secret stays the same file (inode, mtime, size), its services in both compose files
+    parse to what they were, and the schema checks none of its entries (counted, not timed)."""
+    others = [code_fleet.name("keep") for _ in range(3)]
+    for name in others:
+        code_fleet.add(name, "--code", "chat-bot", "--no-migrate", "--pool-size", "1", "--max-overflow", "0")
+    assert code_fleet.run("render").returncode == 0
+    root = code_fleet.root
+    files = [p for name in others for p in (code_fleet.env_file(name), root / "secrets" / f"{name}.url")]
+    before = {p: _stamp(p) for p in files}
+    services = {rel: compose_check.load_yaml((root / rel).read_text())["services"]
+                for rel in (compose_check.COMPOSE_FILE, compose_check.STACK_FILE)}
+
+    counted = Counted(monkeypatch)
+    newcomer = code_fleet.name("new")
+    proc = code_fleet.add(newcomer, "--code", "chat-bot", "--no-migrate", "--pool-size", "1", "--max-overflow", "0")
+    monkeypatch.undo()
+
+    assert "compose files not re-rendered" not in proc.stdout + proc.stderr
+    assert {p: _stamp(p) for p in files} == before  # not rewritten, not even with the same bytes
+    for rel, was in services.items():
+        now = compose_check.load_yaml((root / rel).read_text())["services"]
+        assert newcomer in now and all(now[name] == was[name] for name in others), rel
+    # Checked: the newcomer's service and secrets, and what its arrival changed (the provision
+    # service, which names its credentials file; postgres, whose tuning follows the fleet; the
+    # fleet.toml config); nothing of another bot's.
+    assert newcomer in counted.names, counted.names
+    assert not [n for n in counted.names if any(n == o or n.startswith(f"{o}_") for o in others)], counted.names
+    assert 0 < counted.checked <= 6, counted.checked
