@@ -99,6 +99,9 @@ class Servers:
         embedded = self.embedded()
         if start_embedded:
             embedded.start()
+            from .archive import keep_receiving
+
+            keep_receiving(self.project, self.say)
         return Server(name, embedded.admin_url(), "embedded", owned=True)
 
     def embedded(self) -> EmbeddedServer:

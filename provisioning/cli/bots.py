@@ -307,13 +307,18 @@ def server_start(
 @server_app.command("stop")
 @command
 def server_stop(as_json: JsonOpt = False, project: ProjectOpt = None) -> None:  # type: ignore[assignment]
-    """Stop the embedded server (its data is kept; the next command starts it again).
+    """Stop the embedded server (its data is kept; the next command starts it again) and its archive's WAL receiver.
 
     Example: provision server stop
     """
     from .. import commands
 
-    stopped = commands.embedded_server(project_of(project)).stop()
+    from ..archive import Archive
+
+    proj = project_of(project)
+    stopped = commands.embedded_server(proj).stop()
+    if Archive(proj).stop_receiver():
+        say("the archive's WAL receiver stopped (the next start restarts it)")
     if as_json:
         print_json({"running": False, "was_running": stopped})
         return
