@@ -85,28 +85,27 @@ def plan(archive: Archive, target: dt.datetime | None, dest: Path, *, live: psyc
     if not found:
         raise InvalidInput(f"the archive of server {archive.server} holds no base backup yet "
                            "(provision backup --server); nothing was changed")
-    if live is not None:
-        progress("archiving the server's current WAL (barman switch-wal)")
-        live.execute("SET synchronous_commit = local")
-        live.execute("SELECT pg_current_xact_id()")  # a commit record after any target: replay can stop there
-        archive.switch_wal()
-    window = archive.window()
-    start, end = _utc(window.start), _utc(window.end)
     usable = found if target is None else [b for b in found if (_utc(b.end_time) or now) <= target]
     if not usable:
-        raise InvalidInput(f"--to {iso(target)} is before the first base backup ended ({window.start}): the "
-                           f"archive covers {window.start} .. {window.end}; nothing was changed")
-    if target is not None and end is not None and target > end:
-        raise InvalidInput(f"--to {iso(target)} is after the newest archived WAL ({window.end}): the archive covers "
-                           f"{window.start} .. {window.end} (is the WAL receiver running? provision backups --server); "
-                           "nothing was changed")
+        raise InvalidInput(f"--to {iso(target)} is before the first base backup ended ({found[0].end_time}): "
+                           "the archive starts there (provision backups --server); nothing was changed")
     chosen = usable[-1]
     need = (chosen.size_bytes or 0) + _wal_bytes_after(archive, chosen)
     free = shutil.disk_usage(_existing(dest)).free
     if free < need:
         raise InvalidInput(f"not enough space for the recovery in {_existing(dest)}: it needs about "
                            f"{need // 2**20} MB (base backup and WAL), {free // 2**20} MB are free; nothing was changed")
-    del start
+    if live is not None:
+        progress("archiving the server's current WAL (barman switch-wal)")
+        live.execute("SET synchronous_commit = local")
+        live.execute("SELECT pg_current_xact_id()")  # a commit record after any target: replay can stop there
+        archive.switch_wal()
+    window = archive.window()
+    end = _utc(window.end)
+    if target is not None and end is not None and target > end:
+        raise InvalidInput(f"--to {iso(target)} is after the newest archived WAL ({window.end}): the archive covers "
+                           f"{window.start} .. {window.end} (is the WAL receiver running? provision backups --server); "
+                           "nothing was changed")
     return Plan(chosen, iso(target) if target else None, window.start, window.end, need)
 
 
