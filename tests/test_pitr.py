@@ -142,6 +142,23 @@ def test_backups_lists_window_and_health(archived):
                 pass
     again = archived.run("backups", "--server")
     assert again.returncode == 0 and "recoverable:" in again.stdout and "WAL receiver: running" in again.stdout
+    listed = archived.run("list")
+    assert listed.returncode == 0 and "archive: receiver running" in listed.stdout.splitlines()[-1], listed.stdout
+    doctor = archived.run("doctor", "--json")
+    assert not [f for f in json.loads(doctor.stdout)["found"] if f["check"] == "archive"], doctor.stdout
+    # a second backup --server converges (nothing to set up) and takes one more base backup
+    second = archived.run("backup", "--server", "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["changed"] == []
+
+
+def test_scheduled_dumps_are_due_once_per_period(archived):
+    first = archived.run("backup", "--all", "--prune", "--json")
+    assert first.returncode == 0, first.stderr
+    assert sorted(r["bot"] for r in json.loads(first.stdout)) == list(BOTS)
+    again = archived.run("backup", "--all", "--prune", "--json")  # cron, a minute later: none is due
+    assert again.returncode == 0 and json.loads(again.stdout) == []
+    assert "younger than [backup] dump_every (1 day); skipped" in again.stderr
 
 
 def test_whole_server_recovered_to_a_time(archived, tmp_path):
