@@ -74,7 +74,7 @@ def backup_cmd(
         typer.echo("no bots in the registry: provision add-bot NAME")
         return
     if prune:
-        from ..pitr_commands import due_for_dump
+        from ..archiving import due_for_dump
 
         skipped = [b for b in chosen if not due_for_dump(proj, b)]
         for bot in skipped:
@@ -102,7 +102,7 @@ def backup_cmd(
 
 
 def _server_backup(proj, admin_url: str | None, as_json: bool) -> None:
-    from ..pitr_commands import server_backup
+    from ..archiving import server_backup
 
     result = server_backup(proj, servers_of(proj, admin_url), progress=say)
     if as_json:
@@ -214,7 +214,7 @@ def restore_cmd(
 
 
 def _restore_to(proj, admin_url: str | None, name: str, to: str, confirm, as_json: bool) -> None:
-    from ..pitr_commands import restore_to
+    from ..archiving import restore_to
 
     result = restore_to(proj, servers_of(proj, admin_url), name, to, confirm=confirm, progress=say)
     if as_json:
@@ -280,7 +280,7 @@ def backups_cmd(
 
 
 def _server_backups(proj, as_json: bool) -> None:
-    from ..pitr_commands import server_backups
+    from ..archiving import server_backups
     from .everyday import _age
 
     window = server_backups(proj)
@@ -330,7 +330,7 @@ def recover_cmd(
     Example: provision recover --server --to '2026-11-25 10:15:00+00' --into /srv/pg-recovered
     """
     from ..errors import InvalidInput
-    from ..pitr_commands import recover_plan, recover_server
+    from ..archiving import recover_plan, recover_server
 
     if not server:
         raise InvalidInput("recover works on the whole server: pass --server (one bot: provision restore NAME --to TIME)")

@@ -1,4 +1,5 @@
-"""The library behind ``provision backup/backups/recover --server`` and ``restore NAME --to``.
+"""The server's archive as the commands use it: ``provision backup/backups/recover --server``,
+``restore NAME --to`` and the scheduled dumps of ``backup --all --prune``.
 
 Each function takes the project and how to reach its servers (as ``commands`` does),
 validates its input before it touches anything, and returns a result to print.
@@ -152,13 +153,14 @@ def restore_to(project: Project, servers: Servers, bot: str, to: str, *,
     restore (safety backup of the current state first, one transaction, as the bot's role).
     The other bots are not touched and keep serving."""
     from . import backup as dumps
-    from .commands import chosen_bots
     from .restore import restore as restore_into
 
     started = time.monotonic()
     target = pitr.parse_time(to)
-    chosen_bots(project, [bot], all_bots=False)
-    entry = project.fleet.bots[bot]
+    project.require_fleet()
+    entry = project.fleet.bots.get(bot)
+    if entry is None:
+        raise InvalidInput(f"not in the fleet registry: {bot} (see provision list)")
     archive = Archive(project, entry.server)
     archive.require()
     with servers.opened(entry.server) as server:
