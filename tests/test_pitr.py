@@ -27,7 +27,7 @@ import pytest
 from psycopg import sql
 
 from provisioning.archive import Archive
-from provisioning.embedded import EmbeddedServer
+from provisioning.embedded import EmbeddedServer, _free_port, _port_free
 from provisioning.pitr import ScratchServer
 from provisioning.project import Project
 
@@ -338,6 +338,9 @@ def test_kill_mid_write_loses_no_acknowledged_commit(archived, tmp_path):
         scratch.stop()
     lost = set(acknowledged) - present
     assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged commits lost"
-    # the crashed server comes back (crash recovery) with its receiver
-    proc = archived.run("server", "start")
+    # the crashed server comes back (crash recovery) with its receiver; on another port when
+    # another test's server took this one meanwhile
+    port = archived.embedded.status().port
+    proc = archived.run("server", "start", *(() if _port_free(port) else ("--port", str(_free_port()))))
     assert proc.returncode == 0, proc.stderr
+    assert Archive(Project(archived.root)).receiver_running()
