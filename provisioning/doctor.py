@@ -52,7 +52,7 @@ def _quiet(_msg: str) -> None:
 @dataclass
 class Finding:
     check: str  # access, attributes, membership, ownership, limits, marker, env-file, password, login, missing,
-    # stray, leftover
+    # stray, leftover, archive
     bot: str | None
     message: str
     fix: str  # the SQL statement or command that repairs it

@@ -344,3 +344,17 @@ def test_kill_mid_write_loses_no_acknowledged_commit(archived, tmp_path):
     proc = archived.run("server", "start", *(() if _port_free(port) else ("--port", str(_free_port()))))
     assert proc.returncode == 0, proc.stderr
     assert Archive(Project(archived.root)).receiver_running()
+
+
+@pytest.mark.parametrize(("table", "words"), [
+    ('retention = "forever"', 'retention must look like "7 days"'),
+    ('retention = ""', "give retention"),
+    ("dump_keep = 0", "dump_keep at least 1"),
+    ("synchronus = true", "unknown key 'synchronus'"),
+])
+def test_a_bad_backup_table_is_refused(tmp_path, table, words):
+    (tmp_path / "fleet.toml").write_text(f"version = 1\n\n[backup]\n{table}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("ADMIN_DATABASE_URL", "BOTFLEET_HOME")}
+    proc = provision(("backups", "--server"), dict(env, BOTFLEET_HOME=str(tmp_path), NO_COLOR="1"))
+    assert proc.returncode == 2 and "[backup]" in proc.stderr and words in proc.stderr, proc.stderr
+    assert not (tmp_path / ".botfleet" / "pgdata").exists()
