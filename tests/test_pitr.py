@@ -133,7 +133,8 @@ def test_backups_lists_window_and_health(archived):
     passfile = archived.root / "secrets" / "botfleet_backup.pgpass"
     assert passfile.stat().st_mode & 0o777 == 0o600
     password = passfile.read_text().strip().rsplit(":", 1)[1]
-    assert password not in (archived.root / ".botfleet" / "barman" / "barman.conf").read_text()
+    for path in ("barman.conf", "barman.log"):
+        assert password not in (archived.root / ".botfleet" / "barman" / path).read_text(), f"the password is in {path}"
     for pid in Path("/proc").iterdir():
         if pid.name.isdigit():
             try:
