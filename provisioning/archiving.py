@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import pitr
-from .archive import Archive, BaseBackup, Health, Window
+from .archive import RECEIVER, Archive, BaseBackup, Health, Window
 from .errors import InvalidInput
 from .project import Project
 from .registry import DEFAULT_SERVER
@@ -62,6 +62,9 @@ def arm(project: Project, servers: Servers, server: Server, progress: Progress =
                             settings=settings, progress=progress)
     if server.owned:
         changed += archive.set_synchronous(server.conn, settings.synchronous)
+    elif settings.synchronous:
+        progress(f"note: [backup] synchronous is applied only on a server botfleet runs; on this one set "
+                 f"synchronous_standby_names = '{RECEIVER}' yourself")
     started = archive.ensure_receiver(synchronous=settings.synchronous and server.owned)
     if started:
         progress("WAL receiver started (barman receive-wal, in the background)")
