@@ -297,14 +297,8 @@ class Archive:
 
     # -- the WAL receiver -------------------------------------------------------------------
     def receiver_running(self) -> bool:
-        if not self.configured:
-            return False
-        try:
-            procs = self._json("list-processes", self.server)
-        except BackupFailed:
-            return False
-        found = procs.get(self.server, procs) if isinstance(procs, dict) else procs
-        return any("receive-wal" in json.dumps(p) for p in (found if isinstance(found, list) else [found]))
+        """Whether this archive's pg_receivewal runs (read from /proc: no barman call)."""
+        return self.configured and self.receiver_synchronous() is not None
 
     def receiver_synchronous(self) -> bool | None:
         """Whether the running pg_receivewal of this archive flushes each write (--synchronous):
@@ -378,21 +372,19 @@ class Archive:
         self.barman("switch-wal", "--force", "--archive", "--archive-timeout", "60", self.server, timeout=120)
 
     def list(self) -> list[BaseBackup]:
-        """The done base backups, oldest first."""
+        """The done base backups, oldest first (one barman call: list-backups says it all)."""
         if not self.configured:
             return []
         data = self._json("list-backups", self.server)
         rows = data.get(self.server, []) if isinstance(data, dict) else []
         found = []
         for row in rows:
-            if row.get("status") != "DONE":
+            if not isinstance(row, dict) or row.get("status") != "DONE":
                 continue
-            shown = self._json("show-backup", self.server, row["backup_id"]).get(self.server, {})
-            base = shown.get("base_backup_information", {})
-            found.append(BaseBackup(row["backup_id"], row["status"], iso(_utc(base.get("begin_time") or row.get("begin_time"))),
-                                    iso(_utc(row.get("end_time") or base.get("end_time"))),
-                                    _int(base.get("disk_usage_bytes") or row.get("size_bytes")),
-                                    _int(base.get("wal_size_bytes") or row.get("wal_size_bytes"))))
+            end = _int(row.get("end_time_timestamp"))
+            found.append(BaseBackup(row["backup_id"], row["status"], iso(_backup_start(row["backup_id"])),
+                                    iso(dt.datetime.fromtimestamp(end, dt.timezone.utc)) if end is not None else None,
+                                    _int(row.get("size_bytes")), _int(row.get("wal_size_bytes"))))
         return sorted(found, key=lambda b: b.end_time or "")
 
     def newest_wal(self) -> tuple[str | None, dt.datetime | None]:
@@ -410,12 +402,13 @@ class Archive:
             return None, None
         return newest[0], dt.datetime.fromtimestamp(newest[1], dt.timezone.utc)
 
-    def health(self, *, synchronous: bool = False) -> Health:
+    def health(self, *, synchronous: bool = False, found: list[BaseBackup] | None = None) -> Health:
+        """The archive's health; ``found``: its base backups, when already listed."""
         if not self.configured:
             return Health(False)
         now = dt.datetime.now(dt.timezone.utc)
         wal, when = self.newest_wal()
-        last = self.list()
+        last = self.list() if found is None else found
         end = _utc(last[-1].end_time) if last else None
         return Health(True, self.receiver_running(), wal, int((now - when).total_seconds()) if when else None,
                       iso(end), int((now - end).total_seconds()) if end else None, synchronous)
@@ -424,7 +417,7 @@ class Archive:
         self.require()
         found = self.list()
         wal_name, wal_time = self.newest_wal()
-        out = Window(self.server, found, health=self.health(synchronous=synchronous))
+        out = Window(self.server, found, health=self.health(synchronous=synchronous, found=found))
         if found:
             out.start = found[0].end_time
             out.end = iso(max(filter(None, [wal_time, _utc(found[-1].end_time)])))
@@ -440,6 +433,14 @@ def keep_receiving(project: Project, say: Progress = _quiet) -> bool:
         return False
     say("starting the archive's WAL receiver (barman receive-wal, in the background)")
     return archive.ensure_receiver(synchronous=project.fleet.backup.synchronous)
+
+
+def _backup_start(backup_id: str) -> dt.datetime | None:
+    """When a base backup began: barman names it after that moment, in its machine's local time."""
+    try:
+        return dt.datetime.strptime(backup_id, "%Y%m%dT%H%M%S").astimezone()
+    except ValueError:
+        return None
 
 
 def _int(value: Any) -> int | None:
