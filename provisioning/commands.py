@@ -1068,6 +1068,9 @@ def server_start(project: Project, port: int | None = None) -> ServerStarted:
     server = embedded_server(project)
     before = server.status().port
     status = server.start(port)
+    from .archive import keep_receiving
+
+    keep_receiving(project)
     if before is None or status.port == before:
         return ServerStarted(status)
     pinned = sorted(name for name, entry in project.fleet.bots.items() if entry.db_port == before)

@@ -52,7 +52,7 @@ def _quiet(_msg: str) -> None:
 @dataclass
 class Finding:
     check: str  # access, attributes, membership, ownership, limits, marker, env-file, password, login, missing,
-    # stray, leftover
+    # stray, leftover, archive
     bot: str | None
     message: str
     fix: str  # the SQL statement or command that repairs it
@@ -185,6 +185,7 @@ def audit(
     if files:
         findings += _files(project, ignore)
         findings += _leftover_files(project)
+    findings += _archive(server, project)
     for f in findings:
         f.server = server.name
     return findings
@@ -502,6 +503,35 @@ def _scratch_databases(server: Server, project: Project) -> list[Finding]:
                 conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, lock_key(name)))
         out.append(Finding("leftover", None, f"database {name} is a scratch database a killed provision check (or "
                            "revision --autogenerate) left on the server", stmt.as_string(conn), True, repair=drop))
+    return out
+
+
+def _archive(server: Server, project: Project) -> list[Finding]:
+    """The server's continuous archive, when it has one: its WAL receiver streams, and a base
+    backup is younger than the retention window (else recovery reaches back less far)."""
+    from .archive import RECEIVER, Archive
+    from .registry import RETENTION_RE
+
+    archive = Archive(project, server.name)
+    if not archive.configured:
+        return []
+    assert server.conn is not None
+    out = []
+    settings = project.fleet.backup
+    streaming = server.conn.execute("SELECT 1 FROM pg_stat_replication WHERE application_name = %s AND state = 'streaming'",
+                                    (RECEIVER,)).fetchone()
+    if streaming is None:
+        why = ("synchronous archiving is on: every commit waits for it" if settings.synchronous
+               else "WAL written now is not archived")
+        out.append(Finding("archive", None, f"the archive's WAL receiver does not stream from server {server.name} ({why})",
+                           "provision server start (embedded) or provision backup --server", False))
+    health = archive.health(synchronous=settings.synchronous)
+    match = RETENTION_RE.fullmatch(settings.retention.strip()) if settings.retention else None
+    days = int(match.group(1)) * {"day": 1, "week": 7, "month": 30}[match.group(2)] if match else 7
+    if health.last_backup_age_seconds is None or health.last_backup_age_seconds > days * 86400:
+        age = "none" if health.last_backup is None else f"the newest ended {health.last_backup}"
+        out.append(Finding("archive", None, f"no base backup of server {server.name} within the last {days} days ({age})",
+                           "provision backup --server (a daily cron line: see the README)", False))
     return out
 
 

@@ -175,6 +175,11 @@ class EmbeddedServer:
             return None
         except PermissionError:
             pass
+        try:  # a killed postmaster nobody has reaped yet (a container's PID 1 may not) is gone
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return None
+        except (OSError, IndexError):
+            pass
         return pid
 
     def status(self) -> Status:

@@ -100,6 +100,35 @@ class StackSettings:
 
 
 @dataclass
+class BackupSettings:
+    """Backups of the fleet (``[backup]`` in fleet.toml): the continuous archive's retention
+    (barman's retention_policy), whether commits wait for the archive, and the scheduled
+    per-bot dumps of ``provision backup --all --prune``."""
+
+    retention: str = "7 days"  # a recovery window ("7 days", "2 weeks"); "" with keep = N instead
+    keep: int = 0  # keep N base backups (barman's REDUNDANCY N); 0 = the window rules
+    synchronous: bool = False  # zero data loss: a commit returns once the archive has its WAL
+    dump_every: str = "1 day"  # backup --all --prune dumps a bot whose newest dump is older
+    dump_keep: int = 7  # ... and then keeps its N newest dumps
+
+
+RETENTION_RE = re.compile(r"([1-9][0-9]{0,3}) ?(day|week|month)s?")
+
+
+def backup_problem(settings: BackupSettings) -> str | None:
+    """Why ``[backup]`` cannot be used (None: it can), in one line."""
+    for key in ("retention", "dump_every"):
+        value = getattr(settings, key)
+        if value and RETENTION_RE.fullmatch(value.strip()) is None:
+            return f"{key} must look like \"7 days\", \"2 weeks\" or \"1 month\" (got {value!r})"
+    if not settings.retention and settings.keep < 1:
+        return "give retention (e.g. \"7 days\") or keep = N base backups"
+    if settings.keep < 0 or settings.dump_keep < 1:
+        return "keep must be 0 or more and dump_keep at least 1"
+    return None
+
+
+@dataclass
 class Defaults:
     """The fleet's default guards (``[defaults]`` in fleet.toml), for every bot that does not set
     its own. "" = none: the server's own default rules (and no storage quota)."""
@@ -301,6 +330,7 @@ class Fleet:
     bots: dict[str, BotEntry]
     servers: dict[str, ServerEntry] = field(default_factory=dict)
     defaults: Defaults = field(default_factory=Defaults)
+    backup: BackupSettings = field(default_factory=BackupSettings)
 
     def guards(self, entry: BotEntry) -> dict[str, str]:
         """The bot's guards as its role gets them: its own value, else [defaults]'s; unset ones left out."""
@@ -320,7 +350,7 @@ class Fleet:
 
     def only(self, server: str) -> Fleet:
         """The same fleet with only the bots placed on ``server``."""
-        return Fleet(self.stack, self.on(server), self.servers, self.defaults)
+        return Fleet(self.stack, self.on(server), self.servers, self.defaults, self.backup)
 
     def server_endpoint(self, entry: BotEntry) -> tuple[str, int]:
         """Where bots reach the bot's server: its [servers.NAME]'s bot_host/bot_port, else
@@ -378,7 +408,7 @@ class Registry:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise InvalidInput(f"{self.path} is not valid TOML: {err}") from None
-        unknown = set(data) - {"version", "server", "servers", "bots", "defaults"}
+        unknown = set(data) - {"version", "server", "servers", "bots", "defaults", "backup"}
         if unknown:
             raise InvalidInput(f"{self.path}: unknown table or key {', '.join(sorted(unknown))}")
         stack = StackSettings(**self._checked(StackSettings, data.get("server", {}), "[server]"))
@@ -388,11 +418,15 @@ class Registry:
             check_options(asdict(defaults), flags=False)
         except InvalidInput as err:
             raise InvalidInput(f"{self.path}: [defaults] {err}") from None
+        backup = BackupSettings(**self._checked(BackupSettings, data.get("backup", {}), "[backup]"))
+        problem = backup_problem(backup)
+        if problem:
+            raise InvalidInput(f"{self.path}: [backup] {problem}")
         raw_bots = data.get("bots", {})
         if not isinstance(raw_bots, dict):
             raise InvalidInput(f"{self.path}: bots must be a table of [bots.NAME] tables")
         bots = {name: self._bot(name, raw, servers) for name, raw in raw_bots.items()}
-        return Fleet(stack, bots, servers, defaults)
+        return Fleet(stack, bots, servers, defaults, backup)
 
     def _bot(self, name: str, raw: Any, servers: dict[str, ServerEntry]) -> BotEntry:
         where = f"[bots.{name}]"
@@ -476,6 +510,9 @@ class Registry:
         defaults = {k: v for k, v in asdict(fleet.defaults).items() if v}
         if defaults:  # a fleet without defaults keeps its file as it always was
             data["defaults"] = defaults
+        backup = asdict(fleet.backup)
+        if backup != asdict(BackupSettings()):  # a fleet without [backup] keeps its file as it always was
+            data["backup"] = backup
         if fleet.servers:
             data["servers"] = {name: asdict(fleet.servers[name]) for name in sorted(fleet.servers)}
         data["bots"] = {name: fleet.bots[name].to_toml() for name in sorted(fleet.bots)}

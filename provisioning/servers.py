@@ -99,6 +99,12 @@ class Servers:
         embedded = self.embedded()
         if start_embedded:
             embedded.start()
+            from .archive import keep_receiving
+
+            try:
+                keep_receiving(self.project, self.say)
+            except ProvisionError as err:  # the command goes on; doctor and list report the archive
+                self.say(f"warning: the archive's WAL receiver could not be started: {err}")
         return Server(name, embedded.admin_url(), "embedded", owned=True)
 
     def embedded(self) -> EmbeddedServer:

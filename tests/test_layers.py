@@ -17,7 +17,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "provisioning"
 LAYERS = ["leaves", "services", "commands", "cli"]  # bottom to top
-SERVICES = {"servers", "reconcile", "declarative", "doctor", "restore", "compose", "access", "watch"}
+SERVICES = {"servers", "reconcile", "declarative", "doctor", "restore", "compose", "access", "watch", "archiving"}
 
 
 def module_name(path: Path) -> str:

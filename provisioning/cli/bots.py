@@ -161,7 +161,9 @@ def list_cmd(
 ) -> None:
     """Every bot in the registry with live facts: exists, size, connections in use / limit.
 
-    Bot databases on the server that the registry does not know are flagged.
+    Bot databases on the server that the registry does not know are flagged. When the
+    server has a continuous archive, a last line gives its health (WAL receiver, newest
+    WAL's age, last base backup).
     A fleet with several servers is listed across all of them (a SERVER column).
 
     Example: provision list --json
@@ -185,6 +187,22 @@ def list_cmd(
          str(r["connections"]), "-" if r["connection_limit"] is None else str(r["connection_limit"]), r["pool"] or "-")
         for r in rows
     ])
+    _archive_footer(proj)
+
+
+def _archive_footer(proj) -> None:
+    """One line on the server's archive, when it has one (provision backups --server says more)."""
+    from ..archive import Archive
+    from .everyday import _age
+
+    archive = Archive(proj)
+    if not archive.configured:
+        return
+    h = archive.health(synchronous=proj.fleet.backup.synchronous)
+    wal = f"newest WAL {_age(h.last_wal_age_seconds)} old" if h.last_wal_age_seconds is not None else "no WAL yet"
+    last = f"last base backup {_age(h.last_backup_age_seconds)} ago" if h.last_backup_age_seconds is not None else "no base backup"
+    receiver = "receiver running" if h.receiver_running else "receiver NOT running (provision server start / backup --server)"
+    typer.echo(f"archive: {receiver}, {wal}, {last}")
 
 
 def _quota_cell(row) -> str:
@@ -307,13 +325,18 @@ def server_start(
 @server_app.command("stop")
 @command
 def server_stop(as_json: JsonOpt = False, project: ProjectOpt = None) -> None:  # type: ignore[assignment]
-    """Stop the embedded server (its data is kept; the next command starts it again).
+    """Stop the embedded server (its data is kept; the next command starts it again) and its archive's WAL receiver.
 
     Example: provision server stop
     """
     from .. import commands
 
-    stopped = commands.embedded_server(project_of(project)).stop()
+    from ..archive import Archive
+
+    proj = project_of(project)
+    stopped = commands.embedded_server(proj).stop()
+    if Archive(proj).stop_receiver():
+        say("the archive's WAL receiver stopped (the next start restarts it)")
     if as_json:
         print_json({"running": False, "was_running": stopped})
         return
