@@ -34,7 +34,7 @@ from psycopg import sql
 
 from . import backup as dumps
 from .db import connect, parse_url, with_database
-from .errors import BackupFailed, InvalidInput, ProvisionError
+from .errors import BackupFailed, InvalidInput
 from .files import atomic_write, file_lock
 from .passwords import generate, scram_verifier
 from .project import Project
@@ -159,6 +159,23 @@ def iso(stamp: dt.datetime | None) -> str | None:
     return stamp.astimezone(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if stamp else None
 
 
+NOT_INSTALLED = ("barman is not installed: pip install -e '.[archive]' (Barman; it builds psycopg2, which needs "
+                 "pg_config from libpq-dev and a C compiler); nothing was changed")
+
+
+def barman_executable() -> str:
+    """The barman command of this venv, else the one on PATH, else "barman" (not installed)."""
+    exe = Path(sys.executable).with_name("barman")
+    return str(exe if exe.exists() else shutil.which("barman") or "barman")
+
+
+def require_barman() -> None:
+    """BackupFailed (one line, what to install) when Barman is not installed: checked before any
+    server is touched."""
+    if not Path(barman_executable()).is_absolute():
+        raise BackupFailed(NOT_INSTALLED)
+
+
 class Archive:
     """The archive of one of the fleet's servers, in ``<project>/.botfleet/barman/``."""
 
@@ -185,15 +202,14 @@ class Archive:
     def barman(self, *args: str, as_json: bool = False, timeout: float = 3600,
                check: bool = True) -> subprocess.CompletedProcess:
         """``barman -c CONFIG [-f json] ARGS``; BackupFailed with barman's own error line."""
-        exe = Path(sys.executable).with_name("barman")
-        cmd = [str(exe if exe.exists() else shutil.which("barman") or "barman"), "-c", str(self.config)]
+        cmd = [barman_executable(), "-c", str(self.config)]
         cmd += ["-f", "json"] if as_json else ["-q"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}  # the passfile, nothing else
         try:
             proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env,
                                   stdin=subprocess.DEVNULL, cwd=self.root)
         except FileNotFoundError:
-            raise BackupFailed("barman is not installed: pip install barman") from None
+            raise BackupFailed(NOT_INSTALLED) from None
         if check and proc.returncode != 0:
             raise BackupFailed(f"barman {args[0]} failed: {_barman_error(proc)}")
         return proc

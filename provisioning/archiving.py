@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import pitr
-from .archive import RECEIVER, Archive, BaseBackup, Health, Window
+from .archive import RECEIVER, Archive, BaseBackup, Health, Window, require_barman
 from .errors import InvalidInput
 from .project import Project
 from .registry import DEFAULT_SERVER
@@ -78,6 +78,8 @@ def server_backup(project: Project, servers: Servers, name: str = DEFAULT_SERVER
                   progress: Progress = _quiet) -> ServerBackup:
     """``provision backup --server``: set the archive up on first use (idempotent), then a base
     backup now and barman's retention."""
+    project.require_fleet()
+    require_barman()
     started = time.monotonic()
     with servers.opened(name) as server:
         archive, changed, receiver = arm(project, servers, server, progress)
