@@ -372,7 +372,8 @@ def _copy(fleet: Fleet) -> Fleet:
     """A copy of ``fleet`` that shares nothing a caller may change (every field of its entries
     is a str, an int or a bool)."""
     return Fleet(copy.copy(fleet.stack), {k: copy.copy(v) for k, v in fleet.bots.items()},
-                 {k: copy.copy(v) for k, v in fleet.servers.items()}, copy.copy(fleet.defaults))
+                 {k: copy.copy(v) for k, v in fleet.servers.items()}, copy.copy(fleet.defaults),
+                 copy.copy(fleet.backup))
 
 
 # fleet.toml's path -> (its text, the fleet it parsed to), the last one this process read.
