@@ -27,7 +27,7 @@ and, in turn:
 1. seqscan: a sequential-scan storm: its whole pool (5 sessions) runs full scans with LIKE on a
    1,000,000-row table (97 MB) without an index, back to back;
 2. sort: 2 sessions sort 2,000,000 rows (that table x 2) by a text expression with the fleet's small
-   work_mem, back to back: about 280 MB of temp files a sort (three processes: a parallel sort);
+   work_mem, back to back: about 280 MB of temp files a sort (three processes with --parallel 2);
 3. lock: one session updates a row and keeps its transaction open (idle, as a bot waiting on an
    HTTP call), the other 4 sessions of its pool queue on that row;
 4. storm: a connection storm: --storm connections opened at once, outside its pool, held 2 s, again;
