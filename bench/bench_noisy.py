@@ -17,7 +17,9 @@ all of them would be one more CPU bottleneck), has a table of 20,000 rows with a
 (Poisson arrivals, open loop: a slow request does not delay the next) through the shared data layer
 (``shared.database.Database`` from its env file, its pool of 2+3): 80% an indexed read of a few
 rows, 20% a one-row INSERT, each its own unit of work. Once a second each good bot also opens a new
-connection (asyncpg, SELECT 1, close), as a restarting bot or a growing pool does; its failures count
+connection through its pool (the pooled one discarded, a new one opened: SELECT 1), as a restarting
+bot or a growing pool does (the data layer tries a new connection again when the server is full for
+a moment: SQLSTATE 53300, up to 1.55 s); its failures count
 as the good bots' errors and its latency is the CONNECT column. Latency is measured in each bot's
 process from when the request starts (a wait for a pooled connection included).
 
@@ -266,14 +268,15 @@ async def request(db: Database, rng: random.Random, stats: GoodStats) -> None:
         stats.errors[classify(err)] += 1
 
 
-async def probe(args: dict, stats: GoodStats) -> None:
+async def probe(db: Database, stats: GoodStats) -> None:
+    """A new connection as the bot's pool opens one (a restart, a growing pool): through the shared
+    data layer, which tries again when the server is full for a moment."""
+    async with db.engine.connect() as pooled:
+        await pooled.invalidate()  # discarded: the next checkout opens a new connection
     t0 = time.perf_counter()
     try:
-        conn = await asyncpg.connect(**args, timeout=10)
-        try:
-            await conn.fetchval("SELECT 1")
-        finally:
-            await conn.close()
+        async with db.engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
         stats.connects.append(time.perf_counter() - t0)
     except Exception as err:  # noqa: BLE001
         stats.errors["new connection: " + classify(err)] += 1
@@ -290,7 +293,7 @@ async def good_bot(db: Database, args: dict, rate: float, seed: int, deadline: f
             break
         while next_probe < at:
             await asyncio.sleep(max(0.0, next_probe - loop.time()))
-            tasks.add(asyncio.create_task(probe(args, stats)))
+            tasks.add(asyncio.create_task(probe(db, stats)))
             next_probe += 1.0
         await asyncio.sleep(max(0.0, at - loop.time()))
         tasks.add(asyncio.create_task(request(db, rng, stats)))

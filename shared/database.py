@@ -12,17 +12,54 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.util import await_only
 
 from .settings import ConfigError, DatabaseSettings
 
 
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+# A new connection refused because the server is full for a moment (53300: another bot's
+# connection storm holds slots until PostgreSQL refuses it, as it checks a role's CONNECTION
+# LIMIT only after the backend started) or is starting up (57P03) is tried again a few times
+# before the error reaches the bot: 1.55 s in all. Any other error is raised at once.
+CONNECT_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+_TRANSIENT_SQLSTATES = frozenset({"53300", "57P03"})
+
+
+def _sqlstate(err: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, through SQLAlchemy's and the adapter's wrapping."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        if isinstance(code, str) and code:
+            return code
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return None
+
+
+def _retry_transient_connects(engine: AsyncEngine) -> None:
+    """New connections of ``engine`` retried on a full or starting server (CONNECT_RETRY_DELAYS);
+    the wait is an asyncio sleep, so the bot's event loop keeps serving meanwhile."""
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        for delay in (*CONNECT_RETRY_DELAYS, None):
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except Exception as err:
+                if delay is None or _sqlstate(err) not in _TRANSIENT_SQLSTATES:
+                    raise
+                await_only(asyncio.sleep(delay))
+        return None  # not reached: the last attempt returns or raises
 
 
 def tls_arguments(url: URL, source: str) -> tuple[URL, dict[str, Any]]:
@@ -72,13 +109,16 @@ def make_engine(settings: DatabaseSettings, *, application_name: str | None = No
         if connect_args:
             kwargs["connect_args"] = connect_args
     try:
-        return create_async_engine(url, **kwargs)
+        engine = create_async_engine(url, **kwargs)
     except (NoSuchModuleError, ImportError) as err:
         missing = getattr(err, "name", None) or settings.url.drivername
         raise ConfigError(
             f"{settings.source}: the driver for {settings.url.drivername!r} is not installed ({missing}); "
             "pip install asyncpg (PostgreSQL) or aiosqlite (SQLite)"
         ) from None
+    if not settings.is_sqlite:
+        _retry_transient_connects(engine)
+    return engine
 
 
 def dialect_insert(session: AsyncSession, model: type) -> Any:

@@ -7,10 +7,12 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 from datetime import datetime
 
+import psycopg
 import pytest
-from sqlalchemy import ForeignKey, String, func, select
+from sqlalchemy import ForeignKey, String, func, select, text
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Mapped, configure_mappers, mapped_column
 from sqlalchemy.pool import StaticPool
@@ -278,3 +280,66 @@ def test_health_module_for_container_healthchecks(bot_env):
     bad = subprocess.run([sys.executable, "-m", "shared.health", name], capture_output=True, text=True,
                          env={**run_env, "DATABASE_URL": "mysql://x"})
     assert bad.returncode == 2 and "DATABASE_URL" in bad.stderr
+
+
+def _hold_role_slots(env: dict[str, str], count: int) -> list[psycopg.Connection]:
+    """``count`` sessions of the bot's own role, opened outside its pool (its URL, as psycopg takes it)."""
+    url = env["DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
+    return [psycopg.connect(url, connect_timeout=10) for _ in range(count)]
+
+
+def test_a_new_connection_refused_by_a_full_server_for_a_moment_is_tried_again(bot_env):
+    """A connection storm holds slots until PostgreSQL refuses it (SQLSTATE 53300): the data layer
+    waits a moment and tries again instead of failing the bot's request."""
+    name, env = bot_env
+    held = _hold_role_slots(env, 3)  # its role's CONNECTION LIMIT (pool 1+1, + 1 for migrations): full
+    db = Database.from_env(name, env=env)
+    released = threading.Event()
+
+    def release_one() -> None:
+        held.pop().close()
+        released.set()
+
+    async def unit_of_work() -> int:
+        timer = threading.Timer(0.3, release_one)
+        timer.start()
+        try:
+            async with db.unit_of_work() as session:
+                return (await session.execute(text("SELECT 1"))).scalar_one()
+        finally:
+            timer.join()
+            await db.dispose()
+
+    try:
+        assert asyncio.run(unit_of_work()) == 1 and released.is_set()
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_a_server_that_stays_full_is_an_error_after_the_retries_and_others_are_not_retried(bot_env):
+    from shared.database import _sqlstate
+
+    name, env = bot_env
+    held = _hold_role_slots(env, 3)
+    db = Database.from_env(name, env=env)
+    wrong = Database.from_env(name, env={**env, "DATABASE_URL": env["DATABASE_URL"].replace("@", "x@", 1)})
+
+    async def attempt(database: Database) -> BaseException:
+        try:
+            async with database.engine.connect():
+                pass
+        except Exception as err:  # noqa: BLE001 - what the bot would see
+            return err
+        finally:
+            await database.dispose()
+        raise AssertionError("connected to a full server")
+
+    try:
+        err = asyncio.run(attempt(db))
+        assert _sqlstate(err) == "53300" and "too many connections" in str(err)
+    finally:
+        for conn in held:
+            conn.close()
+    err = asyncio.run(attempt(wrong))
+    assert _sqlstate(err) == "28P01"  # a wrong password is not retried: raised at once
