@@ -162,3 +162,13 @@ def test_a_missing_monitoring_url_file_is_one_clear_line(monitored):
     env.update(BOTFLEET_HOME=str(root), NO_COLOR="1", BOTFLEET_MONITOR_URL_FILE=str(root / "nope.url"))
     proc = provision(["metrics"], env)
     assert proc.returncode != 0 and "BOTFLEET_MONITOR_URL_FILE" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_exporter_address_is_one_line_and_changes_nothing(tmp_path):
+    root = make_project(tmp_path / "fleet")
+    registry = (root / "fleet.toml").read_text()
+    proc = run(root, "render", "--exporter", "--exporter-publish", "not-an-address")
+    assert proc.returncode == 2, proc.stderr
+    assert "exporter_publish must be ADDRESS:PORT" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (root / "fleet.toml").read_text() == registry
+    assert not (root / monitoring.URL_FILE).exists() and not (root / "compose.yaml").exists()
