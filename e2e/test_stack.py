@@ -175,14 +175,14 @@ def test_01_a_fleet_developed_on_the_embedded_server_comes_up_from_an_empty_volu
     stack.provision("config", "set", "hello-bot", f"BOT_TOKEN={BOT_TOKEN}")
     stack.provision("config", "set", "feishu-bot", f"FEISHU_VERIFICATION_TOKEN={FEISHU_TOKEN}")
     stack.provision("render", "--publish", f"127.0.0.1:{stack.ports['postgres']}", "--exporter",
-                    "--exporter-publish", f"127.0.0.1:{stack.ports['exporter']}")
+                    "--exporter-publish", f"127.0.0.1:{stack.ports['exporter']}", "--archive")
     stack.write_override()
     stack.compose("build", timeout=1800)
     stack.up()
     ps = stack.containers()
     assert ps["postgres"]["Health"] == "healthy", ps["postgres"]
     assert ps["provision"]["State"] == "exited" and ps["provision"]["ExitCode"] == 0, stack.logs()
-    for service in (*BOTS, "exporter"):
+    for service in (*BOTS, "exporter", "archive"):
         assert ps[service]["State"] == "running" and ps[service]["Health"] == "healthy", (service, ps[service], stack.logs())
 
 
@@ -326,6 +326,52 @@ def test_04c_the_exporter_serves_each_bots_figures_as_its_own_monitoring_role(st
     assert proc.returncode == 0 and "refused:" in proc.stdout, proc.stdout + proc.stderr
 
 
+def barman(stack: Stack, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """barman in the archive service's container, as its barman user, with the rendered configuration."""
+    return stack.compose("exec", "-T", "archive", "setpriv", "--reuid=barman", "--regid=barman", "--init-groups",
+                         "barman", "-c", "/etc/botfleet/barman.conf", *args, check=check, timeout=timeout)
+
+
+def done_backups(stack: Stack) -> list[dict]:
+    rows = json.loads(barman(stack, "-f", "json", "list-backups", "default").stdout)["default"]
+    return [r for r in rows if r["status"] == "DONE"]
+
+
+def test_04d_the_archive_streams_every_write_and_has_a_base_backup_as_its_own_replication_role(stack: Stack):
+    # Healthy (up --wait waited for it): barman check passed, so a base backup exists and WAL arrives.
+    assert len(done_backups(stack)) >= 1
+    with stack.admin() as conn:
+        rows = conn.execute("SELECT r.usename, r.application_name, r.state, s.ssl FROM pg_stat_replication r "
+                            "JOIN pg_stat_ssl s USING (pid)").fetchall()
+        assert ("botfleet_backup", "barman_receive_wal", "streaming", True) in rows, rows
+        assert conn.execute("SELECT rolsuper, rolreplication, rolcreatedb, rolcreaterole FROM pg_roles "
+                            "WHERE rolname = 'botfleet_backup'").fetchone() == (False, True, False, False)
+        assert conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = 'botfleet_barman'").fetchone() == (True,)
+        lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+    # What is written now reaches the archive's volume within seconds (pg_receivewal writes it at once and
+    # fsyncs it when its segment ends: the stack archives asynchronously).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with stack.admin() as conn:
+            flushed = conn.execute("SELECT write_lsn >= %s::pg_lsn FROM pg_stat_replication "
+                                   "WHERE application_name = 'barman_receive_wal'", (lsn,)).fetchone()
+        if flushed == (True,):
+            break
+        time.sleep(1)
+    assert flushed == (True,)
+    # The service runs as barman, never root; its role reaches no bot's database.
+    assert stack.compose("exec", "-T", "archive", "stat", "-c", "%U", "/proc/1").stdout.strip() == "barman"
+    proc = stack.compose("exec", "-T", "archive", "setpriv", "--reuid=barman", "--regid=barman", "--init-groups", "psql",
+                         "host=postgres user=botfleet_backup dbname=chat_bot_db passfile=/run/barman/pgpass "
+                         "sslmode=verify-full sslrootcert=/etc/botfleet/postgres-ca.crt", "-c", "SELECT 1", check=False)
+    assert proc.returncode != 0 and "pg_hba.conf rejects" in proc.stderr, proc.stdout + proc.stderr
+    # provision list and doctor, from the host through the published port, see it stream.
+    listed = stack.provision("list", admin=True)
+    assert "archive: streaming" in listed.stdout, listed.stdout
+    doctor = stack.provision("doctor", "--json", admin=True, check=False)
+    assert [f for f in json.loads(doctor.stdout)["remaining"] if f["check"] == "archive"] == [], doctor.stdout
+
+
 def test_05_a_bot_added_later_comes_up_without_recreating_the_others(stack: Stack):
     before = {s: r["ID"] for s, r in stack.containers().items() if s in BOTS or s == "postgres"}
     stack.provision("add-bot", "acme-chat", "--code", "chat-bot", "--publish", f"127.0.0.1:{stack.ports['acme-chat']}")
@@ -397,3 +443,39 @@ def test_09_the_stack_file_loads_with_docker_stack_config(stack: Stack):
     assert proc.returncode == 0, proc.stderr
     assert "unsupported" not in (proc.stdout + proc.stderr).lower(), proc.stderr
     assert "services:" in proc.stdout
+
+
+def test_10_the_stacks_server_recovers_to_a_time_from_the_archive_service_as_the_readme_says(stack: Stack):
+    # (After test_07's down -v the archive started again from nothing: its first base backup is taken.)
+    assert done_backups(stack)
+    code, conv = stack.http("chat-bot", "POST", "/conversations", {"title": "kept"})
+    assert code == 201, conv
+    for i in range(5):
+        assert stack.http("chat-bot", "POST", f"/conversations/{conv['id']}/messages",
+                          {"role": "user", "content": f"kept {i}"})[0] == 201
+    with stack.admin("chat_bot_db") as conn:
+        kept = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        target = conn.execute("SELECT now()::text").fetchone()[0]
+    time.sleep(1.5)
+    for i in range(5):
+        assert stack.http("chat-bot", "POST", f"/conversations/{conv['id']}/messages",
+                          {"role": "user", "content": f"lost {i}"})[0] == 201
+    with stack.admin("chat_bot_db") as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == kept + 5
+    barman(stack, "switch-wal", "--force", "--archive", "--archive-timeout", "60", "default")
+    # The README's flow: recover into the archive's volume, stop, put it in place of pgdata's content, start.
+    barman(stack, "recover", "--target-time", target, "--target-action", "promote", "default", "latest",
+           "/var/lib/barman/recovered", timeout=900)
+    stack.compose("stop", timeout=300)
+    volume = stack.docker("volume", "ls", "-q", "--filter", "name=pgdata").stdout.split()
+    assert len(volume) == 1, volume
+    stack.compose("run", "--rm", "--no-deps", "-u", "0", "--entrypoint", "sh", "-v", f"{volume[0]}:/pgdata", "archive",
+                  "-c", "find /pgdata -mindepth 1 -delete && cp -a /var/lib/barman/recovered/. /pgdata/ "
+                  "&& rm -rf /var/lib/barman/recovered && chown -R postgres:postgres /pgdata", timeout=600)
+    stack.up()
+    with stack.admin("chat_bot_db") as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == kept
+        assert conn.execute("SELECT count(*) FROM messages WHERE content LIKE 'lost %'").fetchone()[0] == 0
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+    ps = stack.containers()
+    assert all(ps[s]["Health"] == "healthy" for s in (*BOTS, "archive")), stack.logs()

@@ -55,6 +55,14 @@ PROVISIONER_MARGIN = 2  # `provision` admin session + a pg_dump during remove-bo
 # The stack's metrics exporter (render --exporter): its role's CONNECTION LIMIT, its container's memory
 EXPORTER_CONNECTIONS = 2
 EXPORTER_MEMORY = "128M"  # measured: 51 MiB resident after scrapes (VmHWM), + a health check
+# The stack's archive service (render --archive, archive.py): barman's own sessions (a check, a
+# backup, cron) take max_connections slots and are reserved; its walsenders (pg_receivewal, and
+# pg_basebackup's during a backup, a check's) have slots of their own (max_wal_senders) but each is
+# a backend: their memory is charged like a connection's. The container: barman (Python) and the
+# PostgreSQL client tools.
+ARCHIVE_CONNECTIONS = 3
+ARCHIVE_WAL_SENDERS = 6
+ARCHIVE_MEMORY = "256M"
 MIGRATION_JOBS = 8  # behind PgBouncer: migrate's worker pool, the only direct bot connections
 BACKGROUND_MB = 24
 AUTOVACUUM_WORKERS = 2
@@ -166,6 +174,7 @@ class Tuning:
     autovacuum_max_workers: int = AUTOVACUUM_WORKERS
     active_percent: int = DEFAULT_ACTIVE_PERCENT
     headroom_percent: int = DEFAULT_HEADROOM_PERCENT
+    wal_senders: int = 0  # the archive's walsenders: backends outside max_connections (max_wal_senders)
 
     @property
     def shared_mb(self) -> int:
@@ -197,7 +206,7 @@ class Tuning:
 
     @property
     def connections_mb(self) -> int:
-        return -(-self.max_connections * BACKEND_KB // 1024)
+        return -(-(self.max_connections + self.wal_senders) * BACKEND_KB // 1024)
 
     @property
     def active_mb(self) -> int:
@@ -213,7 +222,8 @@ def tune(server: StackSettings) -> Tuning:
     """The postgres settings derived from the memory limit (and max_connections, if set)."""
     validate_stack(server)
     return tuning_for(memory_mb(server.postgres_memory, "postgres_memory"), server.max_connections,
-                      server.active_percent, server.headroom_percent)
+                      server.active_percent, server.headroom_percent,
+                      ARCHIVE_WAL_SENDERS if server.archive else 0)
 
 
 def _work_mem_mb(mem: int) -> int:
@@ -222,7 +232,7 @@ def _work_mem_mb(mem: int) -> int:
 
 
 def derived_max_connections(mem: int, active_percent: int = DEFAULT_ACTIVE_PERCENT,
-                            headroom_percent: int = DEFAULT_HEADROOM_PERCENT) -> int:
+                            headroom_percent: int = DEFAULT_HEADROOM_PERCENT, wal_senders: int = 0) -> int:
     """max_connections derived from a memory limit M (MB, at least 128), never fewer at a larger M.
 
     The most connections C with fixed + C x (backend + slot) + active + headroom <= M, every
@@ -235,7 +245,8 @@ def derived_max_connections(mem: int, active_percent: int = DEFAULT_ACTIVE_PERCE
     MIN_CONNECTIONS-MAX_CONNECTIONS. Everything is in hundredths of a kB, in integers."""
     active = WORK_MEM_FACTOR * WORK_MEM_MB * 1024 + ACTIVE_EXTRA_KB
     # + 3 MB: the estimate rounds the slots, the backends and the active part up to whole MB
-    fixed_kb = 360 * mem + min(8 * mem, 16 * 1024) + (SHARED_BASE_MB + BACKGROUND_MB + 3) * 1024
+    fixed_kb = (360 * mem + min(8 * mem, 16 * 1024) + (SHARED_BASE_MB + BACKGROUND_MB + 3) * 1024
+                + wal_senders * BACKEND_KB)
     free = 100 * (1024 * mem - fixed_kb - active) - headroom_percent * 1024 * mem
     per = 100 * (BACKEND_KB + SLOT_KB) + active_percent * active
     afford = max(free, 0) // per
@@ -243,7 +254,7 @@ def derived_max_connections(mem: int, active_percent: int = DEFAULT_ACTIVE_PERCE
 
 
 def tuning_for(mem: int, max_connections: int = 0, active_percent: int = DEFAULT_ACTIVE_PERCENT,
-               headroom_percent: int = DEFAULT_HEADROOM_PERCENT) -> Tuning:
+               headroom_percent: int = DEFAULT_HEADROOM_PERCENT, wal_senders: int = 0) -> Tuning:
     """The tuning of a memory limit (MB), with max_connections set (or 0: derived from it)."""
     derived = max_connections == 0
     return Tuning(
@@ -253,10 +264,12 @@ def tuning_for(mem: int, max_connections: int = 0, active_percent: int = DEFAULT
         maintenance_work_mem_mb=max(mem // 16, 8),
         autovacuum_work_mem_mb=max(mem // 64, 2),
         work_mem_mb=_work_mem_mb(mem),
-        max_connections=derived_max_connections(mem, active_percent, headroom_percent) if derived else max_connections,
+        max_connections=(derived_max_connections(mem, active_percent, headroom_percent, wal_senders) if derived
+                         else max_connections),
         max_connections_derived=derived,
         active_percent=active_percent,
         headroom_percent=headroom_percent,
+        wal_senders=wal_senders,
     )
 
 
@@ -265,13 +278,13 @@ ADVICE_LIMIT_MB = 1024 * 1024  # 1T: beyond it the advice is not memory
 
 
 def memory_to_fit(connections: int, max_connections: int, memory: int, active_percent: int = DEFAULT_ACTIVE_PERCENT,
-                  headroom_percent: int = DEFAULT_HEADROOM_PERCENT) -> int | None:
+                  headroom_percent: int = DEFAULT_HEADROOM_PERCENT, wal_senders: int = 0) -> int | None:
     """The smallest memory limit (MB: ``memory`` itself, else a multiple of 64M above it) whose
     tuning has ``connections`` and fits its memory estimate, with ``max_connections`` set (or 0:
     derived from the memory). None when no memory up to 1T does."""
     mem = max(memory, 128)
     while mem <= ADVICE_LIMIT_MB:
-        t = tuning_for(mem, max_connections, active_percent, headroom_percent)
+        t = tuning_for(mem, max_connections, active_percent, headroom_percent, wal_senders)
         if t.max_connections >= connections and t.memory_estimate_mb <= mem:
             return mem
         if t.max_connections_derived and t.max_connections >= MAX_CONNECTIONS:
@@ -283,7 +296,8 @@ def memory_to_fit(connections: int, max_connections: int, memory: int, active_pe
 def memory_terms(t: Tuning) -> str:
     """The estimate's terms in words (budget's output and a refusal's)."""
     return (f"shared {t.shared_mb}MB (shared_buffers {t.shared_buffers_mb}MB + {t.shared_mb - t.shared_buffers_mb}MB) "
-            f"+ maintenance {t.maintenance_mb}MB + background {BACKGROUND_MB}MB + {t.max_connections} connections x "
+            f"+ maintenance {t.maintenance_mb}MB + background {BACKGROUND_MB}MB + {t.max_connections} connections"
+            f"{f' and {t.wal_senders} WAL senders' if t.wal_senders else ''} x "
             f"{BACKEND_KB / 1024:g}MB + {t.active_connections} active ({t.active_percent}%) x {t.active_kb / 1024:g}MB "
             f"({WORK_MEM_FACTOR} x work_mem {t.work_mem_mb}MB + {ACTIVE_EXTRA_KB / 1024:g}MB) "
             f"+ headroom {t.headroom_mb}MB ({t.headroom_percent}%)")
@@ -322,6 +336,7 @@ class Budget:
     pgbouncer: bool
     bots: list[BotShare] = field(default_factory=list)
     exporter: bool = False  # the stack's exporter service: its connections are reserved, its memory counted
+    archive: bool = False  # the stack's archive service: barman's sessions reserved, its memory counted
 
     @property
     def migration_reserve(self) -> int:
@@ -332,11 +347,15 @@ class Budget:
     @property
     def reserve(self) -> int:
         return (self.tuning.superuser_reserved_connections + PROVISIONER_MARGIN + self.migration_reserve
-                + self.exporter_connections)
+                + self.exporter_connections + self.archive_connections)
 
     @property
     def exporter_connections(self) -> int:
         return EXPORTER_CONNECTIONS if self.exporter else 0
+
+    @property
+    def archive_connections(self) -> int:
+        return ARCHIVE_CONNECTIONS if self.archive else 0
 
     @property
     def total(self) -> int:
@@ -344,9 +363,10 @@ class Budget:
 
     @property
     def bots_memory_mb(self) -> int:
-        """What the bots' containers (and the exporter's) may use together (their memory limits):
-        the host needs it beside postgres's."""
-        return sum(b.memory_mb for b in self.bots) + (memory_mb(EXPORTER_MEMORY, "memory") if self.exporter else 0)
+        """What the bots' containers (and the exporter's and the archive's) may use together (their
+        memory limits): the host needs it beside postgres's."""
+        return (sum(b.memory_mb for b in self.bots) + (memory_mb(EXPORTER_MEMORY, "memory") if self.exporter else 0)
+                + (memory_mb(ARCHIVE_MEMORY, "memory") if self.archive else 0))
 
     @property
     def headroom(self) -> int:
@@ -367,11 +387,13 @@ class Budget:
             "max_connections": t.max_connections, "max_connections_derived": t.max_connections_derived,
             "superuser_reserved_connections": t.superuser_reserved_connections,
             "provisioner_margin": PROVISIONER_MARGIN, "migration_reserve": self.migration_reserve,
-            "exporter_connections": self.exporter_connections, "reserve": self.reserve, "pgbouncer": self.pgbouncer,
+            "exporter_connections": self.exporter_connections, "archive_connections": self.archive_connections,
+            "reserve": self.reserve, "pgbouncer": self.pgbouncer,
             "bots": [asdict(b) for b in self.bots], "total": self.total, "headroom": self.headroom,
             "memory": {"limit_mb": t.memory_mb, "shared_buffers_mb": t.shared_buffers_mb, "shared_mb": t.shared_mb,
                        "maintenance_mb": t.maintenance_mb, "background_mb": BACKGROUND_MB if t.memory_mb else 0,
                        "fixed_mb": t.fixed_mb, "backend_kb": BACKEND_KB, "connections_mb": t.connections_mb,
+                       "wal_senders": t.wal_senders,
                        "work_mem_mb": t.work_mem_mb, "active_percent": t.active_percent,
                        "active_connections": t.active_connections, "active_kb": t.active_kb,
                        "active_mb": t.active_mb, "headroom_percent": t.headroom_percent,
@@ -401,7 +423,8 @@ def server_budget(fleet: Fleet, server: str, extra: BotEntry | None = None) -> B
             bots[extra.name] = extra
     if server == DEFAULT_SERVER:
         return Budget(tune(fleet.stack), fleet.stack.pgbouncer,
-                      [bot_share(bots[name], fleet.stack, fleet) for name in sorted(bots)], exporter=fleet.stack.exporter)
+                      [bot_share(bots[name], fleet.stack, fleet) for name in sorted(bots)], exporter=fleet.stack.exporter,
+                      archive=fleet.stack.archive)
     spec = fleet.servers[server]  # its numbers were range-checked when fleet.toml was loaded
     tuning = Tuning(memory_mb=0, shared_buffers_mb=0, effective_cache_size_mb=0, maintenance_work_mem_mb=0,
                     autovacuum_work_mem_mb=0, work_mem_mb=0, max_connections=spec.max_connections,
@@ -428,11 +451,11 @@ def explain(budget: Budget, what: str) -> str:
     options = []
     if budget.headroom < 0:
         # Each option is a value that fits this fleet (the tuning recomputed for it), or is left out.
-        derived = memory_to_fit(need, 0, t.memory_mb, t.active_percent, t.headroom_percent)
+        derived = memory_to_fit(need, 0, t.memory_mb, t.active_percent, t.headroom_percent, t.wal_senders)
         if derived is not None:
             options.append(f"raise the memory (provision render --postgres-memory {memory_text(derived)}"
                            + ("" if t.max_connections_derived else " --max-connections 0") + ")")
-        fixed = memory_to_fit(need, need, t.memory_mb, t.active_percent, t.headroom_percent)
+        fixed = memory_to_fit(need, need, t.memory_mb, t.active_percent, t.headroom_percent, t.wal_senders)
         if fixed is not None and need <= MAX_CONNECTIONS:
             options.append(f"raise max_connections (provision render --max-connections {need}"
                            + ("" if fixed == t.memory_mb else f" --postgres-memory {memory_text(fixed)}") + ")")
@@ -440,7 +463,8 @@ def explain(budget: Budget, what: str) -> str:
         if not budget.pgbouncer:
             options.append("or put PgBouncer in front (provision render --pgbouncer)")
     else:
-        more = memory_to_fit(t.max_connections, t.max_connections, t.memory_mb, t.active_percent, t.headroom_percent)
+        more = memory_to_fit(t.max_connections, t.max_connections, t.memory_mb, t.active_percent, t.headroom_percent,
+                             t.wal_senders)
         if more is not None:
             options.append(f"raise the memory (provision render --postgres-memory {memory_text(more)})")
         options.append("or lower --max-connections (0 derives it from the memory)")

@@ -426,13 +426,18 @@ def _quota_columns(state: quotas.QuotaState) -> dict[str, Any]:
             "growth_bytes": state.growth_bytes, "growth_since": state.growth_since}
 
 
-def list_bots(project: Project, servers: Servers) -> list[dict[str, Any]]:
+def list_bots(project: Project, servers: Servers, streams: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every bot in the registry with live facts from its server (exists, size, connections in use
-    / limit), and botfleet databases on those servers that the registry does not know."""
+    / limit), and botfleet databases on those servers that the registry does not know.
+    ``streams``: filled with each server's archive as the server sees it (archive.stream)."""
     rows: list[dict[str, Any]] = []
     with servers.visit(servers.fleet_wide()) as opened:
         for server in opened:
             rows += _list_server(server, project)
+            if streams is not None and server.conn is not None:
+                from .archive import stream
+
+                streams[server.name] = stream(server.conn)
     return sorted(rows, key=lambda r: (r["bot"], r["server"]))
 
 
@@ -695,6 +700,7 @@ def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tu
                 results.append(StepResult(step.action, step.subject, False, str(err)))
         if credentials_only and DEFAULT_SERVER in by_name:
             results += _converge_monitor(project, by_name[DEFAULT_SERVER], progress)
+            results += _converge_backup_role(project, by_name[DEFAULT_SERVER], progress)
     bots = [s.subject for s in fleet_plan.of(MIGRATE)]
     if bots:
         targets, early = plan_targets(project, bots, all_bots=False, admin_url=default_url)
@@ -725,6 +731,29 @@ def _converge_monitor(project: Project, server: Server, progress: Progress) -> l
     if changed:
         progress(f"update {monitoring.ROLE}: {', '.join(changed)}")
     return [StepResult(UPDATE, monitoring.ROLE, True, ", ".join(changed) or "unchanged")]
+
+
+def _converge_backup_role(project: Project, server: Server, progress: Progress) -> list[Any]:
+    """The stack's provisioning service: the archive service's replication role, when the stack
+    has one (its passfile mounted from secrets/); see archive.converge_role."""
+    import psycopg
+
+    from . import archive
+    from .declarative import UPDATE, StepResult
+
+    if not project.fleet.stack.archive:
+        return []
+    password = archive.read_passfile(project.root / "secrets" / f"{archive.ROLE}.pgpass")
+    if password is None:
+        return [StepResult(UPDATE, archive.ROLE, False, f"no secrets/{archive.ROLE}.pgpass: run provision render")]
+    assert server.conn is not None and server.url is not None
+    try:
+        changed = archive.converge_role(server.conn, server.url, password, server.major)
+    except psycopg.Error as err:
+        return [StepResult(UPDATE, archive.ROLE, False, one_line(err))]
+    if changed:
+        progress(f"update {archive.ROLE}: {', '.join(changed)}")
+    return [StepResult(UPDATE, archive.ROLE, True, ", ".join(changed) or "unchanged")]
 
 
 # --------------------------------------------------------------------------- migrations

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import budget as budgets
+from . import archive as archives
 from . import monitoring, settings
 from .db import STATE_DATABASE
 from .compose_check import COMPOSE_FILE, STACK_FILE, StackFiles, PlannedFile, validate
@@ -117,6 +118,58 @@ def _tls(root: Path, publish: str) -> tls.ServerTls:
         except (OSError, UnicodeDecodeError):
             return None
     return tls.server_tls(read(TLS_CERT), read(TLS_KEY), hosts)
+
+
+ARCHIVE_CONF = "deploy/barman.conf"
+ARCHIVE_SERVICE = "deploy/archive-service.py"
+ARCHIVE_DOCKERFILE = "deploy/archive/Dockerfile"
+# The archive's passfile: the same file `provision backup --server` uses on the host (archive.py)
+ARCHIVE_PGPASS = f"secrets/{archives.ROLE}.pgpass"
+
+
+def _archive_conf(fleet: Fleet) -> dict[str, Any]:
+    """postgresql.conf's archive settings (budget.ARCHIVE_WAL_SENDERS; a slot for the archive and
+    one spare, e.g. for a standby made by hand)."""
+    return {"wal_senders": budgets.ARCHIVE_WAL_SENDERS, "slots": 2, "max_wal_kept": fleet.backup.max_wal_kept.strip()}
+
+
+def _archive_files(root: Path, fleet: Fleet, t: Any, files: list[PlannedFile], configs: list[dict[str, str]],
+                   secret_defs: list[dict[str, str]], provision_secrets: list[dict[str, str]],
+                   passwords: list[str]) -> dict[str, Any]:
+    """The archive service's files (barman.conf, its loop, its image's Dockerfile, the backup
+    role's passfile, kept from render to render) added to the plan; its template context."""
+    from .registry import RETENTION_RE
+
+    major = fleet.stack.postgres_major
+    password = archives.read_passfile(root / ARCHIVE_PGPASS) or pysecrets.token_urlsafe(32)
+    passwords.append(password)
+    pgpass = archives.passfile_line(password)
+    match = RETENTION_RE.fullmatch(fleet.backup.base_every.strip())
+    assert match, "checked when fleet.toml was loaded"
+    every = int(match.group(1)) * {"day": 86400, "week": 7 * 86400, "month": 30 * 86400}[match.group(2)]
+    barman_conf = archives.render_config(
+        server=DEFAULT_SERVER, host="postgres", port=5432, passfile="/run/barman/pgpass", home="/var/lib/barman",
+        bin_dir=f"/usr/lib/postgresql/{major}/bin", retention=archives.retention_policy(fleet.backup),
+        log_file="/dev/stderr", barman_user="barman", header=HEADER,
+        conninfo_extra=f"sslmode=verify-full sslrootcert={TLS_ROOT}",
+        # unhealthy when two scheduled base backups in a row did not happen
+        last_backup_maximum_age=f"{2 * int(match.group(1))} {match.group(2).upper()}S")
+    service = (templates_dir() / "archive-service.py").read_text(encoding="utf-8")
+    image = f"botfleet-archive:{major}"
+    dockerfile = t.get_template("archive.Dockerfile.j2").render(header=HEADER, postgres_image=f"postgres:{major}",
+                                                               major=major, image=image)
+    files += [PlannedFile(ARCHIVE_CONF, barman_conf), PlannedFile(ARCHIVE_SERVICE, f"{HEADER}\n{service}"),
+              PlannedFile(ARCHIVE_DOCKERFILE, dockerfile),
+              # kept as it is once it exists (its password is the one read above; `backup --server` may have made it)
+              PlannedFile(ARCHIVE_PGPASS, pgpass, secret=True, create_only=True)]
+    configs += [{"key": "barman_conf", "file": f"./{ARCHIVE_CONF}", "name": f"botfleet_barman_conf_{_sha(barman_conf)}"},
+                {"key": "archive_service", "file": f"./{ARCHIVE_SERVICE}",
+                 "name": f"botfleet_archive_service_{_sha(service)}"}]
+    secret_defs.append({"key": "backup_pgpass", "file": f"./{ARCHIVE_PGPASS}", "name": f"botfleet_backup_pgpass_{_sha(pgpass)}"})
+    provision_secrets.append({"key": "backup_pgpass", "target": f"/app/{ARCHIVE_PGPASS}"})
+    return {"image": image, "build_context": f"./{Path(ARCHIVE_DOCKERFILE).parent}", "server": DEFAULT_SERVER,
+            "base_every": str(every), "memory": budgets.ARCHIVE_MEMORY,
+            "config_sha256": _sha(barman_conf + service + dockerfile + pgpass, 64)}
 
 
 def endpoint(fleet: Fleet) -> tuple[str, int]:
@@ -234,9 +287,11 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
     t = _env(templates_dir())
     pair = _tls(root, server.publish)
     passwords.append(pair.key_pem)
-    conf = t.get_template("postgresql.conf.j2").render(header=HEADER, t=tuning)
+    archive_conf = _archive_conf(fleet) if server.archive else None
+    conf = t.get_template("postgresql.conf.j2").render(header=HEADER, t=tuning, archive=archive_conf)
     hba = t.get_template("pg_hba.conf.j2").render(header=HEADER, state_database=STATE_DATABASE,
-                                                   monitor_role=monitoring.ROLE if server.exporter else "")
+                                                   monitor_role=monitoring.ROLE if server.exporter else "",
+                                                   backup_role=archives.ROLE if server.archive else "")
     files += [PlannedFile(POSTGRES_CONF, conf), PlannedFile(PG_HBA, hba), PlannedFile(TLS_CERT, pair.cert_pem, create_only=not pair.renewed),
               PlannedFile(TLS_KEY, pair.key_pem, secret=True, create_only=not pair.renewed)]
     configs = [{"key": "postgresql_conf", "file": f"./{POSTGRES_CONF}", "name": f"botfleet_postgresql_conf_{_sha(conf)}"},
@@ -291,6 +346,9 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
                     "fleet_sha256": _sha(registry_text + monitor_url, 64),
                     "publish": (f"{exporter_published[0]}:{exporter_published[1]}:{monitoring.PORT}"
                                 if exporter_published else "")}
+    archive = None
+    if server.archive:
+        archive = _archive_files(root, fleet, t, files, configs, secret_defs, provision_secrets, passwords)
     provision = {
         # compose recreates (so runs again) a one-shot whose definition changed, else it keeps the
         # exited container: this label changes with fleet.toml and every credentials file it reads.
@@ -305,6 +363,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
     context = {
         "header": HEADER, "image": server.bot_image, "build_context": ".", "project_name": server.project_name,
         "log_max_size": "10m", "log_max_file": "3", "bots": bots, "pgbouncer": pgbouncer, "exporter": exporter,
+        "archive": archive,
         "provision": provision if provision_secrets else None,
         "postgres": {
             "image": f"postgres:{server.postgres_major}",

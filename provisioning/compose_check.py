@@ -406,6 +406,8 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
             errs.append(f"{name}: only postgres may see the admin password")
         if name != "provision" and "postgres_pgpass" in _secret_sources(svc):
             errs.append(f"{name}: only the provision service may see the admin's passfile")
+        if name not in ("provision", "archive") and "backup_pgpass" in _secret_sources(svc):
+            errs.append(f"{name}: only the archive and provision services may see the backup role's passfile")
         for key, value in _env_items(svc):
             if key == "ADMIN_DATABASE_URL" and name == "provision" and ":" not in str(value).split("@")[0].split("//")[-1]:
                 continue  # an admin URL without a password (the passfile holds it)

@@ -509,13 +509,19 @@ def _scratch_databases(server: Server, project: Project) -> list[Finding]:
 def _archive(server: Server, project: Project) -> list[Finding]:
     """The server's continuous archive, when it has one: its WAL receiver streams, and a base
     backup is younger than the retention window (else recovery reaches back less far)."""
-    from .archive import RECEIVER, Archive
+    from .archive import RECEIVER, Archive, stream
     from .registry import RETENTION_RE
 
     archive = Archive(project, server.name)
-    if not archive.configured:
-        return []
     assert server.conn is not None
+    if not archive.configured:
+        # No archive of this host's: the server's own view of one (the stack's archive service).
+        seen = stream(server.conn)
+        problem = seen.problem() if seen is not None else None
+        if problem is None:
+            return []
+        return [Finding("archive", None, f"server {server.name}: {problem}",
+                        "docker compose ps archive; docker compose logs archive (the stack's archive service)", False)]
     out = []
     settings = project.fleet.backup
     streaming = server.conn.execute("SELECT 1 FROM pg_stat_replication WHERE application_name = %s AND state = 'streaming'",

@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote, urlsplit
 import psycopg
 from psycopg import sql
 
-from . import passwords
+from . import roles
 from .budget import EXPORTER_CONNECTIONS, EXPORTER_MEMORY
 from .db import STATE_DATABASE
 from .errors import InvalidInput, ProvisionError
@@ -91,32 +91,8 @@ def url_from_environment() -> str | None:
 def converge(conn: psycopg.Connection, password: str) -> list[str]:
     """Make the monitoring role what it must be on this server (the admin's connection, as a
     superuser or a role that may grant pg_monitor). Returns what it changed (empty: nothing)."""
-    changed: list[str] = []
     role = sql.Identifier(ROLE)
-    row = conn.execute(
-        "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, rolcanlogin, rolconnlimit, "
-        "rolinherit, coalesce(rolvaliduntil <> 'infinity', false) FROM pg_roles WHERE rolname = %s",
-        (ROLE,)).fetchone()
-    verifier = passwords.scram_verifier(conn, password, ROLE)
-    if row is None:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
-                             "NOBYPASSRLS CONNECTION LIMIT {} PASSWORD {}").format(
-            role, sql.Literal(CONNECTION_LIMIT), sql.Literal(verifier)))
-        changed.append("created")
-    else:
-        wanted = (False, False, False, False, False, True, CONNECTION_LIMIT, True, False)
-        if tuple(row) != wanted:
-            conn.execute(sql.SQL("ALTER ROLE {} LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
-                                 "NOBYPASSRLS CONNECTION LIMIT {} VALID UNTIL 'infinity'").format(
-                role, sql.Literal(CONNECTION_LIMIT)))
-            changed.append("attributes")
-        # Only a superuser reads the stored verifier; any other admin sets it again (same password).
-        superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
-        stored = (conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (ROLE,)).fetchone()
-                  if superuser else None)
-        if stored is None or not passwords.verifier_matches(password, stored[0]):
-            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(role, sql.Literal(verifier)))
-            changed.append("password")
+    changed = roles.converge_service(conn, ROLE, password, connection_limit=CONNECTION_LIMIT)
     member = conn.execute("SELECT pg_has_role(%s, 'pg_monitor', 'MEMBER')", (ROLE,)).fetchone()[0]
     if not member:
         conn.execute(sql.SQL("GRANT pg_monitor TO {}").format(role))

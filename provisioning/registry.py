@@ -97,6 +97,8 @@ class StackSettings:
     # `provision metrics` as a service of the stack (a monitoring role of its own, pg_monitor's rights)
     exporter: bool = False
     exporter_publish: str = "127.0.0.1:9187"  # host address:port of its /metrics ("" = the stack's networks only)
+    # a Barman service in the stack: WAL streamed to its own volume, base backups every [backup] base_every
+    archive: bool = False
 
 
 @dataclass
@@ -110,6 +112,10 @@ class BackupSettings:
     synchronous: bool = False  # zero data loss: a commit returns once the archive has its WAL
     dump_every: str = "1 day"  # backup --all --prune dumps a bot whose newest dump is older
     dump_keep: int = 7  # ... and then keeps its N newest dumps
+    base_every: str = "1 day"  # the stack's archive service takes a base backup when the newest is older
+    # the most WAL the server keeps for an archive that stopped reading it (max_slot_wal_keep_size):
+    # past it the archive breaks (doctor says so) instead of the server's disk filling up
+    max_wal_kept: str = "4GB"
 
 
 RETENTION_RE = re.compile(r"([1-9][0-9]{0,3}) ?(day|week|month)s?")
@@ -117,12 +123,14 @@ RETENTION_RE = re.compile(r"([1-9][0-9]{0,3}) ?(day|week|month)s?")
 
 def backup_problem(settings: BackupSettings) -> str | None:
     """Why ``[backup]`` cannot be used (None: it can), in one line."""
-    for key in ("retention", "dump_every"):
+    for key in ("retention", "dump_every", "base_every"):
         value = getattr(settings, key)
         if value and RETENTION_RE.fullmatch(value.strip()) is None:
             return f"{key} must look like \"7 days\", \"2 weeks\" or \"1 month\" (got {value!r})"
     if not settings.retention and settings.keep < 1:
         return "give retention (e.g. \"7 days\") or keep = N base backups"
+    if not SIZE_RE.fullmatch(settings.max_wal_kept.strip()):
+        return f"max_wal_kept must be a size such as \"4GB\" (kB, MB, GB or TB; got {settings.max_wal_kept!r})"
     if settings.keep < 0 or settings.dump_keep < 1:
         return "keep must be 0 or more and dump_keep at least 1"
     return None

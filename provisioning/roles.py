@@ -216,3 +216,34 @@ def drop(conn: psycopg.Connection, name: str) -> bool:
         return False
     conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
     return True
+
+
+def converge_service(conn: psycopg.Connection, name: str, password: str, *, connection_limit: int,
+                     replication: bool = False) -> list[str]:
+    """A service's own login role (the stack's exporter, the archive): LOGIN INHERIT, no
+    SUPERUSER/CREATEDB/CREATEROLE/BYPASSRLS, REPLICATION only when asked, ``connection_limit``,
+    no password expiry, and ``password`` (set as a SCRAM verifier; a superuser reads the stored
+    one and sets it only when it differs, any other admin sets it again). Creates it or corrects
+    its drift (idempotent); returns what it changed, in words (empty: nothing)."""
+    from .passwords import scram_verifier, verifier_matches
+
+    ident = sql.Identifier(name)
+    attributes = sql.SQL("LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE {} NOBYPASSRLS CONNECTION LIMIT {}").format(
+        sql.SQL("REPLICATION" if replication else "NOREPLICATION"), sql.Literal(connection_limit))
+    row = conn.execute(
+        "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls, rolcanlogin, rolconnlimit, "
+        "rolinherit, coalesce(rolvaliduntil <> 'infinity', false) FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+    verifier = scram_verifier(conn, password, name)
+    if row is None:
+        conn.execute(sql.SQL("CREATE ROLE {} {} PASSWORD {}").format(ident, attributes, sql.Literal(verifier)))
+        return ["created"]
+    changed = []
+    if tuple(row) != (False, False, False, replication, False, True, connection_limit, True, False):
+        conn.execute(sql.SQL("ALTER ROLE {} {} VALID UNTIL 'infinity'").format(ident, attributes))
+        changed.append("attributes")
+    superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+    stored = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (name,)).fetchone() if superuser else None
+    if stored is None or not verifier_matches(password, stored[0]):
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(verifier)))
+        changed.append("password")
+    return changed

@@ -171,7 +171,8 @@ def list_cmd(
     from .. import commands
 
     proj = project_of(project)
-    rows = commands.list_bots(proj, servers_of(proj, admin_url, read_only=True))
+    streams: dict = {}
+    rows = commands.list_bots(proj, servers_of(proj, admin_url, read_only=True), streams)
     if as_json:
         print_json(rows)
         return
@@ -187,16 +188,21 @@ def list_cmd(
          str(r["connections"]), "-" if r["connection_limit"] is None else str(r["connection_limit"]), r["pool"] or "-")
         for r in rows
     ])
-    _archive_footer(proj)
+    _archive_footer(proj, streams.get("default"))
 
 
-def _archive_footer(proj) -> None:
-    """One line on the server's archive, when it has one (provision backups --server says more)."""
+def _archive_footer(proj, seen=None) -> None:
+    """One line on the server's archive, when it has one (provision backups --server says more);
+    ``seen``: the default server's view of an archive (archive.stream), e.g. the stack's service."""
     from ..archive import Archive
     from .everyday import _age
 
     archive = Archive(proj)
     if not archive.configured:
+        if seen is not None:
+            problem = seen.problem()
+            lag = f", {_age(int(seen.lag_seconds))} behind" if seen.lag_seconds else ""
+            typer.echo(f"archive: {'streaming' + lag if problem is None else 'not streaming: ' + problem}")
         return
     h = archive.health(synchronous=proj.fleet.backup.synchronous)
     wal = f"newest WAL {_age(h.last_wal_age_seconds)} old" if h.last_wal_age_seconds is not None else "no WAL yet"

@@ -26,6 +26,10 @@ ExporterOpt = Annotated[Optional[bool], typer.Option("--exporter/--no-exporter",
 ExporterPublishOpt = Annotated[Optional[str], typer.Option("--exporter-publish", metavar="ADDRESS:PORT",
                                                            help="Where the host reaches the exporter ('' = the "
                                                            "stack's networks only).", show_default="127.0.0.1:9187")]
+ArchiveOpt = Annotated[Optional[bool], typer.Option("--archive/--no-archive", help="Add an archive service (Barman): "
+                                                   "WAL streamed to its own volume, base backups every [backup] "
+                                                   "base_every, retention from [backup], as its own replication role.",
+                                                   show_default="off")]
 PoolOpt = Annotated[Optional[int], typer.Option("--pgbouncer-pool-size", help="Server connections PgBouncer keeps per bot.",
                                                 show_default="1")]
 ActiveOpt = Annotated[Optional[int], typer.Option("--active-percent", help="Percent of the connections the memory "
@@ -57,6 +61,7 @@ def _print_budget(b) -> None:
              else "pool max x replicas + 1 for migrations: the roles' CONNECTION LIMITs")
     migrations = f" + migrations {b.migration_reserve}" if b.migration_reserve else ""
     migrations += f" + exporter {b.exporter_connections}" if b.exporter_connections else ""
+    migrations += f" + archive {b.archive_connections}" if b.archive_connections else ""
     rows = [
         ("reserve", f"{b.reserve} (superuser_reserved_connections {t.superuser_reserved_connections} + provisioner 2"
                     f"{migrations})"),
@@ -131,6 +136,7 @@ def render_cmd(
     bot_image: ImageOpt = None,
     exporter: ExporterOpt = None,
     exporter_publish: ExporterPublishOpt = None,
+    archive: ArchiveOpt = None,
     allow_missing_config: Annotated[bool, typer.Option("--allow-missing-config", help="Render even when a bot lacks a "
                                                        "setting its code requires (it would crash-loop on start).")] = False,
     as_json: JsonOpt = False,
@@ -140,7 +146,7 @@ def render_cmd(
 
     Validated (Compose Specification schema and semantic checks) before anything is written; options are remembered in fleet.toml. Refuses when the fleet does not fit the connection or memory budget; a refused render changes nothing (the new options are saved only once the whole stack is checked with them). Once a project has a stack, add-bot and remove-bot re-render it. Needs no server.
 
-    Example: provision render --postgres-memory 1G --pgbouncer --exporter
+    Example: provision render --postgres-memory 1G --pgbouncer --exporter --archive
     """
     from .. import commands
 
@@ -149,7 +155,7 @@ def render_cmd(
                              max_connections=max_connections, bot_memory=bot_memory, postgres_major=postgres_major,
                              publish=publish, pgbouncer=pgbouncer, pgbouncer_pool_size=pgbouncer_pool_size,
                              active_percent=active_percent, headroom_percent=headroom_percent, bot_image=bot_image,
-                             exporter=exporter, exporter_publish=exporter_publish)
+                             exporter=exporter, exporter_publish=exporter_publish, archive=archive)
     if as_json:
         print_json(result.as_dict())
         return
