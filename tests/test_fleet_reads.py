@@ -21,7 +21,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from provisioning import pool
+from provisioning import doctor, pool
 
 from .conftest import other_fleets, provision_in_process
 
@@ -104,12 +104,50 @@ def test_doctor_and_plan_visit_bot_databases_a_few_at_once_once_each_with_the_sa
         assert serial.returncode == proc.returncode
         assert json.loads(serial.stdout) == parallel
 
+        if command[0] == "doctor":  # the same report as with every read over the admin's connection
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(doctor, "_login_session", lambda url, made: lambda entry, observed: None)
+                admin_only = provision_in_process(command, fleet.env())
+            assert admin_only.returncode == proc.returncode and json.loads(admin_only.stdout) == parallel
+
         text = json.dumps(parallel)
         assert names[1] in text and "connection limit" in text and "7" in text  # the drift is reported
         if command[0] == "doctor":
             mode = [f for f in parallel["found"] if f["bot"] == names[3] and f["check"] == "env-file"]
             assert mode and "0644" in mode[0]["message"], parallel
         fleet.env_file(names[3]).chmod(0o644)
+
+
+def test_doctor_reads_as_the_admin_what_the_bots_own_session_may_not_read(fleet, pg, admin):
+    """A read inside the bot's database that fails in the bot's own session (here a version table
+    the admin made, which the bot may not SELECT) is made again over the admin's connection: the
+    bot's database is opened twice, and doctor reports what it reported before (the table's owner
+    and the revision it holds)."""
+    names = [fleet.name("fb") for _ in range(2)]
+    for name in names:
+        fleet.add(name, "--pool-size", "1", "--max-overflow", "0", "--no-migrate")
+    odd, plain = names
+    with pg.connect(odd.replace("-", "_") + "_db") as conn:  # as the admin, behind botfleet's back
+        conn.execute("CREATE TABLE alembic_version (version_num varchar(32) NOT NULL PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('0123456789ab')")
+    proc, watch = watched(fleet, names, "doctor", *other_fleets(), "--json")
+    assert proc.returncode == 1, proc.stderr
+    odd_db, plain_db = (n.replace("-", "_") + "_db" for n in names)
+    assert {key: n for key, n in watch.opened.items() if key[0] == odd_db} == {
+        (odd_db, odd.replace("-", "_") + "_user"): 1, (odd_db, watch.admin_user): 1}, watch.opened
+    assert {key: n for key, n in watch.opened.items() if key[0] == plain_db} == {
+        (plain_db, plain.replace("-", "_") + "_user"): 1}, watch.opened
+    found = [f for f in json.loads(proc.stdout)["found"] if f["bot"] == odd]
+    assert any(f["check"] == "ownership" and "table public.alembic_version" in f["message"]
+               and f"owned by {watch.admin_user}" in f["message"] for f in found), found
+    assert not any("cannot look inside" in f["message"] for f in found), found
+    assert not [f for f in json.loads(proc.stdout)["found"] if f["bot"] == plain]
+
+    # The very same report as doctor's reads over the admin's connection alone (as before issue 16).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(doctor, "_login_session", lambda url, made: lambda entry, observed: None)
+        admin_only = provision_in_process(["doctor", *other_fleets(), "--json"], fleet.env())
+    assert admin_only.returncode == 1 and json.loads(admin_only.stdout) == json.loads(proc.stdout)
 
 
 @pytest.mark.parametrize("free, n, expected", [(400, 300, 8), (12, 300, 3), (2, 300, 1), (400, 1, 1), (400, 3, 3)])
