@@ -34,7 +34,7 @@ from . import files as project_files
 from . import objects, passwords, pool, reconcile, settings
 from .backup import STAMP_RE, checksum_path
 from .db import (
-    LOCK_NAMESPACE, advisory_lock, as_role, connect, lock_key, open_maintenance_databases, parse_url, with_database,
+    LOCK_NAMESPACE, advisory_lock, connect, lock_key, open_maintenance_databases, role_params, with_database,
 )
 from .errors import ProvisionError, one_line
 from .project import Project
@@ -130,10 +130,20 @@ class _Inside:
     defaults: list[objects.DefaultGrant] = field(default_factory=list)
 
 
+# The four reads inside a bot database, sent as one query string: one round trip (constant text,
+# no parameters, so the simple protocol carries it; one implicit transaction, so one snapshot).
+_INSIDE_READS = ";\n".join(q.strip() for q in (objects.INVENTORY, _EVENT_TRIGGERS, objects.ACLS, objects.DEFAULT_ACLS))
+
+
 def _read_inside(role: str) -> Callable[[psycopg.Connection], _Inside]:
     def read(conn: psycopg.Connection) -> _Inside:
-        return _Inside(objects.not_owned_by(objects.inventory(conn), role), conn.execute(_EVENT_TRIGGERS).fetchall(),
-                       objects.foreign_grants(conn, role), objects.foreign_default_grants(conn, role))
+        cur = conn.execute(_INSIDE_READS)
+        results = [cur.fetchall()]
+        while cur.nextset():
+            results.append(cur.fetchall())
+        inventory, triggers, acls, default_acls = results
+        return _Inside(objects.not_owned_by(objects.inventory_of(inventory), role), triggers,
+                       objects.foreign_grants_of(acls, role), objects.foreign_default_grants_of(default_acls, role))
     return read
 
 
@@ -464,7 +474,7 @@ def _login(admin_url: str, entry: BotEntry, password: str) -> tuple[str | None, 
 def _connect_as_bot(admin_url: str, entry: BotEntry, password: str
                     ) -> tuple[tuple[str | None, str | None], psycopg.Connection | None]:
     """:func:`_login`'s result, and the bot's open connection when it logged in (else None)."""
-    params = parse_url(as_role(admin_url, entry.role, password, entry.database, application_name="botfleet-doctor"))
+    params = role_params(admin_url, entry.role, password, entry.database, application_name="botfleet-doctor")
     if not params.get("host") or params["host"].startswith("/"):
         params["host"] = "127.0.0.1"
     params["connect_timeout"] = str(LOGIN_TIMEOUT_S)
