@@ -156,6 +156,7 @@ def observe(server: Server, project: Project, entry: BotEntry, *, inside: bool =
 def observe_many(server: Server, project: Project, entries: list[BotEntry], *,
                  read_inside: Callable[[BotEntry], Callable[[psycopg.Connection], Any] | None] | None = None,
                  session: Callable[[BotEntry, Observed], psycopg.Connection | None] | None = None,
+                 meanwhile: Callable[[list[Observed]], Any] | None = None,
                  ) -> list[Observed]:
     """:func:`observe` of each of ``entries`` (all on ``server``), in their order: the catalog
     reads on the admin connection, then the looks inside the bot databases through a small
@@ -163,7 +164,10 @@ def observe_many(server: Server, project: Project, entries: list[BotEntry], *,
     ``read_inside(entry)``: what to read inside that bot's database, as :func:`observe`'s.
     ``session(entry, observed)`` (run in the pool's threads, once the role, database and env file
     are observed): a connection into the bot's database that the look inside may use instead of
-    an admin one (doctor's login as the bot), or None; see :func:`_look_inside`."""
+    an admin one (doctor's login as the bot), or None; see :func:`_look_inside`.
+    ``meanwhile(observed)``: client work for this thread while the pool's threads wait on the
+    server (plan renders the stack then), given the observations as they are before the looks
+    inside: it may read their role, database and env file, nothing the looks fill in."""
     conn, admin = server.conn, server.admin
     assert conn is not None and admin is not None
     # The catalogs once for the fleet: its roles, its databases, the guards this admin cannot set.
@@ -188,7 +192,11 @@ def observe_many(server: Server, project: Project, entries: list[BotEntry], *,
         opened = session(entries[i], observed) if session is not None else None
         _look_inside(server.url, entries[i], observed, read_inside(entries[i]) if read_inside else None, opened)
 
-    pool.visit(range(len(entries)), look, pool.jobs(server.conn, len(entries)))
+    jobs = pool.jobs(server.conn, len(entries))
+    if meanwhile is None:
+        pool.visit(range(len(entries)), look, jobs)
+    else:
+        pool.visit_meanwhile(range(len(entries)), look, jobs, lambda: meanwhile(out))
     return out
 
 

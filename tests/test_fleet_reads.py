@@ -184,3 +184,29 @@ def test_migrate_all_with_nothing_pending_reads_each_bot_once_and_forks_no_migra
         # the bots at head: one connection each, as the bot, and no migrator process for them
         assert all(watch.opened[(n.replace("-", "_") + "_db", n.replace("-", "_") + "_user")] == 1 for n in names[:2])
     assert migrated == [[names[2]]]  # only the pending bot reached the migrator; the second run none
+
+
+def test_the_calling_thread_works_beside_the_pool_and_both_finish():
+    """plan renders the stack while the pool visits the bot databases: ``meanwhile`` runs while
+    a pool call is under way (a barrier both must reach: a run that did them one after the other
+    would never get past it), the results keep their order, and an error of either is raised."""
+    import sys
+
+    met = threading.Barrier(2, timeout=30)  # a deadlock guard, not a timing
+    interval = sys.getswitchinterval()
+
+    def fn(i: int) -> int:
+        if i == 3:
+            met.wait()
+        return i * i
+    seen = []
+    assert pool.visit_meanwhile(range(10), fn, 4, lambda: seen.append(met.wait())) == [i * i for i in range(10)]
+    assert len(seen) == 1 and sys.getswitchinterval() == interval
+
+    def boom(i: int) -> int:
+        raise ValueError(f"item {i}")
+    with pytest.raises(ValueError, match="item"):
+        pool.visit_meanwhile(range(3), boom, 2, lambda: None)
+    with pytest.raises(KeyError):
+        pool.visit_meanwhile(range(3), fn, 2, lambda: {}["missing"])
+    assert sys.getswitchinterval() == interval
