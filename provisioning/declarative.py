@@ -34,7 +34,7 @@ from . import budget as budgets
 from . import codes, compose, reconcile, settings
 from .envfile import EnvFile
 from .errors import InvalidInput, ProvisionError
-from .migrate import MigrationFailed, head_of, script_directory, start_over, unknown_to_code
+from .migrate import MigrationFailed, head_of, parse_script_directories, script_directory, start_over, unknown_to_code
 from .names import validate
 from .project import Project
 from .registry import DEFAULT_SERVER, BotEntry
@@ -255,11 +255,7 @@ def plan(
         if len(outside) != len(bots) or credentials_only:
             return
         if migrations:  # each code's script directory parsed once (cached), beside the pool
-            for code in sorted({e.code for e in bots.values()}):
-                try:
-                    script_directory(str(project.root), codes.with_migrations(project.root, code).package)
-                except Exception:  # noqa: BLE001 - the step of each bot says why, as without this
-                    pass
+            parse_script_directories(project.root, {e.code for e in bots.values()})
         early["files"] = _file_steps(project, {name: _env_after(project, bots[name], outside[name]) for name in names})
         early["missing"] = [settings.missing_hint(bot, keys) for bot in sorted(bots)
                             if (keys := settings.missing(project, bot))]

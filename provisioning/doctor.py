@@ -181,9 +181,19 @@ def audit(
     # its database go over that session (one connection per bot database, not two).
     progress(f"looking inside {len(names)} bot database(s)")
     logins: dict[str, tuple[str | None, str | None]] = {}
+    early: dict[str, _Catalog] = {}
+
+    def meanwhile(_observed: list[reconcile.Observed]) -> None:
+        """This thread's work while the pool waits on the server: the catalogs of the whole
+        fleet on the admin connection (the pool's threads have connections of their own), and
+        each code's script directory (the revision check of every bot reads it)."""
+        from .migrate import parse_script_directories
+
+        early["catalog"] = _Catalog.read(server.conn, entries)  # type: ignore[arg-type]
+        parse_script_directories(project.root, {e.code for e in entries})
     seen = reconcile.observe_many(server, project, entries, read_inside=lambda e: _read_inside(e.role),
-                                  session=_login_session(server.url, logins))
-    catalog = _Catalog.read(server.conn, entries)
+                                  session=_login_session(server.url, logins), meanwhile=meanwhile)
+    catalog = early["catalog"] if "catalog" in early else _Catalog.read(server.conn, entries)
     checked = []
     for i, (entry, observed) in enumerate(zip(entries, seen), 1):
         progress(f"checking {entry.name} ({i}/{len(names)})")
