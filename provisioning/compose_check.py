@@ -76,11 +76,25 @@ SECRET_ENV = re.compile(r"(PASSWORD|DATABASE_URL|SECRET|TOKEN)$")
 @functools.lru_cache(maxsize=1)
 def _validator():
     import jsonschema
-    from check_jsonschema.builtin_schemas import get_builtin_schema
 
-    schema = get_builtin_schema("vendor.compose-spec")
+    schema = _schema()
     cls = jsonschema.validators.validator_for(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _schema() -> dict[str, Any]:
+    """check-jsonschema's builtin "vendor.compose-spec": its file read where check-jsonschema keeps
+    it (importing check_jsonschema would import its whole command line, 0.2 s); else through
+    check-jsonschema itself."""
+    path = _schema_path()
+    if path is not None:
+        try:
+            return json.loads(path.read_bytes())
+        except OSError:
+            pass
+    from check_jsonschema.builtin_schemas import get_builtin_schema
+
+    return get_builtin_schema("vendor.compose-spec")
 
 
 # check-jsonschema's vendored copy of the Compose Specification schema, read as bytes for its digest.
@@ -91,14 +105,21 @@ _SCHEMA_FILE = ("builtin_schemas", "vendor", "compose-spec.json")
 def _schema_digest() -> str:
     """The schema's digest, from its file when it is where check-jsonschema keeps it: a render
     whose services all passed before then never imports jsonschema nor builds the validator."""
-    spec = importlib.util.find_spec("check_jsonschema")
-    if spec is not None and spec.origin:
+    path = _schema_path()
+    if path is not None:
         try:
-            data = Path(spec.origin).parent.joinpath(*_SCHEMA_FILE).read_bytes()
-            return "file:" + hashlib.sha256(data).hexdigest()
+            return "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError:
             pass
     return hashlib.sha256(json.dumps(_validator().schema, sort_keys=True).encode()).hexdigest()
+
+
+def _schema_path() -> Path | None:
+    """Where check-jsonschema keeps the schema file (found without importing check_jsonschema)."""
+    spec = importlib.util.find_spec("check_jsonschema")
+    if spec is None or not spec.origin:
+        return None
+    return Path(spec.origin).parent.joinpath(*_SCHEMA_FILE)
 
 
 def _service_digest(name: str, service: Any, section: str = "services") -> str:

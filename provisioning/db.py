@@ -7,6 +7,7 @@ never pays for it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import zlib
 from collections.abc import Iterator
@@ -31,12 +32,18 @@ LOCK_NAMESPACE = 0x62660001
 
 
 def parse_url(url: str) -> dict[str, str]:
-    """Split a libpq URL or key=value string, accepting SQLAlchemy-style schemes."""
+    """Split a libpq URL or key=value string, accepting SQLAlchemy-style schemes (a new dict
+    each call: the caller may change it)."""
+    return dict(_parse_url(url))
+
+
+@functools.lru_cache(maxsize=64)  # a fleet-wide command builds each bot's conninfo from the one admin URL
+def _parse_url(url: str) -> tuple[tuple[str, str], ...]:
     for prefix in ("postgresql+psycopg://", "postgresql+asyncpg://", "postgresql+psycopg2://"):
         if url.startswith(prefix):
             url = "postgresql://" + url[len(prefix):]
     try:
-        return {k: str(v) for k, v in conninfo_to_dict(url).items()}
+        return tuple((k, str(v)) for k, v in conninfo_to_dict(url).items())
     except psycopg.ProgrammingError:
         raise InvalidInput("the admin URL is malformed (expected postgresql://user[:password]@host[:port]/dbname)") from None
 
@@ -87,12 +94,19 @@ def as_role(url: str, role: str, password: str, dbname: str, *, application_name
     """A libpq conninfo for ``role`` with its own password on the admin URL's server
     (same host, port and TLS settings): how the provisioner acts *as a bot*.
     The admin's own passfile is dropped: the bot's password is explicit."""
+    return make_conninfo(**role_params(url, role, password, dbname, application_name=application_name))
+
+
+def role_params(url: str, role: str, password: str, dbname: str, *, application_name: str | None = None
+                ) -> dict[str, str]:
+    """:func:`as_role` as libpq keywords (what ``parse_url(as_role(...))`` gives, without
+    composing and parsing the string again)."""
     params = parse_url(url)
     params.pop("passfile", None)
     params.update(user=role, password=password, dbname=dbname)
     if application_name:
         params["application_name"] = application_name
-    return make_conninfo(**params)
+    return params
 
 
 _REASONS = (

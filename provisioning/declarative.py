@@ -34,7 +34,7 @@ from . import budget as budgets
 from . import codes, compose, reconcile, settings
 from .envfile import EnvFile
 from .errors import InvalidInput, ProvisionError
-from .migrate import MigrationFailed, head_of, script_directory, start_over, unknown_to_code
+from .migrate import MigrationFailed, head_of, parse_script_directories, script_directory, start_over, unknown_to_code
 from .names import validate
 from .project import Project
 from .registry import DEFAULT_SERVER, BotEntry
@@ -242,12 +242,28 @@ def plan(
     mismatches: list[str] = []  # bots whose database another code migrated
     names = sorted(bots)
     # One connection per bot database, a few at once (reconcile.observe_many), server by server.
+    # While the last server's bot databases are visited, this thread plans the files: they need
+    # only each bot's role and env file, which observe_many reads before it looks inside.
     seen: dict[str, reconcile.Observed] = {}
-    for server in servers:
-        mine = [bots[n] for n in names if bots[n].server == server.name]
-        if mine:
-            progress(f"looking inside {len(mine)} bot database(s) on server {server.name}")
-            seen.update(zip((e.name for e in mine), reconcile.observe_many(server, project, mine)))
+    outside: dict[str, reconcile.Observed] = {}
+    early: dict[str, Any] = {}
+    visits = [(server, [bots[n] for n in names if bots[n].server == server.name]) for server in servers]
+    visits = [(server, mine) for server, mine in visits if mine]
+
+    def meanwhile(mine: list[BotEntry], observed: list[reconcile.Observed]) -> None:
+        outside.update(zip((e.name for e in mine), observed))
+        if len(outside) != len(bots) or credentials_only:
+            return
+        if migrations:  # each code's script directory parsed once (cached), beside the pool
+            parse_script_directories(project.root, {e.code for e in bots.values()})
+        early["files"] = _file_steps(project, {name: _env_after(project, bots[name], outside[name]) for name in names})
+        early["missing"] = [settings.missing_hint(bot, keys) for bot in sorted(bots)
+                            if (keys := settings.missing(project, bot))]
+
+    for server, mine in visits:
+        progress(f"looking inside {len(mine)} bot database(s) on server {server.name}")
+        seen.update(zip((e.name for e in mine), reconcile.observe_many(
+            server, project, mine, meanwhile=lambda observed, mine=mine: meanwhile(mine, observed))))
     for i, name in enumerate(names, 1):
         progress(f"comparing {name} ({i}/{len(names)})")
         entry = bots[name]
@@ -284,8 +300,9 @@ def plan(
     steps += migrate
     notes: list[str] = list(mismatches)
     if not credentials_only:
-        steps += _file_steps(project, envs)
-        notes += [settings.missing_hint(bot, keys) for bot in sorted(bots) if (keys := settings.missing(project, bot))]
+        steps += early["files"] if "files" in early else _file_steps(project, envs)
+        notes += early["missing"] if "missing" in early else [
+            settings.missing_hint(bot, keys) for bot in sorted(bots) if (keys := settings.missing(project, bot))]
     return FleetPlan(steps, problems, others, notes)
 
 

@@ -31,10 +31,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from . import files as project_files
-from . import objects, pool, reconcile, settings
+from . import objects, passwords, pool, reconcile, settings
 from .backup import STAMP_RE, checksum_path
 from .db import (
-    LOCK_NAMESPACE, advisory_lock, as_role, connect, lock_key, open_maintenance_databases, parse_url, with_database,
+    LOCK_NAMESPACE, advisory_lock, connect, lock_key, open_maintenance_databases, role_params, with_database,
 )
 from .errors import ProvisionError, one_line
 from .project import Project
@@ -130,10 +130,20 @@ class _Inside:
     defaults: list[objects.DefaultGrant] = field(default_factory=list)
 
 
+# The four reads inside a bot database, sent as one query string: one round trip (constant text,
+# no parameters, so the simple protocol carries it; one implicit transaction, so one snapshot).
+_INSIDE_READS = ";\n".join(q.strip() for q in (objects.INVENTORY, _EVENT_TRIGGERS, objects.ACLS, objects.DEFAULT_ACLS))
+
+
 def _read_inside(role: str) -> Callable[[psycopg.Connection], _Inside]:
     def read(conn: psycopg.Connection) -> _Inside:
-        return _Inside(objects.not_owned_by(objects.inventory(conn), role), conn.execute(_EVENT_TRIGGERS).fetchall(),
-                       objects.foreign_grants(conn, role), objects.foreign_default_grants(conn, role))
+        cur = conn.execute(_INSIDE_READS)
+        results = [cur.fetchall()]
+        while cur.nextset():
+            results.append(cur.fetchall())
+        inventory, triggers, acls, default_acls = results
+        return _Inside(objects.not_owned_by(objects.inventory_of(inventory), role), triggers,
+                       objects.foreign_grants_of(acls, role), objects.foreign_default_grants_of(default_acls, role))
     return read
 
 
@@ -167,16 +177,30 @@ def audit(
     entries = [fleet.bots[name] for name in names]
     # Inside each bot database, and each login as a bot, through a small bounded pool of
     # connections at once (pool.py); the rest, on the admin connection, bot by bot in order.
+    # The login as each bot comes first, in the same threads: when it succeeds, the reads inside
+    # its database go over that session (one connection per bot database, not two).
     progress(f"looking inside {len(names)} bot database(s)")
-    seen = reconcile.observe_many(server, project, entries, read_inside=lambda e: _read_inside(e.role))
-    catalog = _Catalog.read(server.conn, entries)
+    logins: dict[str, tuple[str | None, str | None]] = {}
+    early: dict[str, _Catalog] = {}
+
+    def meanwhile(_observed: list[reconcile.Observed]) -> None:
+        """This thread's work while the pool waits on the server: the catalogs of the whole
+        fleet on the admin connection (the pool's threads have connections of their own), and
+        each code's script directory (the revision check of every bot reads it)."""
+        from .migrate import parse_script_directories
+
+        early["catalog"] = _Catalog.read(server.conn, entries)  # type: ignore[arg-type]
+        parse_script_directories(project.root, {e.code for e in entries})
+    seen = reconcile.observe_many(server, project, entries, read_inside=lambda e: _read_inside(e.role),
+                                  session=_login_session(server.url, logins), meanwhile=meanwhile)
+    catalog = early["catalog"] if "catalog" in early else _Catalog.read(server.conn, entries)
     checked = []
     for i, (entry, observed) in enumerate(zip(entries, seen), 1):
         progress(f"checking {entry.name} ({i}/{len(names)})")
-        checked.append(_check_bot(server, project, entry, observed, bot_roles, registry_roles, catalog))
-    logins = pool.visit([c.login for c in checked], lambda login: login() if login else None,
-                        pool.jobs(server.conn, sum(1 for c in checked if c.login)))
-    for c, login in zip(checked, logins):
+        checked.append(_check_bot(server, project, entry, observed, bot_roles, registry_roles, catalog, logins))
+    results = pool.visit([c.login for c in checked], lambda login: login() if login else None,
+                         pool.jobs(server.conn, sum(1 for c in checked if c.login)))
+    for c, login in zip(checked, results):
         findings += c.finish(login)
         if notes is not None:
             notes += c.notes
@@ -207,7 +231,8 @@ class _Checked:
 
 
 def _check_bot(server: Server, project: Project, entry: BotEntry, observed: reconcile.Observed, bot_roles: set[str],
-               registry_roles: set[str], catalog: _Catalog) -> _Checked:
+               registry_roles: set[str], catalog: _Catalog,
+               logins: dict[str, tuple[str | None, str | None]] | None = None) -> _Checked:
     """The reconcile's changes as findings, then the audit-only checks of doctor's own."""
     notes: list[str] = []
     out = [Finding(c.check, entry.name, c.finding, c.fix, c.safe,
@@ -225,7 +250,7 @@ def _check_bot(server: Server, project: Project, entry: BotEntry, observed: reco
     if isinstance(observed.extra, _Inside):
         out += _inside(server, entry, observed.extra)
     login, on_login = _credentials(server, entry, observed, known=any(f.check == "password" for f in out),
-                                   notes=notes)
+                                   notes=notes, made=logins)
     after = _revision(project, entry, observed)
     needed = settings.missing(project, entry.name, settings.of(observed.env))
     if needed:
@@ -372,7 +397,8 @@ def _inside(server: Server, entry: BotEntry, inside: _Inside) -> list[Finding]:
     return out
 
 
-def _credentials(server: Server, entry: BotEntry, observed: reconcile.Observed, *, known: bool, notes: list[str]
+def _credentials(server: Server, entry: BotEntry, observed: reconcile.Observed, *, known: bool, notes: list[str],
+                 made: dict[str, tuple[str | None, str | None]] | None = None
                  ) -> tuple[Callable[[], tuple[str | None, str | None]] | None,
                             Callable[[tuple[str | None, str | None]], list[Finding]]]:
     """Whether the bot can log in with its env file's password: a real login as the bot into its
@@ -380,7 +406,8 @@ def _credentials(server: Server, entry: BotEntry, observed: reconcile.Observed, 
     Returns the login to make (None: none is needed) and what turns its result into findings
     (a note, when the server was not reached, goes to ``notes``).
 
-    ``known``: a password finding is already there (the reconcile compared the verifier): no login."""
+    ``known``: a password finding is already there (the reconcile compared the verifier): no login.
+    ``made``: the logins already made (:func:`_login_session`), by bot: one due is not made again."""
     password = observed.env.password(entry.role) if observed.env.exists else None
     role, database = observed.role, observed.database
 
@@ -399,7 +426,45 @@ def _credentials(server: Server, entry: BotEntry, observed: reconcile.Observed, 
         return None, findings  # reported as missing by the reconcile
     if known or role.valid_until or not role.flags.get("rolcanlogin") or not database.allow_connections:
         return None, findings  # the reconcile's findings say why it cannot log in
+    if made is not None and entry.name in made:
+        result = made[entry.name]
+        return (lambda: result), findings
     return (lambda: _login(server.url, entry, password)), findings
+
+
+def _login_due(entry: BotEntry, observed: reconcile.Observed) -> str | None:
+    """The env file's password when :func:`_credentials` will want a login as the bot (the same
+    conditions, worked out from ``observed`` alone, before the findings), else None."""
+    role, database = observed.role, observed.database
+    password = observed.env.password(entry.role) if observed.env.exists else None
+    if role is None or database is None or password is None:
+        return None
+    if role.valid_until or not role.flags.get("rolcanlogin") or not database.allow_connections:
+        return None
+    # The reconcile's password finding (reconcile._env_changes): then no login is made.
+    if role.verifier_read and role.verifier is None:
+        return None
+    if role.verifier is not None:
+        matches = (observed.password_matches if observed.password_matches is not None
+                   else passwords.verifier_matches(password, role.verifier))
+        if not matches:
+            return None
+    return password
+
+
+def _login_session(admin_url: str, made: dict[str, tuple[str | None, str | None]]
+                   ) -> Callable[[BotEntry, reconcile.Observed], psycopg.Connection | None]:
+    """observe_many's ``session``: the login as the bot that :func:`_credentials` will want,
+    made now (its result in ``made``); when it succeeds, its connection, for the reads inside the
+    bot's database (they are of catalogs every role may read)."""
+    def session(entry: BotEntry, observed: reconcile.Observed) -> psycopg.Connection | None:
+        password = _login_due(entry, observed)
+        if password is None:
+            return None
+        result, conn = _connect_as_bot(admin_url, entry, password)
+        made[entry.name] = result  # one key per thread: no lock needed
+        return conn
+    return session
 
 
 def _login(admin_url: str, entry: BotEntry, password: str) -> tuple[str | None, str | None]:
@@ -410,23 +475,31 @@ def _login(admin_url: str, entry: BotEntry, password: str) -> tuple[str | None, 
     Returns (None, None) when it logs in, or when the bot's connections are all in use
     ("too many connections": the password was not even checked, that is no credentials problem);
     else the cause (never the password) and where the server said it: None when it did not answer."""
-    params = parse_url(as_role(admin_url, entry.role, password, entry.database, application_name="botfleet-doctor"))
+    result, conn = _connect_as_bot(admin_url, entry, password)
+    if conn is not None:
+        conn.close()
+    return result
+
+
+def _connect_as_bot(admin_url: str, entry: BotEntry, password: str
+                    ) -> tuple[tuple[str | None, str | None], psycopg.Connection | None]:
+    """:func:`_login`'s result, and the bot's open connection when it logged in (else None)."""
+    params = role_params(admin_url, entry.role, password, entry.database, application_name="botfleet-doctor")
     if not params.get("host") or params["host"].startswith("/"):
         params["host"] = "127.0.0.1"
     params["connect_timeout"] = str(LOGIN_TIMEOUT_S)
     where = f"{params['host']}:{params.get('port') or 5432}"
     try:
-        psycopg.connect(make_conninfo(**params), autocommit=True).close()
-        return None, None
+        return (None, None), psycopg.connect(make_conninfo(**params), autocommit=True)
     except psycopg.OperationalError as err:
         text = str(err).replace(password, "<password>")
     low = text.lower()
     if "too many connections" in low or "too many clients" in low or "connection slots are reserved" in low:
-        return None, None
+        return (None, None), None
     if "FATAL:" not in text:
         first = next((line.strip() for line in text.splitlines() if line.strip()), "no answer")
-        return f"{first.rsplit('failed: ', 1)[-1]} ({where})", None
-    return text.rsplit("FATAL:", 1)[1].strip().splitlines()[0], where
+        return (f"{first.rsplit('failed: ', 1)[-1]} ({where})", None), None
+    return (text.rsplit("FATAL:", 1)[1].strip().splitlines()[0], where), None
 
 
 def _leftover_files(project: Project) -> list[Finding]:

@@ -132,6 +132,17 @@ def script_directory(root: str, package: str) -> ScriptDirectory:
     return ScriptDirectory.from_config(alembic_config(Path(root), package))
 
 
+def parse_script_directories(root: Path, bot_codes: set[str]) -> None:
+    """Parse (into :func:`script_directory`'s cache) the script directory of each of ``bot_codes``
+    that has migrations, ahead of the per-bot work that reads them (a code whose directory cannot
+    be read is left to that work, which says why)."""
+    for code in sorted(bot_codes):
+        try:
+            script_directory(str(root), codes.with_migrations(root, code).package)
+        except Exception:  # noqa: BLE001 - see above
+            pass
+
+
 @functools.lru_cache(maxsize=None)
 def metadata_for(root: str, package: str):
     return codes.load_metadata(Path(root), package)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class BotNames:
     role: str
 
 
+@functools.lru_cache(maxsize=8192)  # BotNames is frozen; a fleet-wide command asks for each bot's many times
 def derive(name: str) -> BotNames:
     """The database and role names of a bot (the one place they are derived)."""
     stem = name.replace("-", "_")

@@ -120,8 +120,13 @@ class DbObject:
 
 def inventory(conn: psycopg.Connection) -> list[DbObject]:
     """Every object of the kinds above in the database ``conn`` is connected to."""
+    return inventory_of(conn.execute(_INVENTORY).fetchall())
+
+
+def inventory_of(rows: list[tuple]) -> list[DbObject]:
+    """:func:`inventory` from the rows of its query (INVENTORY), read by the caller."""
     objects = []
-    for kind, schema, name, owner, oid, args in conn.execute(_INVENTORY).fetchall():
+    for kind, schema, name, owner, oid, args in rows:
         # routines carry their argument types, then their printed signature last
         types, signature = (tuple(args[:-1]), args[-1]) if args else ((), "")
         objects.append(DbObject(kind, schema, name, owner, oid, types, signature))
@@ -263,8 +268,13 @@ def _foreign(grantee: str | None, role: str) -> bool:
 def foreign_grants(conn: psycopg.Connection, role: str) -> list[Grant]:
     """Privileges on objects in the database ``conn`` is connected to that named roles other
     than their owner and ``role`` hold."""
+    return foreign_grants_of(conn.execute(_ACLS).fetchall(), role)
+
+
+def foreign_grants_of(rows: list[tuple], role: str) -> list[Grant]:
+    """:func:`foreign_grants` from the rows of its query (ACLS), read by the caller."""
     found = []
-    for kind, schema, name, owner, oid, args, column, grantee, privileges in conn.execute(_ACLS).fetchall():
+    for kind, schema, name, owner, oid, args, column, grantee, privileges in rows:
         if _foreign(grantee, role):
             types, signature = (tuple(args[:-1]), args[-1]) if args else ((), "")
             found.append(Grant(DbObject(kind, schema, name, owner, oid, types, signature), grantee, privileges, column))
@@ -274,6 +284,15 @@ def foreign_grants(conn: psycopg.Connection, role: str) -> list[Grant]:
 def foreign_default_grants(conn: psycopg.Connection, role: str) -> list[DefaultGrant]:
     """Default privileges in the database ``conn`` is connected to that grant future objects to
     a named role other than their creator and ``role``."""
+    return foreign_default_grants_of(conn.execute(_DEFAULT_ACLS).fetchall(), role)
+
+
+def foreign_default_grants_of(rows: list[tuple], role: str) -> list[DefaultGrant]:
+    """:func:`foreign_default_grants` from the rows of its query (DEFAULT_ACLS), read by the caller."""
     return [DefaultGrant(owner, schema, objtype, grantee, privileges)
-            for owner, schema, objtype, grantee, privileges in conn.execute(_DEFAULT_ACLS).fetchall()
+            for owner, schema, objtype, grantee, privileges in rows
             if objtype in _DEFAULT_KEYWORD and _foreign(grantee, role)]
+
+
+# The queries, for a caller that sends several at once (doctor: one round trip).
+INVENTORY, ACLS, DEFAULT_ACLS = _INVENTORY, _ACLS, _DEFAULT_ACLS

@@ -11,9 +11,11 @@ of the connections the server has free, so a run never takes the slots the bots 
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -51,3 +53,34 @@ def visit(items: Iterable[T], fn: Callable[[T], R], jobs: int) -> list[R]:
         return [fn(item) for item in items]
     with ThreadPoolExecutor(max_workers=min(jobs, len(items)), thread_name_prefix="botfleet-visit") as ex:
         return list(ex.map(fn, items))
+
+
+# While the calling thread works beside the pool, it gives the interpreter up this often (in
+# seconds; Python's default is 0.005): a pool thread whose answer has come waits at most
+# that long for its turn, so the pool keeps its pace.
+MEANWHILE_SWITCH_S = 0.0005
+
+
+def visit_meanwhile(items: Iterable[T], fn: Callable[[T], R], jobs: int, meanwhile: Callable[[], Any]) -> list[R]:
+    """:func:`visit`, with ``meanwhile()`` run in the calling thread as the pool works (the pool
+    from a thread of its own). Both finish before it returns; an exception of ``meanwhile`` is
+    raised first, else the pool's."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = visit(items, fn, jobs)
+        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
+            box["error"] = err
+    thread = threading.Thread(target=run, name="botfleet-visit-main", daemon=True)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, MEANWHILE_SWITCH_S))
+    thread.start()
+    try:
+        meanwhile()
+    finally:
+        thread.join()
+        sys.setswitchinterval(interval)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

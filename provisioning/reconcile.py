@@ -154,12 +154,20 @@ def observe(server: Server, project: Project, entry: BotEntry, *, inside: bool =
 
 
 def observe_many(server: Server, project: Project, entries: list[BotEntry], *,
-                 read_inside: Callable[[BotEntry], Callable[[psycopg.Connection], Any] | None] | None = None
+                 read_inside: Callable[[BotEntry], Callable[[psycopg.Connection], Any] | None] | None = None,
+                 session: Callable[[BotEntry, Observed], psycopg.Connection | None] | None = None,
+                 meanwhile: Callable[[list[Observed]], Any] | None = None,
                  ) -> list[Observed]:
     """:func:`observe` of each of ``entries`` (all on ``server``), in their order: the catalog
     reads on the admin connection, then the looks inside the bot databases through a small
     bounded pool of connections at once (pool.py), one connection per bot database.
-    ``read_inside(entry)``: what to read inside that bot's database, as :func:`observe`'s."""
+    ``read_inside(entry)``: what to read inside that bot's database, as :func:`observe`'s.
+    ``session(entry, observed)`` (run in the pool's threads, once the role, database and env file
+    are observed): a connection into the bot's database that the look inside may use instead of
+    an admin one (doctor's login as the bot), or None; see :func:`_look_inside`.
+    ``meanwhile(observed)``: client work for this thread while the pool's threads wait on the
+    server (plan renders the stack then), given the observations as they are before the looks
+    inside: it may read their role, database and env file, nothing the looks fill in."""
     conn, admin = server.conn, server.admin
     assert conn is not None and admin is not None
     # The catalogs once for the fleet: its roles, its databases, the guards this admin cannot set.
@@ -181,9 +189,14 @@ def observe_many(server: Server, project: Project, entries: list[BotEntry], *,
             password = observed.env.password(entries[i].role)
             if password is not None:
                 observed.password_matches = passwords.verifier_matches(password, observed.role.verifier)
-        _look_inside(server.url, entries[i], observed, read_inside(entries[i]) if read_inside else None)
+        opened = session(entries[i], observed) if session is not None else None
+        _look_inside(server.url, entries[i], observed, read_inside(entries[i]) if read_inside else None, opened)
 
-    pool.visit(range(len(entries)), look, pool.jobs(server.conn, len(entries)))
+    jobs = pool.jobs(server.conn, len(entries))
+    if meanwhile is None:
+        pool.visit(range(len(entries)), look, jobs)
+    else:
+        pool.visit_meanwhile(range(len(entries)), look, jobs, lambda: meanwhile(out))
     return out
 
 
@@ -201,26 +214,46 @@ _LOOK = sql.SQL("SELECT ({}), to_regclass('alembic_version') IS NOT NULL").forma
 
 
 def _look_inside(url: str, entry: BotEntry, observed: Observed,
-                 read_inside: Callable[[psycopg.Connection], Any] | None) -> None:
+                 read_inside: Callable[[psycopg.Connection], Any] | None,
+                 opened: psycopg.Connection | None = None) -> None:
     """One connection into the bot's database (when it accepts connections): its schema, its
     revision and ``read_inside``; what stops it is ``inside_error``. Touches only ``observed``
-    and a connection of its own (observe_many runs it in threads)."""
+    and a connection of its own (observe_many runs it in threads).
+
+    ``opened``: a connection into the bot's database already made (doctor's login as the bot),
+    used instead of a new admin one and closed here. The reads there are the same queries, of
+    catalogs every role may read; should any of them fail there (a privilege the bot lacks, one
+    of its own timeouts), the admin's connection reads everything again, as without it."""
     if observed.database is None or not observed.database.allow_connections:
+        if opened is not None:
+            opened.close()
         return
     observed.looked_inside = True
+    if opened is not None:
+        try:
+            with opened:
+                _read_inside(opened, observed, read_inside)
+            return
+        except psycopg.Error:
+            observed.public_schema_open, observed.revision, observed.extra = False, None, None
     try:
         with connect(with_database(url, entry.database)) as db_conn:
-            # databases.public_schema_open and migrate.revision_of, in two round trips, not three
-            row = db_conn.execute(_LOOK).fetchone()
-            assert row is not None
-            observed.public_schema_open = bool(row[0])
-            if row[1]:
-                version = db_conn.execute("SELECT version_num FROM alembic_version").fetchone()
-                observed.revision = version[0] if version else None
-            if read_inside is not None:
-                observed.extra = read_inside(db_conn)
+            _read_inside(db_conn, observed, read_inside)
     except (ProvisionError, psycopg.Error) as err:
         observed.inside_error = one_line(err)
+
+
+def _read_inside(db_conn: psycopg.Connection, observed: Observed,
+                 read_inside: Callable[[psycopg.Connection], Any] | None) -> None:
+    # databases.public_schema_open and migrate.revision_of, in two round trips, not three
+    row = db_conn.execute(_LOOK).fetchone()
+    assert row is not None
+    observed.public_schema_open = bool(row[0])
+    if row[1]:
+        version = db_conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        observed.revision = version[0] if version else None
+    if read_inside is not None:
+        observed.extra = read_inside(db_conn)
 
 
 # --------------------------------------------------------------------------- changes

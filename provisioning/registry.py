@@ -227,7 +227,8 @@ class BotEntry:
         return self.pool_max * self.replicas + MIGRATION_MARGIN
 
     def to_toml(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}  # asdict's, without its deep copy:
+        # every field is a str or an int
         data.pop("name")
         if data["server"] == DEFAULT_SERVER:
             data.pop("server")  # a one-server fleet's file stays as it always was

@@ -20,6 +20,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from provisioning import doctor as doctor_module
 from provisioning.db import STATE_DATABASE, parse_url
 
 from .conftest import RUN_ID, assert_no_leak, db, drop_bot_objects, other_fleets, role
@@ -100,6 +101,11 @@ def test_doctor_finds_and_revokes_every_role_that_reaches_a_bots_objects(fleet, 
         assert len(found) == len(expected), [f["message"] for f in found]
         # PUBLIC's EXECUTE on the function is PostgreSQL's own default (and PUBLIC may not connect).
         assert not any(f["message"].startswith("PUBLIC") for f in found)
+        # Read in the bot's own session (its login), the same as over the admin's connection.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(doctor_module, "_login_session", lambda url, made: lambda entry, observed: None)
+            _, admin_only, _ = doctor(fleet)
+        assert admin_only == report
         # The audit changed nothing.
         assert admin.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", (intruder, role(name))).fetchone()[0] is True
 
