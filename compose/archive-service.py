@@ -102,8 +102,12 @@ def one_round():
             proc = barman("switch-wal", "--force", "--archive", "--archive-timeout", "300", SERVER, timeout=360)
             if proc.returncode != 0:
                 say(f"barman switch-wal failed: {last_lines(proc)}")
-            barman("cron", timeout=300)  # its WAL, and the retention policy now that a newer backup exists
-            newest = newest_backup_end()
+            # barman cron moves its WAL into the archive and marks it done (then applies the retention)
+            for _ in range(10):
+                barman("cron", timeout=300)
+                newest = newest_backup_end()
+                if newest is not None and newest >= began or stopping.wait(3):
+                    break
             if newest is not None and newest >= began:
                 say(f"base backup done in {time.monotonic() - started:.1f} s")
             else:
@@ -161,5 +165,68 @@ def main():
     return 0
 
 
+def recover(argv):
+    """`archive-service.py recover TIME DATA [--replace]`, run as root in a one-off container of
+    this service with the pgdata volume mounted at DATA (the path the postgres container sees it
+    at: the recovered settings name it): the archive recovered into DATA to TIME (Barman, as the
+    barman user; the server replays the WAL to TIME and promotes on its next start), then owned
+    by postgres. DATA must be empty, or --replace (its content is deleted: copy it first). What the
+    WAL receiver had streamed is moved to streaming-before-recovery/ in the archive's volume, so
+    the receiver starts again on the recovered server's new timeline."""
+    import shutil
+
+    args = [a for a in argv if a != "--replace"]
+    if len(args) != 2 or not os.path.isdir(args[1]):
+        print("usage: archive-service.py recover 'YYYY-MM-DD HH:MM:SS+00' DATA_FOLDER [--replace]", file=sys.stderr)
+        return 2
+    target, data = args
+    if os.listdir(data) and "--replace" not in argv:
+        print(f"{data} is not empty: copy it first, then add --replace (nothing was changed)", file=sys.stderr)
+        return 2
+    as_barman = ["setpriv", "--reuid=barman", "--regid=barman", "--init-groups", "env", "HOME=" + HOME]
+    # The time is checked before anything is deleted: in the archive's window, with a time zone.
+    from dateutil import parser
+
+    try:
+        when = parser.parse(target)
+    except (ValueError, OverflowError):
+        print(f"{target!r} is not a time such as '2026-11-25 10:15:00+00' (nothing was changed)", file=sys.stderr)
+        return 2
+    if when.tzinfo is None:
+        print("give the time with its time zone, e.g. '2026-11-25 10:15:00+00' (nothing was changed)", file=sys.stderr)
+        return 2
+    listed = subprocess.run([*as_barman, "barman", "-c", CONFIG, "-f", "json", "list-backups", SERVER],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    ends = [float(r["end_time_timestamp"]) for r in json.loads(listed.stdout or "{}").get(SERVER, [])
+            if r.get("status") == "DONE" and r.get("end_time_timestamp")] if listed.returncode == 0 else []
+    if not ends or when.timestamp() < min(ends) or when.timestamp() > time.time():
+        first = time.strftime("%Y-%m-%d %H:%M:%S+00", time.gmtime(min(ends))) if ends else "none yet"
+        print(f"{target} is outside the archive's window (from the first base backup's end, {first}, to now): "
+              "nothing was changed", file=sys.stderr)
+        return 2
+    for name in os.listdir(data):
+        path = os.path.join(data, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    shutil.chown(data, "barman", "barman")
+    say(f"recovering server {SERVER} to {target} into {data} (barman recover)")
+    proc = subprocess.run([*as_barman, "barman", "-c", CONFIG, "recover", "--target-time", target, "--target-action",
+                           "promote", SERVER, "latest", data], stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        say("barman recover failed (its lines are above)")
+        return 1
+    streaming = os.path.join(HOME, SERVER, "streaming")
+    aside = streaming + "-before-recovery"
+    moved = subprocess.run([*as_barman, "sh", "-c", 'mkdir -p -m 0700 "$1" && find "$2" -mindepth 1 -maxdepth 1 '
+                            '-exec mv -t "$1" {} +', "sh", aside, streaming], stdin=subprocess.DEVNULL)
+    if moved.returncode != 0:
+        return 1
+    for root, dirs, names in os.walk(data):
+        for name in [*dirs, *names]:
+            shutil.chown(os.path.join(root, name), "postgres", "postgres")
+    shutil.chown(data, "postgres", "postgres")
+    say(f"recovered: start the stack (docker compose up -d --wait); the WAL receiver's old files are in {aside}")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recover(sys.argv[2:]) if sys.argv[1:2] == ["recover"] else main())

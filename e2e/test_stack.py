@@ -463,15 +463,25 @@ def test_10_the_stacks_server_recovers_to_a_time_from_the_archive_service_as_the
     with stack.admin("chat_bot_db") as conn:
         assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == kept + 5
     barman(stack, "switch-wal", "--force", "--archive", "--archive-timeout", "60", "default")
-    # The README's flow: recover into the archive's volume, stop, put it in place of pgdata's content, start.
-    barman(stack, "recover", "--target-time", target, "--target-action", "promote", "default", "latest",
-           "/var/lib/barman/recovered", timeout=900)
+    # The README's flow: stop, keep a copy of the volume, recover into it (at the path postgres sees), start.
     stack.compose("stop", timeout=300)
-    volume = stack.docker("volume", "ls", "-q", "--filter", "name=pgdata").stdout.split()
-    assert len(volume) == 1, volume
-    stack.compose("run", "--rm", "--no-deps", "-u", "0", "--entrypoint", "sh", "-v", f"{volume[0]}:/pgdata", "archive",
-                  "-c", "find /pgdata -mindepth 1 -delete && cp -a /var/lib/barman/recovered/. /pgdata/ "
-                  "&& rm -rf /var/lib/barman/recovered && chown -R postgres:postgres /pgdata", timeout=600)
+    volume = ["botfleet_pgdata"]  # [server] project_name + "_pgdata", as the README says
+    stack.docker("volume", "inspect", volume[0])
+    data = "/var/lib/postgresql/data"
+    (stack.root / "backups").mkdir(exist_ok=True)
+    stack.compose("run", "--rm", "--no-deps", "-u", "0", "--entrypoint", "tar", "-v", f"{volume[0]}:{data}",
+                  "-v", f"{stack.root / 'backups'}:/out", "archive", "czf", "/out/pgdata-before-recovery.tgz",
+                  "-C", data, ".", timeout=600)
+    assert (stack.root / "backups" / "pgdata-before-recovery.tgz").stat().st_size > 1_000_000
+    proc = stack.compose("run", "--rm", "--no-deps", "-u", "0", "--entrypoint", "python3", "-v", f"{volume[0]}:{data}",
+                         "archive", "/etc/botfleet/archive-service.py", "recover", target, data, check=False)
+    assert proc.returncode == 2 and "not empty" in proc.stderr, proc.stdout + proc.stderr  # refused: nothing changed
+    proc = stack.compose("run", "--rm", "--no-deps", "-u", "0", "--entrypoint", "python3", "-v", f"{volume[0]}:{data}",
+                         "archive", "/etc/botfleet/archive-service.py", "recover", "2001-01-01 00:00:00+00", data,
+                         "--replace", check=False)
+    assert proc.returncode == 2 and "outside the archive's window" in proc.stderr, proc.stdout + proc.stderr
+    stack.compose("run", "--rm", "--no-deps", "-u", "0", "--entrypoint", "python3", "-v", f"{volume[0]}:{data}",
+                  "archive", "/etc/botfleet/archive-service.py", "recover", target, data, "--replace", timeout=900)
     stack.up()
     with stack.admin("chat_bot_db") as conn:
         assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == kept

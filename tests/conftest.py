@@ -297,6 +297,29 @@ def start_on_rendered_files(server, root: Path) -> tuple[int, Path, Path]:
     return port, files, log
 
 
+def rendered_stack_cluster(base: Path, root: Path, admin_password: str, bot: tuple[str, str, str]):
+    """A throwaway cluster (Debian's binaries) running the stack rendered in ``root``: the admin's
+    password set, one bot (role, its password, database) made as the provision service makes it,
+    botfleet's database; started on the rendered files. Returns (server, port, files)."""
+    from provisioning import passwords
+    from provisioning.db import ensure_state_database
+
+    role, password, database = bot
+    server = EmbeddedServer(base / "pg" / ".botfleet", bin_dir=tls_binaries())
+    server.start()
+    with psycopg.connect(server.admin_url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(
+            sql.Literal(passwords.scram_verifier(conn, admin_password, "postgres"))))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(passwords.scram_verifier(conn, password, role))))
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(role)))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
+        ensure_state_database(conn)
+    server.stop()
+    port, files, _log = start_on_rendered_files(server, root)
+    return server, port, files
+
+
 def _log_tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")

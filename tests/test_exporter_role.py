@@ -19,10 +19,9 @@ from psycopg import sql
 
 from provisioning import monitoring, passwords
 from provisioning.compose import PG_HBA
-from provisioning.db import STATE_DATABASE, ensure_state_database
-from provisioning.embedded import EmbeddedServer
+from provisioning.db import STATE_DATABASE
 
-from .conftest import provision, start_on_rendered_files, tls_binaries
+from .conftest import provision, rendered_stack_cluster
 from .test_compose import FAKE, all_passwords, make_project, run
 
 ADMIN_PASSWORD = "admin-" + passwords.generate()
@@ -36,19 +35,7 @@ def monitored(tmp_path_factory):
     root = make_project(base / "fleet")
     proc = run(root, "render", "--exporter", "--exporter-publish", "127.0.0.1:19187")
     assert proc.returncode == 0, proc.stderr
-    server = EmbeddedServer(base / "pg" / ".botfleet", bin_dir=tls_binaries())
-    server.start()
-    with psycopg.connect(server.admin_url(), autocommit=True) as conn:
-        conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(
-            sql.Literal(passwords.scram_verifier(conn, ADMIN_PASSWORD, "postgres"))))
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-            sql.Identifier(BOT), sql.Literal(passwords.scram_verifier(conn, FAKE["hello-bot"], BOT))))
-        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(DB), sql.Identifier(BOT)))
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(DB)))
-        ensure_state_database(conn)
-    server.stop()
-
-    port, files, _log = start_on_rendered_files(server, root)
+    server, port, files = rendered_stack_cluster(base, root, ADMIN_PASSWORD, (BOT, FAKE["hello-bot"], DB))
     admin = connect(port, files, "postgres", ADMIN_PASSWORD, STATE_DATABASE)
     try:
         yield root, port, files, admin
