@@ -47,7 +47,7 @@ def scratch_database(conn: psycopg.Connection, admin_url: str, root: Path) -> It
     with advisory_lock(conn, name):
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name)))
         try:
-            yield with_database(admin_url, name)
+            yield with_database(admin_url, name, pin=False)  # the admin's own: migrations create tables there
         finally:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
