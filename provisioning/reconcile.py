@@ -356,6 +356,13 @@ def _database_changes(conn: psycopg.Connection, entry: BotEntry, state: database
         stmt = sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(spec.comment))
         out.append(Change("marker", DATABASE, "database marker comment",
                           f"database {entry.database} lacks botfleet's marker comment", q(stmt), True))
+    if d.settings:
+        stmt = sql.SQL("ALTER DATABASE {} RESET ALL").format(ident)
+        shown = ", ".join(d.settings)
+        out.append(Change("settings", DATABASE, f"database settings ({shown}) reset",
+                          f"database {entry.database} has settings for every session in it ({shown}), which botfleet "
+                          "never sets (its owner, the bot, may): they reach every other role's sessions there "
+                          "(botfleet's own pin theirs)", q(stmt), True))
     return out
 
 

@@ -59,6 +59,11 @@ def _arm(pg, name: str, *, version_view: bool) -> None:
         conn.execute(sql.SQL("ALTER DATABASE {} SET search_path = evil, pg_catalog").format(sql.Identifier(db(name))))
 
 
+def _rearm(pg, name: str) -> None:
+    with _as_bot(pg, name) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET search_path = evil, pg_catalog").format(sql.Identifier(db(name))))
+
+
 def _log(pg, name: str) -> list[tuple[str, str]]:
     with pg.connect(db(name)) as conn:
         conn.execute("SET search_path = pg_catalog, pg_temp")
@@ -101,18 +106,27 @@ def test_a_bots_search_path_trap_never_runs_as_the_admin(code_fleet, pg):
         pinned.execute("SELECT pg_get_userbyid(10), to_regclass('alembic_version')")
     assert _not_the_bot(pg, coded) == []
 
-    # plan: reads both databases (schema, revision): the open schema, and no migration (the
-    # revision read is the real one, at head).
+    # plan: reads both databases (schema, revision): the open schema, the bot's database default
+    # (reset), and no migration (the revision read is the real one, at head).
+    reset = "database settings (search_path=evil, pg_catalog) reset"
     plan = json.loads(_ok(code_fleet.run("plan", "--json")))
-    assert [(s["action"], s["subject"], s["details"]) for s in plan["steps"] if s["subject"] in (coded, plain)] == [
-        ("update", coded, ["revoke PUBLIC rights on schema public"])]
+    steps = {(s["action"], s["subject"]): sorted(s["details"]) for s in plan["steps"] if s["subject"] in (coded, plain)}
+    assert steps == {("update", coded): sorted(["revoke PUBLIC rights on schema public", reset]),
+                     ("update", plain): [reset]}, steps
+    assert _not_the_bot(pg, coded) == [] and _not_the_bot(pg, plain) == []
 
-    # doctor: finds what the admin did inside the database and repairs it there.
+    # doctor: finds what the admin did inside the database and the bot's database default ...
     proc = code_fleet.run("doctor", *other_fleets(), "--json")
     report = json.loads(proc.stdout)
     mine = [f for f in report["found"] if f["bot"] in (coded, plain)]
     assert any("stray_by_admin" in f["message"] and f["bot"] == coded for f in mine), mine
-    assert all(f["bot"] == coded for f in mine), mine
+    for name in (coded, plain):
+        (setting,) = [f for f in mine if f["bot"] == name and f["check"] == "settings"]
+        assert "search_path=evil, pg_catalog" in setting["message"] and setting["fixable"], setting
+        assert setting["fix"] == f'ALTER DATABASE "{db(name)}" RESET ALL', setting
+    assert _not_the_bot(pg, coded) == [] and _not_the_bot(pg, plain) == []
+    # ... and --fix repairs them (inside the database, still armed: the database is reset last
+    # or first, the repairs' sessions are pinned either way).
     fixed = code_fleet.run("doctor", *other_fleets(), "--fix", "--json")
     assert not [f for f in json.loads(fixed.stdout)["remaining"] if f["bot"] in (coded, plain)], fixed.stdout
     with pg.connect(db(coded)) as conn:
@@ -120,15 +134,16 @@ def test_a_bots_search_path_trap_never_runs_as_the_admin(code_fleet, pg):
         owner = conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'stray_by_admin'").fetchone()[0]
         assert owner == role(coded)
         assert conn.execute("SELECT has_schema_privilege('public', 'public', 'USAGE')").fetchone()[0] is False
+        assert conn.execute("SELECT count(*) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+                            "WHERE d.datname = ANY(%s)", ([db(coded), db(plain)],)).fetchone()[0] == 0
     again = json.loads(_ok(code_fleet.run("doctor", *other_fleets(), "--json")))
     assert not [f for f in again["found"] if f["bot"] in (coded, plain)], again
     assert _not_the_bot(pg, coded) == [] and _not_the_bot(pg, plain) == []
 
-    # apply and add-bot again: converge (schema lock-down in the database), nothing to change.
-    assert "nothing to do" in _ok(code_fleet.run("apply"))
+    # The bot sets it again; migrate: nothing pending (the bot reads its version through its
+    # own search path, as itself); quota status.
     for name in (coded, plain):
-        assert "already provisioned" in _ok(code_fleet.run("add-bot", name, "--no-migrate"))
-    # migrate: nothing pending (the bot reads its version through its own search path, as itself).
+        _rearm(pg, name)
     for args in ((coded,), ("--all",)):
         outcomes = {o["bot"]: o for o in json.loads(_ok(code_fleet.run("migrate", *args, "--json")))}
         assert outcomes[coded]["status"] == "up to date" and outcomes[coded]["to_rev"] == head, outcomes
@@ -148,6 +163,13 @@ def test_a_bots_search_path_trap_never_runs_as_the_admin(code_fleet, pg):
     with pg.connect(db(coded)) as conn:
         conn.execute("SET search_path = pg_catalog, pg_temp")
         assert conn.execute("SELECT version_num FROM public.alembic_version").fetchone()[0] == head
+        assert conn.execute("SELECT to_regclass('evil.alembic_version') IS NOT NULL").fetchone()[0]  # restored too
+
+    # apply and add-bot again: converge (the database default reset, the schema lock-down inside).
+    applied = _ok(code_fleet.run("apply"))
+    assert coded in applied and plain in applied, applied
+    for name in (coded, plain):
+        assert "already provisioned" in _ok(code_fleet.run("add-bot", name, "--no-migrate"))
     after = json.loads(_ok(code_fleet.run("plan", "--json")))
     assert [s for s in after["steps"] if s["subject"] in (coded, plain)] == []
     assert _not_the_bot(pg, coded) == [] and _not_the_bot(pg, plain) == []
@@ -170,6 +192,8 @@ def test_a_bots_database_defaults_do_not_make_the_admin_the_bot_or_read_only(fle
         conn.execute("SET ROLE NONE")
         conn.execute("SET default_transaction_read_only = off")
         conn.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
+    found = json.loads(fleet.run("doctor", *other_fleets(), "--json").stdout)["found"]
+    assert [f["check"] for f in found if f["bot"] == name and f["check"] == "settings"] == ["settings"], found
     fixed = fleet.run("doctor", *other_fleets(), "--fix", "--json")
     assert not [f for f in json.loads(fixed.stdout)["remaining"] if f["bot"] == name], fixed.stdout
     with psycopg.connect(with_database(pg.url, db(name)), autocommit=True) as pinned:
