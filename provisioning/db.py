@@ -117,9 +117,14 @@ PINNED_OPTIONS = " ".join(f"-c {name}={value}" for name, value in PINNED_SETTING
 
 def pinned(params: dict[str, str]) -> dict[str, str]:
     """``params`` with :data:`PINNED_SETTINGS` after any ``options`` the URL had (the later
-    ``-c`` wins)."""
+    ``-c`` wins); a ``role`` the admin URL's own options choose (an admin that logs in as one
+    role and acts as another) is kept: that is the operator's, not a bot's."""
     options = params.get("options", "").strip()
-    return {**params, "options": f"{options} {PINNED_OPTIONS}".strip()}
+    if PINNED_OPTIONS in options:
+        return dict(params)
+    own_role = any(word in options for word in ("-c role=", "-crole=", "--role="))
+    pins = " ".join(f"-c {name}={value}" for name, value in PINNED_SETTINGS if not (name == "role" and own_role))
+    return {**params, "options": f"{options} {pins}".strip()}
 
 
 def with_database(url: str, dbname: str, *, pin: bool = True) -> str:
@@ -182,10 +187,14 @@ def _translate(err: psycopg.OperationalError, url: str) -> ProvisionError:
 def connect(url: str, *, autocommit: bool = True, connect_timeout: int = 10) -> psycopg.Connection:
     """Open an admin connection; failures become one-line ProvisionErrors.
 
+    Every one is pinned (:data:`PINNED_SETTINGS`), in a bot's database and elsewhere (the
+    admin URL's database, botfleet's own): nothing botfleet runs as the admin needs another
+    search_path (what it keeps outside pg_catalog is named with its schema).
+
     Autocommit by default: CREATE/DROP DATABASE refuse to run in a transaction;
     callers that want atomic steps open ``conn.transaction()`` themselves.
     """
-    params = parse_url(url)
+    params = pinned(parse_url(url))
     params.setdefault("connect_timeout", str(connect_timeout))
     params.setdefault("application_name", "botfleet-provision")
     try:

@@ -131,7 +131,7 @@ class Servers:
             ensure_state_database(server.conn)
             if server.conn.info.dbname != STATE_DATABASE:
                 try:
-                    state = connect(with_database(server.url, STATE_DATABASE, pin=False))
+                    state = connect(with_database(server.url, STATE_DATABASE))
                 except ProvisionError as err:
                     if "permission denied" not in str(err):
                         raise
