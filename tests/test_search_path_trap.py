@@ -199,3 +199,19 @@ def test_a_bots_database_defaults_do_not_make_the_admin_the_bot_or_read_only(fle
     with psycopg.connect(with_database(pg.url, db(name)), autocommit=True) as pinned:
         assert pinned.execute("SELECT has_schema_privilege('public', 'public', 'USAGE')").fetchone()[0] is False
     assert "already provisioned" in _ok(fleet.run("add-bot", name))
+
+
+def test_the_pins_follow_the_admin_urls_own_options_and_reach_the_tools():
+    from provisioning.db import PINNED_OPTIONS, as_role, libpq_env, parse_url, pinned
+
+    url = "postgresql://admin@db.example:5433/postgres?options=-c%20statement_timeout%3D5s"
+    options = parse_url(with_database(url, "bot_db"))["options"]
+    assert options == f"-c statement_timeout=5s {PINNED_OPTIONS}"  # the admin's own first, the pins win
+    assert pinned(parse_url(with_database(url, "bot_db"))) == parse_url(with_database(url, "bot_db"))  # once
+    assert "options" not in parse_url(with_database(url.split("?")[0], "scratch", pin=False))
+    acting = parse_url(with_database("postgresql://admin@db.example/postgres?options=-c%20role%3Ddba", "bot_db"))
+    assert acting["options"].startswith("-c role=dba ") and "role=none" not in acting["options"]
+    # pg_dump and psql --admin into a bot's database get them through PGOPTIONS; a bot's own do not.
+    assert libpq_env(url.split("?")[0], "bot_db")["PGOPTIONS"] == PINNED_OPTIONS
+    bot = as_role(url.split("?")[0], "bot_user", "secret", "bot_db")
+    assert "search_path" not in libpq_env(bot).get("PGOPTIONS", "")
