@@ -90,6 +90,9 @@ def test_a_bots_search_path_trap_never_runs_as_the_admin(code_fleet, pg):
         # table the admin owns and schema public opened to PUBLIC.
         conn.execute("CREATE TABLE public.stray_by_admin (id int)")
         conn.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
+        # doctor reads inside a bot's database in its login as the bot, or, when it makes none
+        # (here: an expiring password, a finding of its own), in the admin's: plain takes that path.
+        conn.execute(sql.SQL("ALTER ROLE {} VALID UNTIL '2999-01-01'").format(sql.Identifier(role(plain))))
     _arm(pg, coded, version_view=True)
     _arm(pg, plain, version_view=False)
 
@@ -111,8 +114,8 @@ def test_a_bots_search_path_trap_never_runs_as_the_admin(code_fleet, pg):
     reset = "database settings (search_path=evil, pg_catalog) reset"
     plan = json.loads(_ok(code_fleet.run("plan", "--json")))
     steps = {(s["action"], s["subject"]): sorted(s["details"]) for s in plan["steps"] if s["subject"] in (coded, plain)}
-    assert steps == {("update", coded): sorted(["revoke PUBLIC rights on schema public", reset]),
-                     ("update", plain): [reset]}, steps
+    assert steps[("update", coded)] == sorted(["revoke PUBLIC rights on schema public", reset]), steps
+    assert reset in steps[("update", plain)] and len(steps) == 2, steps
     assert _not_the_bot(pg, coded) == [] and _not_the_bot(pg, plain) == []
 
     # doctor: finds what the admin did inside the database and the bot's database default ...
@@ -120,11 +123,14 @@ def test_a_bots_search_path_trap_never_runs_as_the_admin(code_fleet, pg):
     report = json.loads(proc.stdout)
     mine = [f for f in report["found"] if f["bot"] in (coded, plain)]
     assert any("stray_by_admin" in f["message"] and f["bot"] == coded for f in mine), mine
+    assert any("expires" in f["message"] for f in mine if f["bot"] == plain), mine
     for name in (coded, plain):
         (setting,) = [f for f in mine if f["bot"] == name and f["check"] == "settings"]
         assert "search_path=evil, pg_catalog" in setting["message"] and setting["fixable"], setting
         assert setting["fix"] == f'ALTER DATABASE "{db(name)}" RESET ALL', setting
-    assert _not_the_bot(pg, coded) == [] and _not_the_bot(pg, plain) == []
+    # Not even as the bot: doctor's reads in its login as the bot are pinned too (the bot's
+    # look-alikes would write doctor's report).
+    assert _log(pg, coded) == [] and _log(pg, plain) == []
     # ... and --fix repairs them (inside the database, still armed: the database is reset last
     # or first, the repairs' sessions are pinned either way).
     fixed = code_fleet.run("doctor", *other_fleets(), "--fix", "--json")
@@ -138,7 +144,7 @@ def test_a_bots_search_path_trap_never_runs_as_the_admin(code_fleet, pg):
                             "WHERE d.datname = ANY(%s)", ([db(coded), db(plain)],)).fetchone()[0] == 0
     again = json.loads(_ok(code_fleet.run("doctor", *other_fleets(), "--json")))
     assert not [f for f in again["found"] if f["bot"] in (coded, plain)], again
-    assert _not_the_bot(pg, coded) == [] and _not_the_bot(pg, plain) == []
+    assert _log(pg, coded) == [] and _log(pg, plain) == []
 
     # The bot sets it again; migrate: nothing pending (the bot reads its version through its
     # own search path, as itself); quota status.
