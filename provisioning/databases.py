@@ -24,6 +24,10 @@ class DatabaseState:
     public_privileges: str | None  # what PUBLIC (every role) may do on it, e.g. "CONNECT, TEMPORARY"
     comment: str | None
     allow_connections: bool = True
+    # Defaults set on the database for every session in it (ALTER DATABASE ... SET), e.g.
+    # ["search_path=evil, pg_catalog"]: botfleet sets none, so each is the bot's own (the owner may
+    # set them). botfleet's admin sessions are immune (db.PINNED_SETTINGS); other tools' are not.
+    settings: tuple[str, ...] = ()
 
     @property
     def public_can_connect(self) -> bool:
@@ -34,7 +38,8 @@ _INSPECT = """
 SELECT pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding), d.datconnlimit,
        (SELECT string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type)
         FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a WHERE a.grantee = 0),
-       shobj_description(d.oid, 'pg_database'), d.datallowconn
+       shobj_description(d.oid, 'pg_database'), d.datallowconn,
+       (SELECT s.setconfig FROM pg_db_role_setting s WHERE s.setdatabase = d.oid AND s.setrole = 0)
 FROM pg_database d WHERE d.datname = %(name)s
 """
 
@@ -53,7 +58,7 @@ def inspect_many(conn: psycopg.Connection, names: list[str]) -> dict[str, Databa
 
 def _state(row) -> DatabaseState:
     return DatabaseState(owner=row[0], encoding=row[1], connection_limit=row[2], public_privileges=row[3],
-                         comment=row[4], allow_connections=row[5])
+                         comment=row[4], allow_connections=row[5], settings=tuple(row[6] or ()))
 
 
 def create(conn: psycopg.Connection, spec: DatabaseSpec) -> None:
@@ -95,17 +100,18 @@ class DatabaseDiff:
     allow_connections: bool  # it refuses connections and must accept them again
     public: bool  # PUBLIC has rights on it
     comment: bool  # the marker comment differs
+    settings: tuple[str, ...] = ()  # database-level defaults to reset (RESET ALL)
 
 
 def diff(spec: DatabaseSpec, state: DatabaseState) -> DatabaseDiff:
     return DatabaseDiff(owner=state.owner != spec.owner, connection_limit=state.connection_limit != spec.connection_limit,
                         allow_connections=not state.allow_connections, public=state.public_can_connect,
-                        comment=state.comment != spec.comment)
+                        comment=state.comment != spec.comment, settings=state.settings)
 
 
 def converge(conn: psycopg.Connection, spec: DatabaseSpec, state: DatabaseState) -> DatabaseDiff:
-    """Repair owner, connection limit, ALLOW_CONNECTIONS, PUBLIC access and the marker comment;
-    returns what differed."""
+    """Repair owner, connection limit, ALLOW_CONNECTIONS, PUBLIC access, the marker comment and
+    database-level defaults (reset); returns what differed."""
     d = diff(spec, state)
     ident = sql.Identifier(spec.name)
     with conn.transaction():
@@ -117,6 +123,8 @@ def converge(conn: psycopg.Connection, spec: DatabaseSpec, state: DatabaseState)
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident))
         if d.public or d.comment:
             _lock_down(conn, spec)
+        if d.settings:
+            conn.execute(sql.SQL("ALTER DATABASE {} RESET ALL").format(ident))
     return d
 
 

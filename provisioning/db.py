@@ -70,11 +70,10 @@ PG_ENV = {
 
 def libpq_env(url: str, dbname: str | None = None) -> dict[str, str]:
     """The process environment plus ``url`` as PG* variables, for pg_dump or psql:
-    a password in a child's arguments would be visible to every user."""
+    a password in a child's arguments would be visible to every user. With ``dbname`` (the
+    admin's URL into another database) the session is pinned (PGOPTIONS, :func:`with_database`)."""
     env = dict(os.environ)
-    params = parse_url(url)
-    if dbname is not None:
-        params["dbname"] = dbname
+    params = parse_url(url if dbname is None else with_database(url, dbname))
     for key, value in params.items():
         if key not in PG_ENV:
             raise InvalidInput(f"the admin URL parameter {key!r} cannot be passed to libpq tools")
@@ -83,11 +82,58 @@ def libpq_env(url: str, dbname: str | None = None) -> dict[str, str]:
     return env
 
 
-def with_database(url: str, dbname: str) -> str:
-    """The same server and credentials, another database."""
+# What a session botfleet opens as the admin (or as any role but the bot) into a database a bot
+# OWNS pins at connection time. A database's owner may `ALTER DATABASE ... SET` any USERSET
+# parameter, and those defaults apply to EVERY session in that database, the admin's included
+# (CVE-2018-1058's class). Startup options (libpq `options`, PGOPTIONS for the tools) win over
+# database and role defaults, so these are immune:
+# - search_path: a bot's `evil, pg_catalog` would resolve the admin's unqualified functions,
+#   operators and tables to the bot's own, run with the admin's rights. pg_catalog first, and
+#   pg_temp named last (else the temp schema is searched first); botfleet's statements name
+#   anything outside pg_catalog with its schema.
+# - role: a database default `role = bot` turns an admin (superuser: member of every role) into
+#   the bot for the whole session; `none` keeps the login role.
+# - default_transaction_read_only: `on` would fail every repair (a denial, pinned because cheap).
+# - local_preload_libraries: an owner may name a library from $libdir/plugins that loads into
+#   the admin's session (or fails it at login).
+# - standard_conforming_strings: `off` changes how string literals are read.
+# - row_security: `off` makes reading a table with a row security policy fail instead of
+#   running the bot's policy expression as the admin (superusers bypass policies anyway).
+# Not pinned: statement_timeout, lock_timeout and the like only delay or fail a command; the
+# admin's own settings (set in its session) win anyway. session_authorization may be set per
+# database but is not applied at login (checked on PostgreSQL 15); session_preload_libraries
+# needs a superuser. A bot's OWN sessions (its app, its migrations, restore's psql as the bot)
+# keep its settings: a bot may shoot itself in the foot, not the admin.
+PINNED_SETTINGS = (
+    ("search_path", "pg_catalog,pg_temp"),
+    ("role", "none"),
+    ("default_transaction_read_only", "off"),
+    ("local_preload_libraries", ""),
+    ("standard_conforming_strings", "on"),
+    ("row_security", "off"),
+)
+PINNED_OPTIONS = " ".join(f"-c {name}={value}" for name, value in PINNED_SETTINGS)
+
+
+def pinned(params: dict[str, str]) -> dict[str, str]:
+    """``params`` with :data:`PINNED_SETTINGS` after any ``options`` the URL had (the later
+    ``-c`` wins); a ``role`` the admin URL's own options choose (an admin that logs in as one
+    role and acts as another) is kept: that is the operator's, not a bot's."""
+    options = params.get("options", "").strip()
+    if PINNED_OPTIONS in options:
+        return dict(params)
+    own_role = any(word in options for word in ("-c role=", "-crole=", "--role="))
+    pins = " ".join(f"-c {name}={value}" for name, value in PINNED_SETTINGS if not (name == "role" and own_role))
+    return {**params, "options": f"{options} {pins}".strip()}
+
+
+def with_database(url: str, dbname: str, *, pin: bool = True) -> str:
+    """The same server and credentials, another database; an admin session there is pinned
+    (:data:`PINNED_SETTINGS`) unless ``pin`` is False, for a database no bot owns that needs a
+    usual search_path (a scratch database where migrations create tables)."""
     params = parse_url(url)
     params["dbname"] = dbname
-    return make_conninfo(**params)
+    return make_conninfo(**(pinned(params) if pin else params))
 
 
 def as_role(url: str, role: str, password: str, dbname: str, *, application_name: str | None = None) -> str:
@@ -141,10 +187,14 @@ def _translate(err: psycopg.OperationalError, url: str) -> ProvisionError:
 def connect(url: str, *, autocommit: bool = True, connect_timeout: int = 10) -> psycopg.Connection:
     """Open an admin connection; failures become one-line ProvisionErrors.
 
+    Every one is pinned (:data:`PINNED_SETTINGS`), in a bot's database and elsewhere (the
+    admin URL's database, botfleet's own): nothing botfleet runs as the admin needs another
+    search_path (what it keeps outside pg_catalog is named with its schema).
+
     Autocommit by default: CREATE/DROP DATABASE refuse to run in a transaction;
     callers that want atomic steps open ``conn.transaction()`` themselves.
     """
-    params = parse_url(url)
+    params = pinned(parse_url(url))
     params.setdefault("connect_timeout", str(connect_timeout))
     params.setdefault("application_name", "botfleet-provision")
     try:

@@ -34,7 +34,7 @@ from . import files as project_files
 from . import objects, passwords, pool, reconcile, settings
 from .backup import STAMP_RE, checksum_path
 from .db import (
-    LOCK_NAMESPACE, advisory_lock, connect, lock_key, open_maintenance_databases, role_params, with_database,
+    LOCK_NAMESPACE, advisory_lock, connect, lock_key, open_maintenance_databases, pinned, role_params, with_database,
 )
 from .errors import ProvisionError, one_line
 from .project import Project
@@ -484,7 +484,9 @@ def _login(admin_url: str, entry: BotEntry, password: str) -> tuple[str | None, 
 def _connect_as_bot(admin_url: str, entry: BotEntry, password: str
                     ) -> tuple[tuple[str | None, str | None], psycopg.Connection | None]:
     """:func:`_login`'s result, and the bot's open connection when it logged in (else None)."""
-    params = role_params(admin_url, entry.role, password, entry.database, application_name="botfleet-doctor")
+    # Pinned too (db.PINNED_SETTINGS): doctor's reads run in this session, and with the bot's own
+    # search_path its look-alikes of pg_get_userbyid and the like would write doctor's report.
+    params = pinned(role_params(admin_url, entry.role, password, entry.database, application_name="botfleet-doctor"))
     if not params.get("host") or params["host"].startswith("/"):
         params["host"] = "127.0.0.1"
     params["connect_timeout"] = str(LOGIN_TIMEOUT_S)

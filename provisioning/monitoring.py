@@ -107,6 +107,6 @@ def converge(conn: psycopg.Connection, password: str) -> list[str]:
                              "AND current_database() = %s AND NOT EXISTS (SELECT FROM pg_extension "
                              "WHERE extname = 'pg_stat_statements')", (STATE_DATABASE,)).fetchone()[0]
     if preloaded:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public")  # named: the session is pinned
         changed.append("pg_stat_statements")
     return changed

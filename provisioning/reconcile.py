@@ -209,8 +209,14 @@ def _observe_outside(server: Server, project: Project, entry: BotEntry) -> Obser
     )
 
 
-_LOOK = sql.SQL("SELECT ({}), to_regclass('alembic_version') IS NOT NULL").format(
-    sql.SQL(databases._PUBLIC_ON_SCHEMA))
+# The admin's session in a bot's database is pinned (db.PINNED_SETTINGS); the bot's version table
+# is named with its schema (where the bot's default search_path puts it: public) and read only
+# when it is a plain table: a view (or a rule) there would run the bot's functions as the admin.
+VERSION_TABLE = sql.Identifier("public", "alembic_version")
+_LOOK = sql.SQL("SELECT ({}), EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+                " ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relname = 'alembic_version'"
+                " AND c.relkind = 'r')").format(sql.SQL(databases._PUBLIC_ON_SCHEMA))
+_VERSION = sql.SQL("SELECT version_num FROM ONLY {}").format(VERSION_TABLE)
 
 
 def _look_inside(url: str, entry: BotEntry, observed: Observed,
@@ -250,7 +256,7 @@ def _read_inside(db_conn: psycopg.Connection, observed: Observed,
     assert row is not None
     observed.public_schema_open = bool(row[0])
     if row[1]:
-        version = db_conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        version = db_conn.execute(_VERSION).fetchone()
         observed.revision = version[0] if version else None
     if read_inside is not None:
         observed.extra = read_inside(db_conn)
@@ -350,6 +356,13 @@ def _database_changes(conn: psycopg.Connection, entry: BotEntry, state: database
         stmt = sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(spec.comment))
         out.append(Change("marker", DATABASE, "database marker comment",
                           f"database {entry.database} lacks botfleet's marker comment", q(stmt), True))
+    if d.settings:
+        stmt = sql.SQL("ALTER DATABASE {} RESET ALL").format(ident)
+        shown = ", ".join(d.settings)
+        out.append(Change("settings", DATABASE, f"database settings ({shown}) reset",
+                          f"database {entry.database} has settings for every session in it ({shown}), which botfleet "
+                          "never sets (its owner, the bot, may): they reach every other role's sessions there "
+                          "(botfleet's own pin theirs)", q(stmt), True))
     return out
 
 

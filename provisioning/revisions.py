@@ -47,7 +47,10 @@ def scratch_database(conn: psycopg.Connection, admin_url: str, root: Path) -> It
     with advisory_lock(conn, name):
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name)))
         try:
-            yield with_database(admin_url, name)
+            # Its sessions keep the usual search_path (migrations create tables there): no other
+            # role may connect to plant look-alikes in it (PUBLIC's default CONNECT goes).
+            conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+            yield with_database(admin_url, name, pin=False)  # the admin's own: migrations create tables there
         finally:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 

@@ -227,7 +227,7 @@ class TestServer:
     def connect(self, dbname: str | None = None) -> psycopg.Connection:
         from provisioning.db import with_database
 
-        return psycopg.connect(with_database(self.url, dbname) if dbname else self.url, autocommit=True)
+        return psycopg.connect(with_database(self.url, dbname, pin=False) if dbname else self.url, autocommit=True)
 
 
 # -- the test servers, and failing fast when one dies -----------------------------------------

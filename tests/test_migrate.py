@@ -177,7 +177,7 @@ def test_concurrent_migrators_of_one_bot_never_interleave(code_fleet, pg):
 
 def test_downgrade_asks_backs_up_and_reupgrades(code_fleet, pg):
     (name,) = add_code_bots(code_fleet, "chat-bot", migrate=True)
-    with psycopg.connect(with_database(pg.url, db_of(name)), autocommit=True) as conn:
+    with psycopg.connect(with_database(pg.url, db_of(name), pin=False), autocommit=True) as conn:
         conn.execute(f"SET ROLE {role_of(name)}")
         conn.execute("INSERT INTO conversations (id, title) VALUES ('c1', 'kept in the backup')")
     before = tree(code_fleet.root)

@@ -174,7 +174,9 @@ def psql_cmd(
     psql_args: Annotated[Optional[list[str]], typer.Argument(help="Arguments for psql (after --).",
                                                              show_default=False, metavar="PSQL_ARGS")] = None,
     admin: Annotated[bool, typer.Option("--admin", help="Connect as the server's admin (its admin URL) into the "
-                                        "bot's database, not as the bot's role.")] = False,
+                                        "bot's database, not as the bot's role; its search_path is "
+                                        "pg_catalog,pg_temp (the bot's database defaults are not "
+                                        "applied): name tables with their schema.")] = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
 ) -> None:
