@@ -47,13 +47,13 @@ class Watch:
                 self.opened[key] += 1
                 first_two = inside and self.waited < 2
                 self.waited += first_two
-            if first_two:
-                self.barrier.wait()  # the first two looks inside must be open together
             conn = real(conninfo, **kwargs)
             if key[0] in self.bot_dbs:
                 with self.lock:
                     self.open_now += 1
                     self.peak = max(self.peak, self.open_now)
+            if first_two:
+                self.barrier.wait()  # the first two looks inside must be open together (counted, not yet closed)
                 close = conn.close
 
                 def closed(close=close):
