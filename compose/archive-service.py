@@ -26,6 +26,8 @@ ROUND = int(os.environ.get("BOTFLEET_ARCHIVE_ROUND", "60"))
 ROUNDS = int(os.environ.get("BOTFLEET_ARCHIVE_ROUNDS", "0"))  # 0: until stopped (a test runs one)
 HOME = os.environ.get("BOTFLEET_BARMAN_HOME", "/var/lib/barman")  # barman_home in barman.conf
 HEALTHY = os.environ.get("BOTFLEET_ARCHIVE_HEALTH", "/run/barman/healthy")
+# Left by `recover`: the recovered server is on a new timeline, so a base backup is due at once.
+BACKUP_NOW = os.path.join(HOME, SERVER, "botfleet-backup-now")
 
 stopping = threading.Event()
 healthy = threading.Event()
@@ -87,7 +89,8 @@ def one_round():
     if proc.returncode != 0:
         say(f"barman cron failed: {last_lines(proc)}")
     newest = newest_backup_end()
-    if newest is not None and time.time() - newest > BASE_EVERY:
+    asked = os.path.exists(BACKUP_NOW)
+    if newest is not None and (time.time() - newest > BASE_EVERY or asked):
         if not has_wal():
             say("archiving a first WAL file (barman switch-wal)")
             proc = barman("switch-wal", "--force", "--archive", "--archive-timeout", "120", SERVER, timeout=180)
@@ -110,6 +113,8 @@ def one_round():
                     break
             if newest is not None and newest >= began:
                 say(f"base backup done in {time.monotonic() - started:.1f} s")
+                if asked:
+                    os.unlink(BACKUP_NOW)
             else:
                 say("base backup taken; waiting for its WAL (the next round finishes it)")
         else:
@@ -217,14 +222,16 @@ def recover(argv):
     streaming = os.path.join(HOME, SERVER, "streaming")
     aside = streaming + "-before-recovery"
     moved = subprocess.run([*as_barman, "sh", "-c", 'mkdir -p -m 0700 "$1" && find "$2" -mindepth 1 -maxdepth 1 '
-                            '-exec mv -t "$1" {} +', "sh", aside, streaming], stdin=subprocess.DEVNULL)
+                            '-exec mv -t "$1" {} + && touch "$3"', "sh", aside, streaming, BACKUP_NOW],
+                           stdin=subprocess.DEVNULL)
     if moved.returncode != 0:
         return 1
     for root, dirs, names in os.walk(data):
         for name in [*dirs, *names]:
             shutil.chown(os.path.join(root, name), "postgres", "postgres")
     shutil.chown(data, "postgres", "postgres")
-    say(f"recovered: start the stack (docker compose up -d --wait); the WAL receiver's old files are in {aside}")
+    say(f"recovered: start the stack (docker compose up -d --wait); the WAL receiver's old files are in {aside}; "
+        "the archive service takes a base backup of the new timeline as it starts")
     return 0
 
 

@@ -489,3 +489,5 @@ def test_10_the_stacks_server_recovers_to_a_time_from_the_archive_service_as_the
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
     ps = stack.containers()
     assert all(ps[s]["Health"] == "healthy" for s in (*BOTS, "archive")), stack.logs()
+    # The archive took a base backup of the new timeline as it started (healthy: its first round is done).
+    assert len(done_backups(stack)) >= 2

@@ -174,12 +174,18 @@ def test_the_service_loop_streams_backs_up_on_its_schedule_and_reports_health(ar
     again = run_service(root, conf, home)
     assert again.returncode == 0 and "taking a base backup" not in again.stdout, again.stdout
     assert len(list_backups(conf)) == 1
+    # A recovery asks for a base backup at once (the marker recover leaves), within base_every.
+    marker = home / "default" / "botfleet-backup-now"
+    marker.touch()
+    asked = run_service(root, conf, home)
+    assert asked.returncode == 0 and "base backup done" in asked.stdout, asked.stdout
+    assert len(list_backups(conf)) == 2 and not marker.exists()
     # A base backup is due at once with base_every 0.
     due = run_service(root, conf, home, BOTFLEET_BASE_EVERY="0")
     assert due.returncode == 0 and "base backup done" in due.stdout, due.stdout
-    assert len(list_backups(conf)) == 2
+    assert len(list_backups(conf)) == 3
     for secret in [backup_password(root), ADMIN_PASSWORD, *all_passwords()]:
-        for proc in (first, again, due):
+        for proc in (first, again, asked, due):
             assert secret not in proc.stdout + proc.stderr
 
 
