@@ -298,8 +298,12 @@ async def request(db: Database, rng: random.Random, stats: GoodStats) -> None:
 async def probe(db: Database, stats: GoodStats) -> None:
     """A new connection as the bot's pool opens one (a restart, a growing pool): through the shared
     data layer, which tries again when the server is full for a moment."""
-    async with db.engine.connect() as pooled:
-        await pooled.invalidate()  # discarded: the next checkout opens a new connection
+    try:
+        async with db.engine.connect() as pooled:  # when the pool has none, this opens one: a failure counts
+            await pooled.invalidate()  # discarded: the next checkout opens a new connection
+    except Exception as err:  # noqa: BLE001
+        stats.errors["new connection: " + classify(err)] += 1
+        return
     t0 = time.perf_counter()
     try:
         async with db.engine.connect() as conn:
