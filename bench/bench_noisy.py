@@ -54,7 +54,9 @@ pooling, ``pgbouncer_pool_size`` server connections per bot, 1 by default; ``ben
 shared with bench_budget), pointed at the private server without TLS. 1.18 lacks
 max_prepared_statements (the stack's image is 1.24), so the bots' engines use unnamed statements
 (asyncpg's statement cache off). The noisy bot's peak connections are then PgBouncer's server
-connections for it; PgBouncer's own CPU is a column. After a suspension (case 5) the next phase
+connections for it; PgBouncer's own CPU is a column. PgBouncer keeps its server connections, and
+a role's settings apply when a session starts: each time the guards change, the bots' server
+connections are ended (between phases), so the next phase runs with the new settings. After a suspension (case 5) the next phase
 waits until the noisy bot gets through PgBouncer again (its server_login_retry, 15 s).
 
 Per phase: the good bots' requests, p50/p99, p99 against the quiet baseline (both modes' quiet phases
@@ -490,6 +492,18 @@ class Bench:
         self.bouncer = pgbouncers.start(self.bouncer_ini, port)
         self.bouncer_port = port
 
+    def end_pooled_server_connections(self) -> int:
+        """A role's settings (the guards) are read when a session starts, and PgBouncer keeps its
+        server connections across phases (server_lifetime 3600, server_idle_timeout 600): after the
+        guards change, the bots' server connections are ended (no bot runs between phases), so the
+        next phase's sessions start with the new settings."""
+        roles = [self.role(n) for n in self.names]
+        with self.admin() as conn:
+            ended = conn.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                 "WHERE usename = ANY(%s) AND pid <> pg_backend_pid()", (roles,)).fetchone()[0]
+        time.sleep(0.5)
+        return ended
+
     def stop_pgbouncer(self) -> None:
         if self.bouncer is None:
             return
@@ -769,6 +783,8 @@ def main() -> int:
                     if guards != mode:
                         settings = bench.configure(guards)
                         say(f"guards {'on' if guards else 'off'}: noisy role: {settings}")
+                        if args.pgbouncer:
+                            say(f"  PgBouncer's server connections ended: {bench.end_pooled_server_connections()}")
                         mode = guards
                     say(f"  {case} ({args.seconds:g} s) ...")
                     results.append(bench.phase(case, guards, args.seconds, args.enforce_every))
