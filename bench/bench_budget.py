@@ -59,12 +59,8 @@ import dataclasses
 import math
 import os
 import random
-import resource
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -85,6 +81,9 @@ from provisioning.embedded import EmbeddedServer  # noqa: E402
 from provisioning.project import Project  # noqa: E402
 from provisioning.registry import BotEntry, Fleet, StackSettings  # noqa: E402
 from provisioning.servers import Servers  # noqa: E402
+
+from bench import _pgbouncer as pgbouncers  # noqa: E402  (botfleet's pgbouncer.ini for a fleet, the process)
+from bench._pgbouncer import pgbouncer_config  # noqa: E402
 
 # Lines of the rendered postgresql.conf a private server on the host does without (the rest is kept).
 NOT_HERE = ("listen_addresses", "port", "hba_file", "ssl", "ssl_cert_file", "ssl_key_file", "ssl_min_protocol_version")
@@ -113,12 +112,6 @@ def own_kb(r: dict[str, int]) -> int:
     return r.get("Pss", 0) - r.get("Pss_Shmem", 0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- a private server with botfleet's settings ---------------------------------------------------
 
 class Server:
@@ -132,7 +125,7 @@ class Server:
         e = self.embedded
         e.init()
         t = compose._env(compose.templates_dir())
-        conf = t.get_template("postgresql.conf.j2").render(header="# botfleet bench", t=self.tuning)
+        conf = t.get_template("postgresql.conf.j2").render(header="# botfleet bench", t=self.tuning, archive=None)
         kept = [line for line in conf.splitlines() if line.split("=")[0].strip() not in NOT_HERE]
         (e.pgdata / "botfleet-render.conf").write_text("\n".join(kept) + "\n")
         e._chown(e.pgdata / "botfleet-render.conf")
@@ -408,7 +401,7 @@ async def drive(bots: list[tuple[str, str, str]], host: str, port: int, pool: tu
     """Each bot: its pool (all of it opened once), its table, then ``seconds`` of requests; then
     ``active`` bots at once run a hash aggregate larger than work_mem (the budget's active part)."""
     gate = asyncio.Semaphore(64)  # connection starts at once (SCRAM is CPU work on both ends)
-    extra = {"statement_cache_size": 0} if pgbouncer else {}
+    extra = dict(pgbouncers.ASYNCPG_1_18) if pgbouncer else {}
 
     async def connect(conn):
         await conn.execute("SET application_name = 'bench_budget'") if not pgbouncer else None
@@ -511,42 +504,6 @@ async def drive(bots: list[tuple[str, str, str]], host: str, port: int, pool: tu
         await asyncio.gather(*(p.close() for p in pools[i:i + 200]))
 
 
-def pgbouncer_config(folder: Path, project: Project, passwords: dict[str, str], pg_port: int) -> tuple[Path, int]:
-    """botfleet's pgbouncer.ini for the fleet, pointed at the private server (no TLS here)."""
-    fleet = project.fleet
-    stack = fleet.stack
-    bots = [{"database": e.database, "role": e.role,
-             "server_pool": min(e.pool_max * e.replicas, stack.pgbouncer_pool_size)} for e in fleet.bots.values()]
-    clients = sum(e.pool_max * e.replicas for e in fleet.bots.values())
-    t = compose._env(compose.templates_dir())
-    ini = t.get_template("pgbouncer.ini.j2").render(header="; botfleet bench", bots=bots, tls_root="",
-                                                    default_pool_size=stack.pgbouncer_pool_size,
-                                                    max_client_conn=clients + 10 * len(bots) + 20)
-    port = free_port()
-    folder.mkdir(parents=True, exist_ok=True)
-    userlist = folder / "userlist.txt"
-    userlist.write_text("".join(f'"{e.role}" "{passwords[n]}"\n' for n, e in fleet.bots.items()))
-    userlist.chmod(0o600)
-    out = []
-    for line in ini.splitlines():
-        key = line.split("=")[0].strip()
-        if key in ("server_tls_sslmode", "server_tls_ca_file", "max_prepared_statements"):
-            continue
-        line = line.replace("host=postgres port=5432", f"host=127.0.0.1 port={pg_port}")
-        out.append({"listen_addr": "listen_addr = 127.0.0.1", "listen_port": f"listen_port = {port}",
-                    "auth_file": f"auth_file = {userlist}"}.get(key, line))
-    out += [f"logfile = {folder / 'pgbouncer.log'}", f"pidfile = {folder / 'pgbouncer.pid'}"]
-    path = folder / "pgbouncer.ini"
-    path.write_text("\n".join(out) + "\n")
-    if os.geteuid() == 0:  # pgbouncer runs as the embedded server's user, as PostgreSQL does
-        import pwd
-
-        user = pwd.getpwnam("embedded_postgres")
-        for p in (folder, userlist, path):
-            os.chown(p, user.pw_uid, user.pw_gid)
-    return path, port
-
-
 def fleet_run(root: Path, label: str, n: int | None, memory: str, pgbouncer: bool, bin_dir: Path | None,
               seconds: float, rate: float) -> dict:
     stack = StackSettings(postgres_memory=memory, pgbouncer=pgbouncer)
@@ -568,19 +525,7 @@ def fleet_run(root: Path, label: str, n: int | None, memory: str, pgbouncer: boo
         host, port = "127.0.0.1", server.port
         if pgbouncer:
             ini, port = pgbouncer_config(root / label / "pgbouncer", project, passwords, server.port)
-            limit = resource.getrlimit(resource.RLIMIT_NOFILE)
-            want = min(limit[1], 65536)
-            bouncer = subprocess.Popen(["pgbouncer", str(ini)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (want, limit[1])),
-                                       user="embedded_postgres" if os.geteuid() == 0 else None)
-            for _ in range(100):
-                try:
-                    socket.create_connection((host, port), 0.2).close()
-                    break
-                except OSError:
-                    if bouncer.poll() is not None:
-                        raise SystemExit(f"pgbouncer exited: {bouncer.stderr.read().decode()[-500:]}")
-                    time.sleep(0.1)
+            bouncer = pgbouncers.start(ini, port, host)
         bots = [(e.database, e.role, passwords[name]) for name, e in sorted(project.fleet.bots.items())]
         entry = next(iter(project.fleet.bots.values()))
         load = Load()
@@ -602,12 +547,7 @@ def fleet_run(root: Path, label: str, n: int | None, memory: str, pgbouncer: boo
             "peak_pss_mb": sampler.peak_pss, "worst_mb": sampler.peak_own + sampler.shared_mb, "limit_mb": t.memory_mb, "wall_s": wall, "provision_s": made,
         }
     finally:
-        if bouncer is not None:
-            bouncer.send_signal(signal.SIGINT)
-            try:
-                bouncer.wait(10)
-            except subprocess.TimeoutExpired:
-                bouncer.kill()
+        pgbouncers.stop(bouncer)
         server.stop()
 
 

@@ -4,6 +4,7 @@ Run by hand from the repository root; prints a table (no timing is asserted in t
 
     .venv/bin/python bench/bench_noisy.py                       # 8 good bots, 15 s a phase (5-6 minutes)
     .venv/bin/python bench/bench_noisy.py --seconds 10 --bots 4 --rate 5
+    .venv/bin/python bench/bench_noisy.py --pgbouncer           # every bot through PgBouncer (apt-get install -y pgbouncer)
 
 A throwaway embedded PostgreSQL (its own data folder and port; the machine's server is not
 touched) gets max_connections from botfleet's budget for the fleet. Every bot (``good-01`` ..
@@ -46,6 +47,18 @@ hits both alike), after a quiet baseline (the good bots alone) in each mode:
 - without: [defaults] empty, --statement-timeout 0 --idle-timeout 0, roles and databases with
            CONNECTION LIMIT -1, no quota: the server's defaults (work_mem 4MB, no temp file limit).
 
+With ``--pgbouncer`` every bot (good and noisy: its pool, its new connections, the storm) reaches
+the server through one PgBouncer process the benchmark starts (Debian's package, 1.18), with the
+pgbouncer.ini botfleet renders for this fleet (``provision render --pgbouncer``: transaction
+pooling, ``pgbouncer_pool_size`` server connections per bot, 1 by default; ``bench/_pgbouncer.py``,
+shared with bench_budget), pointed at the private server without TLS. 1.18 lacks
+max_prepared_statements (the stack's image is 1.24), so the bots' engines use unnamed statements
+(asyncpg's statement cache off). The noisy bot's peak connections are then PgBouncer's server
+connections for it; PgBouncer's own CPU is a column. PgBouncer keeps its server connections, and
+a role's settings apply when a session starts: each time the guards change, the bots' server
+connections are ended (between phases), so the next phase runs with the new settings. After a suspension (case 5) the next phase
+waits until the noisy bot gets through PgBouncer again (its server_login_retry, 15 s).
+
 Per phase: the good bots' requests, p50/p99, p99 against the quiet baseline (both modes' quiet phases
 pooled: the guards change nothing for bots that behave, and one phase's p99 is a handful of requests), their
 errors (requests and new connections, by kind), their new connections' p99, the machine's CPU busy
@@ -62,6 +75,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -76,6 +90,7 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
+from bench import _pgbouncer as pgbouncers  # noqa: E402  (botfleet's pgbouncer.ini for a fleet, the process)
 from shared.database import Database  # noqa: E402
 from shared.settings import DatabaseSettings  # noqa: E402
 
@@ -114,6 +129,11 @@ def classify(err: BaseException) -> str:
         ("connection is closed", "connection closed"),
         ("connectiondoesnotexist", "connection closed"),
         ("cannot perform operation: another operation is in progress", "connection busy"),
+        ("another operation", "connection busy"),
+        # PgBouncer's own refusals
+        ("max_client_conn", "PgBouncer full (max_client_conn)"),
+        ("server_login_retry", "PgBouncer: server login failing (server_login_retry)"),
+        ("query_wait_timeout", "PgBouncer: query_wait_timeout"),
     )
     for needle, label in known:
         if needle in msg:
@@ -136,10 +156,19 @@ def connect_args(settings: DatabaseSettings) -> dict:
     return {"host": url.host, "port": url.port, "user": url.username, "password": url.password, "database": url.database}
 
 
+def bot_database(name: str, env: dict[str, str], application_name: str | None, pgbouncer: bool) -> tuple[DatabaseSettings, Database]:
+    """The bot's shared data layer from its env file; behind Debian's PgBouncer 1.18 with unnamed
+    statements (it lacks max_prepared_statements; the stack's 1.24 has it)."""
+    settings = DatabaseSettings.from_env(name, env)
+    db = Database(settings, application_name=application_name)
+    if pgbouncer:
+        pgbouncers.unnamed_statements(db.engine)
+    return settings, db
+
+
 # ---------------------------------------------------------------- the noisy bot (a child process)
-async def noisy_child(case: str, env: dict[str, str], storm: int) -> dict:
-    settings = DatabaseSettings.from_env(NOISY, env)
-    db = Database(settings, application_name=f"{NOISY}-{case}")
+async def noisy_child(case: str, env: dict[str, str], storm: int, pgbouncer: bool) -> dict:
+    settings, db = bot_database(NOISY, env, f"{NOISY}-{case}", pgbouncer)
     pool = settings.pool_size + settings.max_overflow
     errors: Counter[str] = Counter()
     ops = Counter()
@@ -189,7 +218,7 @@ async def noisy_child(case: str, env: dict[str, str], storm: int) -> dict:
         ops["queued updates done"] += 1
 
     async def storm_wave() -> None:
-        args = connect_args(settings)
+        args = {**connect_args(settings), **(pgbouncers.ASYNCPG_1_18 if pgbouncer else {})}
 
         async def one():
             conn = await asyncpg.connect(**args, timeout=10)
@@ -239,9 +268,9 @@ def child_main(args: argparse.Namespace) -> int:
     env = json.loads(os.environ.pop("BENCH_NOISY_ENV"))
     if args.child.startswith("good:"):
         _, name, seed = args.child.split(":")
-        result = asyncio.run(good_child(name, env, args.rate, int(seed)))
+        result = asyncio.run(good_child(name, env, args.rate, int(seed), args.pgbouncer))
     else:
-        result = asyncio.run(noisy_child(args.child, env, args.storm))
+        result = asyncio.run(noisy_child(args.child, env, args.storm, args.pgbouncer))
     print(json.dumps(result), flush=True)
     return 0
 
@@ -271,8 +300,12 @@ async def request(db: Database, rng: random.Random, stats: GoodStats) -> None:
 async def probe(db: Database, stats: GoodStats) -> None:
     """A new connection as the bot's pool opens one (a restart, a growing pool): through the shared
     data layer, which tries again when the server is full for a moment."""
-    async with db.engine.connect() as pooled:
-        await pooled.invalidate()  # discarded: the next checkout opens a new connection
+    try:
+        async with db.engine.connect() as pooled:  # when the pool has none, this opens one: a failure counts
+            await pooled.invalidate()  # discarded: the next checkout opens a new connection
+    except Exception as err:  # noqa: BLE001
+        stats.errors["new connection: " + classify(err)] += 1
+        return
     t0 = time.perf_counter()
     try:
         async with db.engine.connect() as conn:
@@ -323,10 +356,9 @@ async def monitor(admin_url: str, role: str, stop: asyncio.Event, peaks: dict) -
             await asyncio.sleep(0.25)
 
 
-async def good_child(name: str, env: dict[str, str], rate: float, seed: int) -> dict:
+async def good_child(name: str, env: dict[str, str], rate: float, seed: int, pgbouncer: bool) -> dict:
     """One well-behaved bot in its own process (as each bot is its own container)."""
-    settings = DatabaseSettings.from_env(name, env)
-    db = Database(settings, application_name=name)
+    settings, db = bot_database(name, env, name, pgbouncer)
     async with db.unit_of_work() as s:  # warm: the pool's first connection, as a running bot has it
         await s.execute(text("SELECT 1"))
     print("ready", flush=True)
@@ -395,12 +427,27 @@ def cpu_times() -> tuple[int, int]:
     return sum(fields[:8]) - idle, sum(fields[:8])
 
 
+def process_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far (0 when there is none)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Bench:
-    def __init__(self, tmp: Path, bots: int, rate: float, storm: int, parallel: int = 0):
+    def __init__(self, tmp: Path, bots: int, rate: float, storm: int, parallel: int = 0, pgbouncer: bool = False):
         from provisioning import budget as budgets
         from provisioning.embedded import EmbeddedServer
 
         self.tmp, self.n_good, self.rate, self.storm = tmp, bots, rate, storm
+        self.pgbouncer = pgbouncer
+        self.bouncer: subprocess.Popen | None = None  # started by start_pgbouncer, after the data is made
+        self.bouncer_port: int | None = None
+        self.bouncer_ini: Path | None = None
         self.names = [f"good-{i + 1:02d}" for i in range(bots)] + [NOISY]
         need = budgets.SUPERUSER_RESERVED + budgets.PROVISIONER_MARGIN + len(self.names) * 6
         self.max_connections = -(-need // 10) * 10
@@ -426,7 +473,49 @@ class Bench:
         return self.project.fleet.bots[name].database
 
     def env(self, name: str) -> dict[str, str]:
-        return dict(self.project.env(name).values)
+        """The bot's env file's values; once PgBouncer runs, DATABASE_URL points at it (as
+        ``render --pgbouncer`` points the stack's bots at the pgbouncer service)."""
+        values = dict(self.project.env(name).values)
+        if self.bouncer_port is not None:
+            from sqlalchemy.engine import make_url
+
+            url = make_url(values["DATABASE_URL"]).set(host="127.0.0.1", port=self.bouncer_port)
+            values["DATABASE_URL"] = url.render_as_string(hide_password=False)
+        return values
+
+    def start_pgbouncer(self) -> None:
+        """PgBouncer with botfleet's pgbouncer.ini for this fleet (transaction pooling, the fleet's
+        pgbouncer_pool_size server connections per bot), in front of the private server."""
+        passwords = {name: self.project.env(name).credentials(entry.role).password
+                     for name, entry in self.project.fleet.bots.items()}
+        self.bouncer_ini, port = pgbouncers.pgbouncer_config(self.tmp / "pgbouncer", self.project, passwords, self.port)
+        self.bouncer = pgbouncers.start(self.bouncer_ini, port)
+        self.bouncer_port = port
+
+    def end_pooled_server_connections(self) -> int:
+        """A role's settings (the guards) are read when a session starts, and PgBouncer keeps its
+        server connections across phases (server_lifetime 3600, server_idle_timeout 600): after the
+        guards change, the bots' server connections are ended (no bot runs between phases), so the
+        next phase's sessions start with the new settings."""
+        roles = [self.role(n) for n in self.names]
+        with self.admin() as conn:
+            ended = conn.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                 "WHERE usename = ANY(%s) AND pid <> pg_backend_pid()", (roles,)).fetchone()[0]
+        time.sleep(0.5)
+        return ended
+
+    def stop_pgbouncer(self) -> None:
+        if self.bouncer is None:
+            return
+        pgbouncers.stop(self.bouncer)
+        self.bouncer = None
+        log = self.tmp / "pgbouncer" / "pgbouncer.log"
+        if log.exists():  # what it warned about, by kind (its log has no password)
+            kinds = Counter(re.sub(r"\d+", "N", re.sub(r"[CS]-0x[0-9a-f]+|@[0-9.]+:\d+", "", line.split(" ", 4)[-1]))[:140]
+                            for line in log.read_text(errors="replace").splitlines()
+                            if " WARNING " in line or " ERROR " in line or " FATAL " in line)
+            for kind, n in kinds.most_common(12):
+                say(f"  pgbouncer log: {n} x {kind}")
 
     def good_envs(self) -> list[tuple[str, dict[str, str]]]:
         return [(n, self.env(n)) for n in self.names if n != NOISY]
@@ -507,26 +596,60 @@ class Bench:
             if guards:
                 self.enforce_quota()  # under its quota again: lifted
                 self.add_bot(NOISY, max_size="default")
+                if self.bouncer_port is not None:
+                    self.await_login_through_pgbouncer(NOISY)
         with self.admin() as conn:
             conn.execute("CHECKPOINT")
         time.sleep(1.0)
+
+    def await_login_through_pgbouncer(self, name: str, within: float = 40.0) -> None:
+        """After a suspension PgBouncer refuses the bot's clients for server_login_retry (15 s) once
+        its server login failed: the next phase starts when the bot gets through again."""
+        settings = DatabaseSettings.from_env(name, self.env(name))
+
+        async def attempt() -> None:
+            conn = await asyncpg.connect(**connect_args(settings), **pgbouncers.ASYNCPG_1_18, timeout=5)
+            try:
+                await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close()
+
+        until = time.monotonic() + within
+        while True:
+            try:
+                asyncio.run(attempt())
+                return
+            except Exception as err:  # noqa: BLE001 - tried again until the deadline
+                if time.monotonic() > until:
+                    raise SystemExit(f"{name} still cannot get through PgBouncer: {classify(err)}") from None
+                time.sleep(1.0)
 
     def phase(self, case: str, guards: bool, seconds: float, enforce_every: float) -> dict:
         if case == "bulk" and guards:
             size, _ = self.noisy_facts()
             self.add_bot(NOISY, max_size=f"{size // 2**20 + QUOTA_HEADROOM_MB}MB")
-        good = [start_child(["--child", f"good:{name}:{i}", "--rate", str(self.rate)], env)
+        mode = ["--pgbouncer"] if self.pgbouncer else []
+        good = [start_child(["--child", f"good:{name}:{i}", "--rate", str(self.rate), *mode], env)
                 for i, (name, env) in enumerate(self.good_envs())]
-        noisy_proc = start_child(["--child", case, "--storm", str(self.storm)], self.env(NOISY)) if case != "quiet" else None
-        for i, child in enumerate(good):
-            await_ready(child, f"good bot {i + 1}")
-        if noisy_proc is not None:
-            await_ready(noisy_proc, f"the noisy bot ({case})")
+        noisy_proc = start_child(["--child", case, "--storm", str(self.storm), *mode], self.env(NOISY)) if case != "quiet" else None
+        try:
+            for i, child in enumerate(good):
+                await_ready(child, f"good bot {i + 1}")
+            if noisy_proc is not None:
+                await_ready(noisy_proc, f"the noisy bot ({case})")
+        except BaseException:
+            for child in good + ([noisy_proc] if noisy_proc else []):
+                child.kill()
+                child.wait()
+            raise
         size0, temp0 = self.noisy_facts()
         busy0, total0 = cpu_times()
+        bouncer_pid = self.bouncer.pid if self.bouncer is not None else None
+        bouncer0 = process_cpu_s(bouncer_pid)
         peaks, quota_log = asyncio.run(good_phase(
             self, seconds, good + ([noisy_proc] if noisy_proc else []), enforce_every if (case == "bulk" and guards) else None))
         busy1, total1 = cpu_times()
+        bouncer_cpu = 100.0 * (process_cpu_s(bouncer_pid) - bouncer0) / seconds if bouncer_pid else None
         reports = [collect(child) for child in good]
         stats = GoodStats()
         for rep in reports:
@@ -544,7 +667,8 @@ class Bench:
         size1, temp1 = self.noisy_facts()
         self.reset_after(case, guards)
         return {"case": case, "guards": guards, "stats": stats, "peaks": peaks, "quota": quota_log, "noisy": noisy,
-                "growth": size1 - size0, "temp": temp1 - temp0, "cpu": 100.0 * (busy1 - busy0) / max(1, total1 - total0), "own_cpu": own_cpu}
+                "growth": size1 - size0, "temp": temp1 - temp0, "cpu": 100.0 * (busy1 - busy0) / max(1, total1 - total0), "own_cpu": own_cpu,
+                "bouncer_cpu": bouncer_cpu}
 
 
 # ---------------------------------------------------------------- report
@@ -562,7 +686,9 @@ def noisy_text(r: dict) -> str:
     if r["case"] == "lock":
         parts.append(f"longest idle transaction {r['peaks'].get('idle_xact_s', 0):.0f} s, "
                      f"up to {r['peaks'].get('lock_waiters', 0)} sessions waiting on its lock")
-    parts.append(f"peak {r['peaks'].get('noisy', 0)} conns (server {r['peaks'].get('all', 0)})")
+    parts.append(f"peak {r['peaks'].get('noisy', 0)} conns (server {r['peaks'].get('all', 0)})"
+                 if r.get("bouncer_cpu") is None else
+                 f"peak {r['peaks'].get('noisy', 0)} server conns from PgBouncer (server {r['peaks'].get('all', 0)})")
     if r["temp"]:
         parts.append(f"temp {mb(r['temp'])}")
     if r["case"] == "bulk":
@@ -579,8 +705,9 @@ def report(results: list[dict]) -> None:
     # quiet phase's p99 is a handful of requests, easily moved by the machine's other load.
     quiet = [x for r in results if r["case"] == "quiet" for x in r["stats"].latencies]
     qp99 = pct(quiet, 99) * 1000
+    bouncer = any(r.get("bouncer_cpu") is not None for r in results)
     header = ("case", "guards", "requests", "p50 ms", "p99 ms", "p99/quiet", "errors", "connect p99 ms", "CPU busy", "bots' CPU",
-              "goal", "noisy bot")
+              *(("pgbouncer CPU",) if bouncer else ()), "goal", "noisy bot")
     rows = []
     for r in results:
         s = r["stats"]
@@ -591,10 +718,19 @@ def report(results: list[dict]) -> None:
         err_text = str(errs) + (" (" + ", ".join(f"{v} {k}" for k, v in s.errors.most_common()) + ")" if errs else "")
         rows.append((CASE_TITLES[r["case"]], "on" if r["guards"] else "off", str(len(s.latencies)),
                      f"{pct(s.latencies, 50) * 1000:.1f}", f"{p99:.1f}", f"{ratio:.1f}x", err_text,
-                     f"{pct(s.connects, 99) * 1000:.0f}", f"{r['cpu']:.0f}%", f"{r['own_cpu']:.0f}%", goal, noisy_text(r)))
+                     f"{pct(s.connects, 99) * 1000:.0f}", f"{r['cpu']:.0f}%", f"{r['own_cpu']:.0f}%",
+                     *((f"{r['bouncer_cpu']:.0f}%",) if bouncer else ()), goal, noisy_text(r)))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
     for row in (header, *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1])
+
+
+def pgbouncer_facts(ini: Path) -> str:
+    version = subprocess.run(["pgbouncer", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    per_bot = pgbouncers.ini_value(ini, "default_pool_size")
+    return (f"{version}, pool_mode {pgbouncers.ini_value(ini, 'pool_mode')}, {per_bot} server connection(s) per bot "
+            f"(pgbouncer_pool_size), max_client_conn {pgbouncers.ini_value(ini, 'max_client_conn')}, "
+            "botfleet's rendered pgbouncer.ini without TLS and max_prepared_statements (unnamed statements)")
 
 
 def machine() -> str:
@@ -614,6 +750,8 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help="which cases, comma-separated")
     parser.add_argument("--parallel", type=int, default=0,
                         help="max_parallel_workers_per_gather (0, as the stack's postgres; 2 is PostgreSQL's default)")
+    parser.add_argument("--pgbouncer", action="store_true",
+                        help="every bot through PgBouncer (transaction pooling, botfleet's rendered pgbouncer.ini for the fleet)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -622,15 +760,21 @@ def main() -> int:
     unknown = set(cases) - set(CASES)
     if unknown:
         parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
+    if args.pgbouncer:
+        pgbouncers.require()
     host = machine()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_noisy") as tmp:
         bench = None
         try:
             say("starting a private embedded PostgreSQL and provisioning the fleet ...")
-            bench = Bench(Path(tmp), args.bots, args.rate, args.storm, args.parallel)
+            bench = Bench(Path(tmp), args.bots, args.rate, args.storm, args.parallel, args.pgbouncer)
             settings_on = bench.configure(True)
             bench.prepare_data()
+            if args.pgbouncer:
+                bench.start_pgbouncer()
+                bouncer = pgbouncer_facts(bench.bouncer_ini)
+                say(f"PgBouncer: {bouncer}")
             version = bench.server.status().version
             say(f"guards on: noisy role: {settings_on}")
             mode = True
@@ -639,12 +783,15 @@ def main() -> int:
                     if guards != mode:
                         settings = bench.configure(guards)
                         say(f"guards {'on' if guards else 'off'}: noisy role: {settings}")
+                        if args.pgbouncer:
+                            say(f"  PgBouncer's server connections ended: {bench.end_pooled_server_connections()}")
                         mode = guards
                     say(f"  {case} ({args.seconds:g} s) ...")
                     results.append(bench.phase(case, guards, args.seconds, args.enforce_every))
             results.sort(key=lambda r: (not r["guards"], ("quiet", *cases).index(r["case"])))
         finally:
             if bench is not None:
+                bench.stop_pgbouncer()
                 bench.server.destroy()
     print(f"machine: {host}; shared with other work (load average {os.getloadavg()[0]:.2f} at the end)")
     print(f"server: embedded PostgreSQL {version} (private cluster), max_connections {bench.max_connections}, "
@@ -654,6 +801,10 @@ def main() -> int:
           f"each; 1 noisy bot; {args.seconds:g} s per phase")
     print(f"guards on:  {settings_on}; case 5: --max-size (size at start + {QUOTA_HEADROOM_MB} MB), "
           f"quota enforce every {args.enforce_every:g} s")
+    if args.pgbouncer:
+        print(f"connections: every bot (its pool, its new connections, the storm) through PgBouncer: {bouncer}")
+    else:
+        print("connections: every bot straight to the server")
     print("guards off: [defaults] empty, statement/idle-in-transaction timeouts 0, CONNECTION LIMIT -1, no quota")
     print("goal (guards on): good bots' p99 <= 2x the quiet baseline and 0 errors\n")
     report(results)
