@@ -47,7 +47,7 @@ from psycopg import sql  # noqa: E402
 
 from provisioning.archive import Archive  # noqa: E402
 from provisioning.embedded import EmbeddedServer  # noqa: E402
-from provisioning.pitr import ScratchServer  # noqa: E402
+from provisioning.pitr import running  # noqa: E402
 from provisioning.project import Project  # noqa: E402
 
 PROVISION = str(Path(sys.executable).with_name("provision"))
@@ -150,13 +150,8 @@ def rpo(folder: Path, synchronous: bool, commits: int) -> tuple[int, int, float]
         fleet.run("recover", "--server", "--into", str(dest), "--yes")
         work = folder / f"work-{dest.name}"
         work.mkdir(mode=0o711)
-        scratch = ScratchServer(dest, work)
-        try:
-            scratch.recover(lambda _m: None)
-            with psycopg.connect(scratch.url, dbname="rpo_db") as conn:
-                present = {r[0] for r in conn.execute("SELECT id FROM items")}
-        finally:
-            scratch.stop()
+        with running(dest, work) as scratch, psycopg.connect(scratch.url, dbname="rpo_db") as conn:
+            present = {r[0] for r in conn.execute("SELECT id FROM items")}
         lost = [(i, t) for i, t in acked if i not in present]
         seconds = (acked[-1][1] - min(t for _, t in lost)) if lost else 0.0
         return len(acked), len(lost), seconds

@@ -235,13 +235,8 @@ def recover_server(archive: Archive, chosen: Plan, dest: Path, progress: Progres
     try:
         _barman_recover(archive, chosen, dest, progress)
         with tempfile.TemporaryDirectory(prefix="botfleet-recover-", dir=archive.root) as work:
-            scratch = ScratchServer(dest, Path(work))
-            try:
-                scratch.recover(progress)
+            with running(dest, Path(work), progress) as scratch:
                 scratch.finish()
-            finally:
-                scratch.stop()
-                _remove_socket(scratch)
     except BaseException:
         if made:
             shutil.rmtree(dest, ignore_errors=True)
@@ -250,6 +245,19 @@ def recover_server(archive: Archive, chosen: Plan, dest: Path, progress: Progres
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
     return Recovered(archive.server, str(dest), chosen.backup.backup_id, chosen.target, time.monotonic() - started)
+
+
+@contextlib.contextmanager
+def running(dest: Path, work: Path, progress: Progress = _quiet) -> Iterator[ScratchServer]:
+    """The recovered data folder ``dest`` running as a scratch server (its socket in ``work``),
+    its WAL replayed to the target and promoted; stopped afterwards."""
+    scratch = ScratchServer(dest, work)
+    try:
+        scratch.recover(progress)
+        yield scratch
+    finally:
+        scratch.stop()
+        _remove_socket(scratch)
 
 
 @contextlib.contextmanager

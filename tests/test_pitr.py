@@ -28,7 +28,7 @@ from psycopg import sql
 
 from provisioning.archive import Archive
 from provisioning.embedded import EmbeddedServer, _free_port, _port_free
-from provisioning.pitr import ScratchServer
+from provisioning.pitr import running
 from provisioning.project import Project
 
 from .conftest import provision
@@ -179,12 +179,8 @@ def test_whole_server_recovered_to_a_time(archived, tmp_path):
     assert json.loads(proc.stdout)["into"] == str(dest)
     work = archived.folder(f"work-{dest.name}")
     work.mkdir(mode=0o711)
-    scratch = ScratchServer(dest, work)
-    try:
-        scratch.recover(lambda _msg: None)  # it starts as a normal server (already promoted)
+    with running(dest, work) as scratch:  # it starts as a normal server (already promoted)
         assert {bot: archived.checksum(bot, scratch.url) for bot in BOTS} == at_mark
-    finally:
-        scratch.stop()
 
 
 def test_one_bot_back_in_time_while_the_others_serve(archived):
@@ -330,13 +326,8 @@ def test_kill_mid_write_loses_no_acknowledged_commit(archived, tmp_path):
     assert proc.returncode == 0, proc.stderr
     work = archived.folder(f"work-{dest.name}")
     work.mkdir(mode=0o711)
-    scratch = ScratchServer(dest, work)
-    try:
-        scratch.recover(lambda _msg: None)
-        with psycopg.connect(scratch.url, dbname="pc_db") as conn:
-            present = {r[0] for r in conn.execute("SELECT id FROM items WHERE v LIKE 'pc-crash-%%'")}
-    finally:
-        scratch.stop()
+    with running(dest, work) as scratch, psycopg.connect(scratch.url, dbname="pc_db") as conn:
+        present = {r[0] for r in conn.execute("SELECT id FROM items WHERE v LIKE 'pc-crash-%%'")}
     lost = set(acknowledged) - present
     assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged commits lost"
     # the crashed server comes back (crash recovery) with its receiver; on another port when
