@@ -97,20 +97,20 @@ def one_round():
             if proc.returncode != 0:
                 say(f"barman switch-wal failed: {last_lines(proc)}")
         say("taking a base backup (barman backup)")
-        started, began = time.monotonic(), time.time()
+        started, began = time.monotonic(), int(time.time())  # barman keeps whole seconds
         proc = barman("backup", SERVER, timeout=24 * 3600)
         if proc.returncode == 0:
             # The backup's last WAL is in the segment being streamed: close it and have it archived
-            # (barman cron moves what the receiver wrote into the archive), then the backup is done.
-            proc = barman("switch-wal", "--force", "--archive", "--archive-timeout", "300", SERVER, timeout=360)
-            if proc.returncode != 0:
-                say(f"barman switch-wal failed: {last_lines(proc)}")
-            # barman cron moves its WAL into the archive and marks it done (then applies the retention)
+            # (barman cron moves what the receiver wrote into the archive, and marks the backup
+            # done once it has all its WAL); again until it is done: each switch closes a segment.
             for _ in range(10):
                 barman("cron", timeout=300)
                 newest = newest_backup_end()
-                if newest is not None and newest >= began or stopping.wait(3):
+                if newest is not None and newest >= began or stopping.is_set():
                     break
+                proc = barman("switch-wal", "--force", "--archive", "--archive-timeout", "60", SERVER, timeout=120)
+                if proc.returncode != 0:
+                    say(f"barman switch-wal failed: {last_lines(proc)}")
             if newest is not None and newest >= began:
                 say(f"base backup done in {time.monotonic() - started:.1f} s")
                 if asked:
