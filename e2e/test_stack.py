@@ -135,6 +135,27 @@ class Stack:
         return self.compose("logs", "--no-color", "--tail", "60", check=False).stdout
 
 
+PROJECT = "botfleet"  # [server] project_name's default: the README's volume names start with it
+
+
+def clear_leftovers(env: dict[str, str]) -> None:
+    """Remove what an earlier, interrupted run left of the project on this test-only engine.
+
+    A `botfleet_pgdata` volume kept from a killed run holds a server initialised with that run's
+    admin password: this run's stack would then fail to log in to it (seen in CI). The engine of
+    e2e/engine.sh serves these tests only, so nothing of a user's is touched.
+    """
+    label = f"label=com.docker.compose.project={PROJECT}"
+    for kind, listing in (("container", ["ps", "-aq"]), ("volume", ["volume", "ls", "-q"]),
+                          ("network", ["network", "ls", "-q"])):
+        ids = subprocess.run(["docker", *listing, "--filter", label], capture_output=True, text=True, env=env,
+                             timeout=60).stdout.split()
+        if ids:
+            print(f"e2e: removing {len(ids)} {kind}(s) an earlier run left of project {PROJECT!r}")
+            rm = ["rm", "-f", "-v"] if kind == "container" else [kind, "rm", "-f"] if kind == "volume" else [kind, "rm"]
+            subprocess.run(["docker", *rm, *ids], capture_output=True, text=True, env=env, timeout=300, check=True)
+
+
 @pytest.fixture(scope="module")
 def stack(request):
     env = engine_env()
@@ -145,6 +166,7 @@ def stack(request):
                           timeout=30)
     assert ping.returncode == 0, f"the e2e Docker engine does not answer (bash e2e/engine.sh up): {ping.stderr}"
 
+    clear_leftovers(env)
     root = Path(tempfile.mkdtemp(prefix=f"botfleet-e2e-{RUN}-"))
     root.chmod(0o755)  # the embedded server's OS user traverses it
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
