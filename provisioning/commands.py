@@ -20,6 +20,7 @@ Errors are ``provisioning.errors.ProvisionError`` subclasses, each one line
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from . import codes, compose, declarative, reconcile
 from . import quota as quotas
 from .backup import BackupResult, DumpFile, backup_bot, dump
 from .doctor import Report
-from .errors import InvalidInput, ProvisionError, one_line
+from .errors import AuthenticationFailed, InvalidInput, ProvisionError, one_line
 from .migrate import DEFAULT_LOCK_WAIT, MigrationFailed, Outcome, Target, is_unknown
 from .names import CODE_RE, BotNames, canonical_code, derive, validate
 from .project import Project
@@ -672,7 +673,17 @@ def apply(project: Project, servers: Servers, *, prune: bool = False, ignore: tu
     default_url = None
     if credentials_only and prune:
         raise InvalidInput("the stack's provisioning never prunes")
-    with servers.visit([DEFAULT_SERVER] if credentials_only else servers.fleet_wide(), owned=owns_server) as opened:
+    with contextlib.ExitStack() as visiting:
+        try:
+            opened = visiting.enter_context(servers.visit([DEFAULT_SERVER] if credentials_only else servers.fleet_wide(),
+                                                       owned=owns_server))
+        except AuthenticationFailed as err:
+            if credentials_only and owns_server:
+                raise AuthenticationFailed(
+                    f"{err} (the stack's postgres keeps the admin password it first started with in its pgdata "
+                    f"volume: a {compose.ADMIN_PASSWORD} made anew since does not open it; put the earlier file "
+                    "back)") from None
+            raise
         fleet_plan = declarative.plan(opened, project, prune=prune, ignore=ignore, migrations=migrations,
                                       credentials_only=credentials_only, progress=progress)
         if fleet_plan.problems:

@@ -160,3 +160,20 @@ def test_plan_and_doctor_name_a_missing_required_setting(code_fleet):
     assert "note:" not in code_fleet.run("plan", "--no-migrate").stdout
     report = json.loads(code_fleet.run("doctor", "--json", "--ignore-stray", "*").stdout)
     assert not [f for f in report["remaining"] if f["check"] == "config"]
+
+
+def test_a_volume_started_with_another_admin_password_is_named_in_the_services_refusal(scram_fleet):
+    # The stack's postgres sets its admin password once, on an empty volume: a secrets file made
+    # anew since (a deleted deploy folder, a re-clone) no longer opens it. The service says so.
+    port = scram_fleet.server.embedded.status().port
+    wrong = "not-the-volumes-password-" + scram_fleet.name("pw")
+    env = scram_fleet.env(ADMIN_DATABASE_URL=f"postgresql://postgres:{wrong}@127.0.0.1:{port}/postgres")
+    proc = scram_fleet.run("apply", "--credentials-only", "--owns-server", env=env)
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: authentication failed for postgres@127.0.0.1"), err
+    assert "keeps the admin password it first started with in its pgdata volume" in err, err
+    assert "secrets/postgres-password" in err and wrong not in proc.stdout + proc.stderr
+    # anywhere else the refusal stays the plain one
+    plain = scram_fleet.run("plan", env=env)
+    assert plain.returncode != 0 and "authentication failed" in plain.stderr and "pgdata" not in plain.stderr
