@@ -31,7 +31,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from . import files as project_files
-from . import objects, passwords, pool, reconcile, settings
+from . import objects, pool, reconcile, settings
 from .backup import STAMP_RE, checksum_path
 from .db import (
     LOCK_NAMESPACE, advisory_lock, connect, lock_key, open_maintenance_databases, pinned, role_params, with_database,
@@ -117,9 +117,6 @@ class _Catalog:
 LOGIN_TIMEOUT_S = 5
 # A temporary file of an atomic write untouched this long has no writer left (see files.stale_temp_files).
 STALE_TEMP_S = 60.0
-_EVENT_TRIGGERS = "SELECT evtname, pg_get_userbyid(evtowner) FROM pg_event_trigger ORDER BY 1"
-
-
 @dataclass
 class _Inside:
     """What doctor reads inside a bot database, over the reconcile's one connection."""
@@ -130,20 +127,11 @@ class _Inside:
     defaults: list[objects.DefaultGrant] = field(default_factory=list)
 
 
-# The four reads inside a bot database, sent as one query string: one round trip (constant text,
-# no parameters, so the simple protocol carries it; one implicit transaction, so one snapshot).
-_INSIDE_READS = ";\n".join(q.strip() for q in (objects.INVENTORY, _EVENT_TRIGGERS, objects.ACLS, objects.DEFAULT_ACLS))
-
-
 def _read_inside(role: str) -> Callable[[psycopg.Connection], _Inside]:
     def read(conn: psycopg.Connection) -> _Inside:
-        cur = conn.execute(_INSIDE_READS)
-        results = [cur.fetchall()]
-        while cur.nextset():
-            results.append(cur.fetchall())
-        inventory, triggers, acls, default_acls = results
-        return _Inside(objects.not_owned_by(objects.inventory_of(inventory), role), triggers,
-                       objects.foreign_grants_of(acls, role), objects.foreign_default_grants_of(default_acls, role))
+        contents = objects.Contents.read(conn)  # one round trip (two when it holds routines)
+        return _Inside(objects.not_owned_by(contents.inventory(), role), contents.event_triggers,
+                       contents.foreign_grants(role), contents.foreign_default_grants(role))
     return read
 
 
@@ -444,11 +432,8 @@ def _login_due(entry: BotEntry, observed: reconcile.Observed) -> str | None:
     # The reconcile's password finding (reconcile._env_changes): then no login is made.
     if role.verifier_read and role.verifier is None:
         return None
-    if role.verifier is not None:
-        matches = (observed.password_matches if observed.password_matches is not None
-                   else passwords.verifier_matches(password, role.verifier))
-        if not matches:
-            return None
+    # A password that does not match the verifier is the reconcile's finding; the login, made
+    # first, is how that is known without hashing it here (reconcile.observe_many).
     return password
 
 

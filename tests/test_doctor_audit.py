@@ -214,6 +214,40 @@ def test_doctor_finds_a_password_changed_on_the_server_even_when_it_cannot_read_
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident(ops)))
 
 
+def test_a_password_the_login_proved_is_not_hashed_again_and_a_changed_one_is_found(scram_fleet, monkeypatch):
+    """The login as the bot over SCRAM is the server's check of the env file's password: doctor
+    hashes it again (PBKDF2, 1 ms a bot) only when no password was used; a password changed on
+    the server is still found, once, as the reconcile's finding."""
+    from provisioning import passwords
+
+    fleet = scram_fleet
+    good, moved = fleet.name("proved"), fleet.name("changed")
+    fleet.add(good)
+    fleet.add(moved)
+    hashed: list[str] = []
+    real = passwords.verifier_matches
+    monkeypatch.setattr(passwords, "verifier_matches", lambda pw, verifier: hashed.append(verifier) or real(pw, verifier))
+    try:
+        with fleet.server.connect() as admin:
+            verifiers = dict(admin.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)",
+                                           ([role(good), role(moved)],)).fetchall())
+            admin.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role(moved)),
+                                                                      sql.Literal(secrets.token_urlsafe(24))))
+            changed = admin.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role(moved),)).fetchone()[0]
+        code, report, proc = doctor(fleet, ignore=("--ignore-stray", "*"))
+        assert code == 1
+        assert of_bot(report["found"], good) == [], report
+        found = of_bot(report["found"], moved)
+        assert [f["check"] for f in found] == ["password"], found
+        assert "is not the role's password on the server" in found[0]["message"]
+        assert verifiers[role(good)] not in hashed, "the bot that logged in had its password hashed again"
+        assert changed in hashed  # the failed login's bot: checked here, hence the finding
+        assert_no_leak(fleet.password(good), proc.stdout, proc.stderr)
+    finally:
+        with fleet.server.connect() as admin:
+            drop_bot_objects(admin, [good, moved])
+
+
 def test_a_bot_using_all_its_connections_is_no_credentials_finding(scram_fleet):
     """"too many connections for role" (SQLSTATE 53300) means the password was never checked."""
     fleet = scram_fleet
