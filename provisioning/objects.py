@@ -179,46 +179,32 @@ def foreign_default_grants(conn: psycopg.Connection, role: str) -> list[DefaultG
 FIRST_NORMAL_OID = 16384
 _NOT_SYSTEM = f"oid >= {FIRST_NORMAL_OID}"
 _CONTENT_READS = (
-    # relations: oid, schema oid, name, kind, owner oid, owner
+    # relations: oid, schema oid, name, kind, owner oid, owner, privileges (aclitem[] as text)
     f"SELECT oid::bigint, relnamespace::bigint, relname::text, relkind::text, relowner::bigint, "
-    f"pg_get_userbyid(relowner)::text FROM pg_class WHERE {_NOT_SYSTEM} AND relkind IN ('r', 'p', 'f', 'v', 'm', 'S', 'c')",
-    # types: oid, schema oid, name, type, owner oid, owner, relation of a composite type
+    f"pg_get_userbyid(relowner)::text, relacl::text[] FROM pg_class "
+    f"WHERE {_NOT_SYSTEM} AND relkind IN ('r', 'p', 'f', 'v', 'm', 'S', 'c')",
+    # types: oid, schema oid, name, type, owner oid, owner, relation of a composite type, privileges
     f"SELECT oid::bigint, typnamespace::bigint, typname::text, typtype::text, typowner::bigint, "
-    f"pg_get_userbyid(typowner)::text, typrelid::bigint FROM pg_type WHERE {_NOT_SYSTEM} "
+    f"pg_get_userbyid(typowner)::text, typrelid::bigint, typacl::text[] FROM pg_type WHERE {_NOT_SYSTEM} "
     "AND typtype IN ('c', 'd', 'e', 'r', 'm')",
-    # routines: oid, schema oid, name, owner oid, owner, argument type oids, printed arguments
+    # routines: oid, schema oid, name, owner oid, owner, argument type oids, printed arguments, privileges
     f"SELECT oid::bigint, pronamespace::bigint, proname::text, proowner::bigint, pg_get_userbyid(proowner)::text, "
-    f"proargtypes::oid[]::bigint[], pg_get_function_identity_arguments(oid) FROM pg_proc WHERE {_NOT_SYSTEM}",
+    f"proargtypes::oid[]::bigint[], pg_get_function_identity_arguments(oid), proacl::text[] FROM pg_proc "
+    f"WHERE {_NOT_SYSTEM}",
     # schemas, all of them (a handful of rows)
-    "SELECT oid::bigint, nspname::text, nspowner::bigint, pg_get_userbyid(nspowner)::text FROM pg_namespace",
+    "SELECT oid::bigint, nspname::text, nspowner::bigint, pg_get_userbyid(nspowner)::text, nspacl::text[] "
+    "FROM pg_namespace",
     # what belongs to an extension ('e'), and sequences owned by a column or an identity ('a', 'i')
     "SELECT classid::bigint, objid::bigint, refclassid::bigint, deptype::text FROM pg_depend "
     "WHERE classid IN (1259, 1247, 1255, 2615) "  # pg_class, pg_type, pg_proc, pg_namespace (_PG_CLASS...)
     f"AND objid >= {FIRST_NORMAL_OID} AND deptype IN ('e', 'a', 'i')",
-    "SELECT oid::bigint, lomowner::bigint, pg_get_userbyid(lomowner)::text FROM pg_largeobject_metadata",
-    # every privilege held by a role other than the owner: catalog, object, column, grantee (0: PUBLIC), privilege
-    "SELECT 'pg_class', c.oid::bigint, NULL::text, x.grantee::bigint, pg_get_userbyid(x.grantee)::text, x.privilege_type "
-    f"FROM pg_class c, aclexplode(c.relacl) x WHERE c.{_NOT_SYSTEM} AND c.relacl IS NOT NULL AND x.grantee <> c.relowner "
-    "UNION ALL "
-    "SELECT 'pg_attribute', a.attrelid::bigint, a.attname::text, x.grantee, pg_get_userbyid(x.grantee), x.privilege_type "
-    f"FROM pg_attribute a, aclexplode(a.attacl) x WHERE a.attrelid >= {FIRST_NORMAL_OID} AND a.attacl IS NOT NULL "
-    "AND a.attnum > 0 AND NOT a.attisdropped "
-    "UNION ALL "
-    "SELECT 'pg_type', t.oid, NULL, x.grantee, pg_get_userbyid(x.grantee), x.privilege_type "
-    f"FROM pg_type t, aclexplode(t.typacl) x WHERE t.{_NOT_SYSTEM} AND t.typacl IS NOT NULL AND x.grantee <> t.typowner "
-    "UNION ALL "
-    "SELECT 'pg_proc', p.oid, NULL, x.grantee, pg_get_userbyid(x.grantee), x.privilege_type "
-    f"FROM pg_proc p, aclexplode(p.proacl) x WHERE p.{_NOT_SYSTEM} AND p.proacl IS NOT NULL AND x.grantee <> p.proowner "
-    "UNION ALL "
-    "SELECT 'pg_namespace', n.oid, NULL, x.grantee, pg_get_userbyid(x.grantee), x.privilege_type "
-    "FROM pg_namespace n, aclexplode(n.nspacl) x WHERE n.nspacl IS NOT NULL AND x.grantee <> n.nspowner "
-    "UNION ALL "
-    "SELECT 'pg_largeobject', l.oid, NULL, x.grantee, pg_get_userbyid(x.grantee), x.privilege_type "
-    "FROM pg_largeobject_metadata l, aclexplode(l.lomacl) x WHERE l.lomacl IS NOT NULL AND x.grantee <> l.lomowner",
-    # default privileges: creator, schema oid (0: every schema), object type, grantee, privilege
-    "SELECT pg_get_userbyid(d.defaclrole)::text, d.defaclnamespace::bigint, d.defaclobjtype::text, "
-    "CASE WHEN x.grantee = 0 THEN NULL ELSE pg_get_userbyid(x.grantee)::text END, x.privilege_type "
-    "FROM pg_default_acl d, aclexplode(d.defaclacl) x WHERE x.grantee <> d.defaclrole",
+    "SELECT oid::bigint, lomowner::bigint, pg_get_userbyid(lomowner)::text, lomacl::text[] FROM pg_largeobject_metadata",
+    # column privileges: relation, column, privileges
+    f"SELECT attrelid::bigint, attname::text, attacl::text[] FROM pg_attribute WHERE attrelid >= {FIRST_NORMAL_OID} "
+    "AND attacl IS NOT NULL AND attnum > 0 AND NOT attisdropped",
+    # default privileges: creator, schema oid (0: every schema), object type, privileges
+    "SELECT pg_get_userbyid(defaclrole)::text, defaclnamespace::bigint, defaclobjtype::text, defaclacl::text[] "
+    "FROM pg_default_acl",
     "SELECT evtname::text, pg_get_userbyid(evtowner)::text FROM pg_event_trigger ORDER BY 1",
 )
 # The reads as one text: constant, no parameters, so the simple protocol sends it in one round
@@ -227,8 +213,6 @@ CONTENT_READS = ";\n".join(_CONTENT_READS)
 # Catalog OIDs, the same in every PostgreSQL (pg_depend.classid / refclassid).
 _PG_CLASS, _PG_TYPE, _PG_PROC, _PG_NAMESPACE = 1259, 1247, 1255, 2615
 _LARGE_OBJECT = 0  # (its catalog's oid is not needed: large objects are keyed apart)
-_CATALOGS = {"pg_class": _PG_CLASS, "pg_attribute": _PG_CLASS, "pg_type": _PG_TYPE, "pg_proc": _PG_PROC,
-             "pg_namespace": _PG_NAMESPACE, "pg_largeobject": _LARGE_OBJECT}
 _RELATION_KINDS = {"r": "table", "p": "table", "f": "foreign table", "v": "view", "m": "materialized view",
                    "S": "sequence", "c": "type"}
 _DOMAIN_OR_TYPE = {"d": "domain"}
@@ -239,6 +223,43 @@ FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespa
 def _user_schema(name: str) -> bool:
     return (name not in ("pg_catalog", "information_schema") and not name.startswith("pg_toast")
             and not name.startswith("pg_temp_"))
+
+
+# aclitem's letters (PostgreSQL's ACL_ALL_RIGHTS_STR) and the names aclexplode gives them.
+_PRIVILEGES = {"a": "INSERT", "r": "SELECT", "w": "UPDATE", "d": "DELETE", "D": "TRUNCATE", "x": "REFERENCES",
+               "t": "TRIGGER", "X": "EXECUTE", "U": "USAGE", "C": "CREATE", "c": "CONNECT", "T": "TEMPORARY",
+               "s": "SET", "A": "ALTER SYSTEM", "m": "MAINTAIN"}
+
+
+def _role_at(text: str, i: int) -> tuple[str, int]:
+    """The role name that starts at ``i`` of an aclitem's text, and where it ends: as PostgreSQL
+    prints it, in double quotes (a quote doubled) unless it is all letters, digits and _."""
+    if not text.startswith('"', i):
+        j = i
+        while j < len(text) and text[j] not in "=/":
+            j += 1
+        return text[i:j], j
+    out, i = [], i + 1
+    while True:
+        j = text.index('"', i)
+        out.append(text[i:j])
+        if not text.startswith('"', j + 1):
+            return "".join(out), j + 1
+        out.append('"')
+        i = j + 2
+
+
+def acl_items(items: list[str] | None) -> list[tuple[str | None, str]]:
+    """(grantee, privilege) for each privilege of an aclitem[] read as text[], as aclexplode
+    would give them: one per privilege and grantor; None is PUBLIC."""
+    out: list[tuple[str | None, str]] = []
+    for item in items or ():
+        grantee, i = _role_at(item, 0)
+        if not item.startswith("=", i):
+            raise ValueError(f"not an aclitem: {item!r}")
+        letters = item[i + 1:item.index("/", i + 1)]
+        out += [(grantee or None, _PRIVILEGES[c]) for c in letters if c != "*"]
+    return out
 
 
 @dataclass
@@ -255,7 +276,7 @@ class Contents:
     schemas: list[tuple]
     depends: list[tuple]
     large_objects: list[tuple]
-    acls: list[tuple]
+    columns: list[tuple]
     default_acls: list[tuple]
     event_triggers: list[tuple[str, str]]
     type_names: dict[int, str] = field(default_factory=dict)  # argument type oid -> "schema.typname"
@@ -279,52 +300,52 @@ class Contents:
 
     # -- the pieces ---------------------------------------------------------
     def _schema_names(self) -> dict[int, str]:
-        return {oid: name for oid, name, _owner_oid, _owner in self.schemas}
+        return {row[0]: row[1] for row in self.schemas}
 
-    def _targets(self, *, inventory: bool) -> dict[tuple[int, int], tuple[DbObject, int]]:
+    def _targets(self, *, inventory: bool) -> dict[tuple[int, int], tuple[DbObject, list[str] | None]]:
         """The objects in user schemas that no extension owns, by (catalog oid, object oid), each
-        with its owner's oid. ``inventory``: the objects of :meth:`inventory` (a composite type as
+        with its privileges. ``inventory``: the objects of :meth:`inventory` (a composite type as
         its pg_class row, no sequence owned by a column); else those that carry privileges (a
         composite type as its pg_type row, every sequence, multirange types)."""
         schemas = self._schema_names()
         members = {(classid, objid) for classid, objid, _ref, deptype in self.depends if deptype == "e"}
         owned = {objid for classid, objid, refclassid, deptype in self.depends
                  if deptype in ("a", "i") and classid == _PG_CLASS and refclassid == _PG_CLASS}
-        relkinds = {oid: kind for oid, _nsp, _name, kind, _owner_oid, _owner in self.relations}
+        relkinds = {row[0]: row[3] for row in self.relations}
 
         def visible(catalog: int, oid: int, nsp: int) -> str | None:
             schema = schemas.get(nsp)
             return schema if schema is not None and _user_schema(schema) and (catalog, oid) not in members else None
 
-        out: dict[tuple[int, int], tuple[DbObject, int]] = {}
-        for oid, nsp, name, kind, owner_oid, owner in self.relations:
+        out: dict[tuple[int, int], tuple[DbObject, list[str] | None]] = {}
+        for oid, nsp, name, kind, _owner_oid, owner, acl in self.relations:
             if (schema := visible(_PG_CLASS, oid, nsp)) is None:
                 continue
             if kind == "c" and not inventory:
                 continue  # a composite type's privileges are its pg_type row's
             if not (inventory and kind == "S" and oid in owned):
-                out[(_PG_CLASS, oid)] = DbObject(_RELATION_KINDS[kind], schema, name, owner, oid), owner_oid
-        for oid, nsp, name, typtype, owner_oid, owner, relid in self.types:
+                out[(_PG_CLASS, oid)] = DbObject(_RELATION_KINDS[kind], schema, name, owner, oid), acl
+        wanted = ("d", "e", "r") if inventory else ("d", "e", "r", "m")
+        for oid, nsp, name, typtype, _owner_oid, owner, relid, acl in self.types:
             if (schema := visible(_PG_TYPE, oid, nsp)) is None:
                 continue
-            wanted = ("d", "e", "r") if inventory else ("d", "e", "r", "m")
             if typtype in wanted or (not inventory and typtype == "c" and relkinds.get(relid) == "c"):
-                out[(_PG_TYPE, oid)] = DbObject(_DOMAIN_OR_TYPE.get(typtype, "type"), schema, name, owner, oid), owner_oid
-        for oid, nsp, name, owner_oid, owner, argtypes, signature in self.routines:
+                out[(_PG_TYPE, oid)] = DbObject(_DOMAIN_OR_TYPE.get(typtype, "type"), schema, name, owner, oid), acl
+        for oid, nsp, name, _owner_oid, owner, argtypes, signature, acl in self.routines:
             if (schema := visible(_PG_PROC, oid, nsp)) is None:
                 continue
             args = tuple(self.type_names.get(t, "") for t in argtypes or ())
-            out[(_PG_PROC, oid)] = DbObject("routine", schema, name, owner, oid, args, signature), owner_oid
-        for oid, name, owner_oid, owner in self.schemas:
+            out[(_PG_PROC, oid)] = DbObject("routine", schema, name, owner, oid, args, signature), acl
+        for oid, name, _owner_oid, owner, acl in self.schemas:
             if _user_schema(name) and (_PG_NAMESPACE, oid) not in members:
-                out[(_PG_NAMESPACE, oid)] = DbObject("schema", None, name, owner, oid), owner_oid
-        for oid, owner_oid, owner in self.large_objects:
-            out[(_LARGE_OBJECT, oid)] = DbObject("large object", None, str(oid), owner, oid), owner_oid
+                out[(_PG_NAMESPACE, oid)] = DbObject("schema", None, name, owner, oid), acl
+        for oid, _owner_oid, owner, acl in self.large_objects:
+            out[(_LARGE_OBJECT, oid)] = DbObject("large object", None, str(oid), owner, oid), acl
         return out
 
     def inventory(self) -> list[DbObject]:
         """Every object of the kinds above, ordered by kind, schema (none last), name."""
-        return sorted((o for o, _owner_oid in self._targets(inventory=True).values()),
+        return sorted((o for o, _acl in self._targets(inventory=True).values()),
                       key=lambda o: (o.kind, o.schema is None, o.schema or "", o.name))
 
     def foreign_grants(self, role: str) -> list[Grant]:
@@ -332,15 +353,18 @@ class Contents:
         are left out: see above), all of one grantee on one object (or column) in one Grant."""
         targets = self._targets(inventory=False)
         held: dict[tuple[DbObject, str | None, str], list[str]] = {}
-        for catalog, oid, column, grantee_oid, grantee, privilege in self.acls:
-            found = targets.get((_CATALOGS[catalog], oid))
-            if found is None or grantee_oid == 0:
-                continue
-            target, owner_oid = found
-            if grantee_oid == owner_oid or (column is not None and target.kind == "sequence"):
-                continue
-            if _foreign(grantee, role):
-                held.setdefault((target, column, grantee), []).append(privilege)
+
+        def add(target: DbObject, column: str | None, acl: list[str] | None) -> None:
+            for grantee, privilege in acl_items(acl):
+                if grantee is not None and grantee != target.owner and _foreign(grantee, role):
+                    held.setdefault((target, column, grantee), []).append(privilege)
+
+        for target, acl in targets.values():
+            add(target, None, acl)
+        for relid, column, acl in self.columns:
+            found = targets.get((_PG_CLASS, relid))
+            if found is not None and found[0].kind != "sequence":
+                add(found[0], column, acl)
         grants = [Grant(target, grantee, ", ".join(sorted(privileges)), column)
                   for (target, column, grantee), privileges in held.items()]
         return sorted(grants, key=lambda g: (g.target.kind, g.target.schema is None, g.target.schema or "",
@@ -350,9 +374,13 @@ class Contents:
         """Default privileges that grant future objects to a named role other than their creator and ``role``."""
         schemas = self._schema_names()
         held: dict[tuple, list[str]] = {}
-        for creator, nsp, objtype, grantee, privilege in self.default_acls:
-            if objtype in _DEFAULT_KEYWORD and _foreign(grantee, role):
-                held.setdefault((creator, schemas.get(nsp) if nsp else None, objtype, grantee), []).append(privilege)
+        for creator, nsp, objtype, acl in self.default_acls:
+            if objtype not in _DEFAULT_KEYWORD:
+                continue
+            for grantee, privilege in acl_items(acl):
+                if grantee is not None and grantee != creator and _foreign(grantee, role):
+                    key = (creator, schemas.get(nsp) if nsp else None, objtype, grantee)
+                    held.setdefault(key, []).append(privilege)
         return sorted((DefaultGrant(creator, schema, objtype, grantee, ", ".join(sorted(privileges)))
                        for (creator, schema, objtype, grantee), privileges in held.items()),
                       key=lambda d: (d.role, d.schema is None, d.schema or "", d.objtype, d.grantee))

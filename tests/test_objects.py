@@ -121,12 +121,13 @@ def reference(conn, role: str):
 
 
 # ---- a database with one of everything
-ROLES = ("owner", "intruder", "other")
+ROLES = ("owner", "intruder", "other", "odd")
 
 
 @pytest.fixture(scope="module")
 def populated(pg):
     names = {r: f"t{RUN_ID}_objects_{r}" for r in ROLES}
+    names["odd"] = f't{RUN_ID} Objects "odd"=/x,{{y}}'  # a name PostgreSQL prints in quotes in an aclitem
     database = f"t{RUN_ID}_objects_db"
     with pg.connect() as admin:
         for r in names.values():
@@ -145,7 +146,7 @@ def populated(pg):
 
 
 def _populate(conn, names: dict[str, str]) -> None:
-    owner, intruder, other = (sql.Identifier(names[r]) for r in ROLES)
+    owner, intruder, other, odd = (sql.Identifier(names[r]) for r in ROLES)
     run = lambda text, *ids: conn.execute(sql.SQL(text).format(*ids))  # noqa: E731
     extension = conn.execute("SELECT name FROM pg_available_extensions WHERE name IN ('citext', 'hstore', 'cube', "
                              "'seg', 'isn') ORDER BY name LIMIT 1").fetchone()
@@ -186,6 +187,8 @@ def _populate(conn, names: dict[str, str]) -> None:
     run("ALTER DEFAULT PRIVILEGES IN SCHEMA app GRANT SELECT ON TABLES TO {}", intruder)
     run("ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO {}", other)
     run("ALTER DEFAULT PRIVILEGES GRANT USAGE ON TYPES TO {}", intruder)
+    run("GRANT DELETE, TRUNCATE ON app.plain TO {}", odd)
+    run("ALTER DEFAULT PRIVILEGES IN SCHEMA app GRANT SELECT ON SEQUENCES TO {}", odd)
     # what the intruder passes on, and what it and the admin own there
     run("SET ROLE {}", intruder)
     run("GRANT SELECT ON app.plain TO {}", other)
@@ -226,6 +229,7 @@ def test_contents_match_the_reference_queries(populated):
     assert f"{intruder} has EXECUTE on routine app.touch(app.pair, integer, text[])" in grants
     assert f"{other} has USAGE on type app.pair" in grants and f"{other} has USAGE on domain app.positive" in grants
     assert any(g.startswith(f"{intruder} has SELECT on large object ") for g in grants)
+    assert f"{names['odd']} has DELETE, TRUNCATE on table app.plain" in grants
     assert f"{names['owner']} has SELECT on table admins.kept" not in grants  # the bot's own rights are no finding
     assert not any("PUBLIC" in g or "messages" in g for g in grants)
     inventory = {str(o): o for o in got.inventory()}
@@ -233,5 +237,14 @@ def test_contents_match_the_reference_queries(populated):
     assert inventory["routine admins.f(integer, app.mood)"].args == ("pg_catalog.int4", "app.mood")
     assert not any(o.schema and o.schema.startswith("pg_temp") for o in inventory.values())
     defaults = {str(d) for d in got.foreign_default_grants(names["owner"])}
-    # the owner's three; the intruder's grants to the owner itself, which is no finding
-    assert len(defaults) == 3 and not any(d.startswith(f"default privileges of {intruder}") for d in defaults), defaults
+    # the owner's four; the intruder's grants to the owner itself, which is no finding
+    assert len(defaults) == 4 and not any(d.startswith(f"default privileges of {intruder}") for d in defaults), defaults
+
+
+def test_aclitems_are_read_as_postgresql_prints_them():
+    assert objects.acl_items(["=r/owner", "bob=arw*/owner", '"a ""b""=/c"=X/"x y"', "Mixed_1=U*C/owner"]) == [
+        (None, "SELECT"), ("bob", "INSERT"), ("bob", "SELECT"), ("bob", "UPDATE"), ('a "b"=/c', "EXECUTE"),
+        ("Mixed_1", "USAGE"), ("Mixed_1", "CREATE")]
+    assert objects.acl_items(None) == []
+    with pytest.raises(ValueError):
+        objects.acl_items(["bob"])
