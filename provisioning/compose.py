@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import budget as budgets
 from . import archive as archives
-from . import monitoring, settings
+from . import codes, monitoring, settings
 from .db import STATE_DATABASE
 from .compose_check import COMPOSE_FILE, STACK_FILE, StackFiles, PlannedFile, validate
 from .errors import InvalidInput, ProvisionError, StackInvalid
@@ -212,6 +212,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
     provision_secrets: list[dict[str, str]] = []
     code_dirs: dict[str, Path | None] = {}  # per code, not per bot: a fleet has a few codes
     migrating: dict[str, bool] = {}
+    required: dict[str, tuple[str, ...]] = {}  # each code's REQUIRED_SETTINGS
     for name in sorted(fleet.bots):
         entry = fleet.bots[name]
         if entry.code not in code_dirs:
@@ -231,7 +232,9 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
             continue
         passwords.append(creds.password)
         own = settings.of(env)
-        needed = settings.missing(project, name, own)
+        if entry.code not in required:
+            required[entry.code] = codes.required_settings(root, entry.code)
+        needed = [key for key in required[entry.code] if not own.get(key)]  # settings.missing, per code once
         if needed:
             unset.append(settings.missing_hint(name, needed))
         # Inside the stack the bot reaches its server where the stack says, whatever its env
