@@ -53,6 +53,8 @@ SECURITY_MIRROR=http://deb.debian.org/debian-security
 LABEL_KEY=org.botfleet.e2e.standin
 PY_TAG=python:3.12-slim-bookworm  # what the project's Dockerfile builds FROM
 PG_TAG=postgres:17                # what compose.yaml renders (registry.py postgres_major = 17)
+# what `render --pgbouncer` renders: registry.py's default pgbouncer_image, read from the source
+PGB_TAG=$(sed -n 's/^ *pgbouncer_image: str = "\([^"]*\)".*/\1/p' "$HERE/../provisioning/registry.py")
 
 # Every docker call of this script (and of callers that eval `env`) goes to our engine only.
 export DOCKER_HOST=unix://$SOCK
@@ -302,6 +304,13 @@ build_images() {
   fi
   case "$suite" in trixie) major=17;; bookworm) major=15;; *) die "no PostgreSQL major known for suite $suite";; esac
   build_standin postgres "$PG_TAG" BASE=botfleet-e2e/debian:"$suite" PG_MAJOR="$major"
+  # PgBouncer: trixie's package (1.24: what botfleet's pgbouncer.ini needs); none on bookworm (1.18)
+  if [ "$suite" = trixie ]; then
+    [ -n "$PGB_TAG" ] || die "no pgbouncer_image default found in provisioning/registry.py"
+    build_standin pgbouncer "$PGB_TAG" BASE=botfleet-e2e/debian:trixie TAG="$PGB_TAG"
+  else
+    log "WARNING: no $PGB_TAG stand-in (bookworm's PgBouncer 1.18 is too old for botfleet's pgbouncer.ini)"
+  fi
   # intermediate layers of earlier recipes are of no use
   docker image prune -f >/dev/null 2>&1 || true
 }

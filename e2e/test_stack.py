@@ -156,8 +156,10 @@ def clear_leftovers(env: dict[str, str]) -> None:
             subprocess.run(["docker", *rm, *ids], capture_output=True, text=True, env=env, timeout=300, check=True)
 
 
-@pytest.fixture(scope="module")
-def stack(request):
+def fleet_folder(request, ports: tuple[str, ...]):
+    """A fleet folder on the e2e engine (a copy of the checkout, as an operator clones it), a free
+    loopback port for each name in ``ports``; at the end its stack is taken down with its volumes
+    and its embedded server stopped (the stack's logs printed first when a test failed)."""
     env = engine_env()
     version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, env=env, timeout=30)
     assert version.returncode == 0 and "v2." in version.stdout, (
@@ -176,8 +178,7 @@ def stack(request):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, root / rel)
     s = Stack(root, env)
-    s.ports = {"postgres": free_port(), "chat-bot": free_port(), "feishu-bot": free_port(), "acme-chat": free_port(),
-               "exporter": free_port()}
+    s.ports = {name: free_port() for name in ports}
     try:
         yield s
     finally:
@@ -187,6 +188,11 @@ def stack(request):
             s.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
         s.provision("server", "stop", check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack(request):
+    yield from fleet_folder(request, ("postgres", "chat-bot", "feishu-bot", "acme-chat", "exporter"))
 
 
 def test_01_a_fleet_developed_on_the_embedded_server_comes_up_from_an_empty_volume(stack: Stack):

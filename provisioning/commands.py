@@ -799,6 +799,8 @@ def migrate_self(root: Path, bot: str, code: str, url: str, *, to: str = "head",
     admin): what a bot's container runs before the bot starts. With ``check`` nothing is
     migrated: the outcome fails unless the database is at ``to`` (the stack's bots, whose
     provisioning service migrated them). None when its code has no migrations."""
+    import psycopg
+
     from .db import parse_url
     from .migrate import bot_conninfo_from_env, current_revision, head_of, migrate_one, resolve, script_directory
 
@@ -813,7 +815,13 @@ def migrate_self(root: Path, bot: str, code: str, url: str, *, to: str = "head",
         return migrate_one(target, to, lock_wait=lock_wait)
     script = script_directory(str(root), found.package)
     want = head_of(script, found.package) if to == "head" else resolve(script, found.package, to)
-    have = current_revision(target.conninfo)
+    try:
+        have = current_revision(target.conninfo)
+    except psycopg.OperationalError as err:  # libpq's text never holds the password
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = (lines[0].rsplit("failed: ", 1)[-1] if lines else type(err).__name__).removeprefix("FATAL:  ")
+        return Outcome(bot=bot, status="failed", from_rev=None, to_rev=want,
+                       error=f"{bot}: cannot reach its database {database}: {reason}")
     if have == want:
         return Outcome(bot=bot, status="up to date", from_rev=have, to_rev=want)
     return Outcome(bot=bot, status="failed", from_rev=have, to_rev=want,

@@ -320,7 +320,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
             max_client_conn=sum(b["clients"] for b in pooled) + 10 * len(pooled) + 20,
         )
         userlist = "".join(f'"{b["role"]}" "{b["password"]}"\n' for b in pooled)
-        files += [PlannedFile(PGBOUNCER_INI, ini), PlannedFile(USERLIST, userlist, secret=True)]
+        files += [PlannedFile(PGBOUNCER_INI, ini), PlannedFile(USERLIST, userlist, secret=True, container=True)]
         configs.append({"key": "pgbouncer_ini", "file": f"./{PGBOUNCER_INI}", "name": f"botfleet_pgbouncer_ini_{_sha(ini)}"})
         secret_defs.append({"key": "pgbouncer_userlist", "file": f"./{USERLIST}",
                             "name": f"botfleet_pgbouncer_userlist_{_sha(userlist)}"})

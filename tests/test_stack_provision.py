@@ -147,6 +147,24 @@ def test_a_failed_migration_keeps_only_that_bot_down(code_fleet, admin):
     assert refused.returncode == 1 and f"{bad}: its database is at base, its code needs b00000000001" in refused.stderr
 
 
+def test_a_bot_container_that_cannot_log_in_says_why_in_one_line(scram_code_fleet):
+    # What a bot's container prints when its DATABASE_URL is refused (a PgBouncer that cannot read
+    # its userlist, a password changed on the server): the server's reason, never a "bug".
+    fleet = scram_code_fleet
+    name = fleet.name("svc-refused")
+    fleet.add(name, "--code", "hello-bot", "--no-migrate")
+    port = fleet.server.embedded.status().port
+    wrong = "not-its-password-" + fleet.name("pw")
+    (fleet.root / "url").write_text(f"postgresql://{role(name)}:{wrong}@127.0.0.1:{port}/{db(name)}\n")
+    env = fleet.env(BOTFLEET_BOT=name, BOTFLEET_CODE="hello_bot", DATABASE_URL_FILE=str(fleet.root / "url"))
+    env.pop("ADMIN_DATABASE_URL")
+    proc = fleet.run("migrate", "--self", "--check", "--project-dir", str(fleet.root), env=env)
+    assert proc.returncode == 1
+    assert f"{name}: cannot reach its database {db(name)}: password authentication failed for user" in proc.stderr, \
+        proc.stderr
+    assert "bug" not in proc.stderr and wrong not in proc.stdout + proc.stderr
+
+
 def test_plan_and_doctor_name_a_missing_required_setting(code_fleet):
     name = code_fleet.name("svc-cfg")
     code_fleet.add(name, "--code", "hello-bot", "--no-migrate")

@@ -1,0 +1,70 @@
+"""The compose stack behind PgBouncer (`provision render --pgbouncer`), end to end on the e2e
+engine: the bots reach their databases only through PgBouncer (transaction pooling, asyncpg's
+prepared statements), PgBouncer reaches postgres over verified TLS, and the server sees each
+bot's sessions coming from PgBouncer alone.
+
+PgBouncer here is e2e/images/pgbouncer: Debian trixie's pgbouncer 1.24 as uid 70, a stand-in
+for the edoburu/pgbouncer image the stack names (see e2e/README.md). Needs `bash e2e/engine.sh up`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_stack import BOT_TOKEN, Stack, fleet_folder
+
+BOTS = ("chat-bot", "hello-bot")
+
+
+@pytest.fixture(scope="module")
+def pgb(request):
+    yield from fleet_folder(request, ("postgres", "chat-bot"))
+
+
+def test_p1_a_fleet_behind_pgbouncer_comes_up(pgb: Stack):
+    pgb.provision("add-bot", "chat-bot", "--publish", f"127.0.0.1:{pgb.ports['chat-bot']}")
+    pgb.provision("add-bot", "hello-bot")
+    pgb.provision("config", "set", "hello-bot", f"BOT_TOKEN={BOT_TOKEN}")
+    pgb.provision("render", "--pgbouncer", "--publish", f"127.0.0.1:{pgb.ports['postgres']}")
+    pgb.write_override()
+    pgb.compose("build", timeout=1800)
+    pgb.up()
+    ps = pgb.containers()
+    assert ps["postgres"]["Health"] == "healthy", ps["postgres"]
+    assert ps["provision"]["State"] == "exited" and ps["provision"]["ExitCode"] == 0, pgb.logs()
+    assert ps["pgbouncer"]["State"] == "running", (ps["pgbouncer"], pgb.logs())
+    for bot in BOTS:
+        assert ps[bot]["State"] == "running" and ps[bot]["Health"] == "healthy", (bot, ps[bot], pgb.logs())
+
+
+def test_p2_the_bots_write_through_pgbouncer_and_postgres_sees_only_pgbouncer(pgb: Stack):
+    code, conv = pgb.http("chat-bot", "POST", "/conversations", {"title": "behind pgbouncer"})
+    assert code == 201, conv
+    for i in range(3):
+        code, msg = pgb.http("chat-bot", "POST", f"/conversations/{conv['id']}/messages",
+                             {"role": "user", "content": f"pooled {i}"})
+        assert code == 201, msg
+    code, context = pgb.http("chat-bot", "GET", f"/conversations/{conv['id']}/context?limit=2")
+    assert code == 200 and [m["content"] for m in context] == ["pooled 1", "pooled 2"], context
+
+    # Where the bot's DATABASE_URL points (printed without its password), from inside its container.
+    script = ("from shared.settings import DatabaseSettings as S; u = S.from_env('chat-bot').url; "
+              "print(f'{u.host}:{u.port}/{u.database}')")
+    proc = pgb.compose("exec", "-T", "chat-bot", "python", "-c", script)
+    assert proc.stdout.strip() == "pgbouncer:6432/chat_bot_db", proc.stdout
+
+    containers = pgb.containers()
+    inspect = {s: json.loads(pgb.docker("inspect", containers[s]["ID"]).stdout)[0] for s in ("pgbouncer", "chat-bot")}
+    networks = {s: i["NetworkSettings"]["Networks"] for s, i in inspect.items()}
+    db_net = next(n for n in networks["pgbouncer"] if n.endswith("_db"))
+    assert db_net not in networks["chat-bot"], "a bot behind PgBouncer is not on postgres's network"
+    pgbouncer_ip = networks["pgbouncer"][db_net]["IPAddress"]
+    with pgb.admin() as conn:
+        rows = conn.execute("SELECT DISTINCT host(a.client_addr), s.ssl FROM pg_stat_activity a "
+                            "JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'chat_bot_user'").fetchall()
+    assert rows == [(pgbouncer_ip, True)], (rows, pgbouncer_ip)
+    # PgBouncer itself: not root, as the image's postgres user
+    top = pgb.compose("top", "pgbouncer").stdout
+    assert "pgbouncer" in top and not any(line.split()[:1] == ["root"] for line in top.splitlines()
+                                          if "pgbouncer" in line), top
