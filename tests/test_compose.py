@@ -225,11 +225,13 @@ def test_secrets_stay_out_of_rendered_files_and_output(tmp_path):
             assert_no_leak(pw, text, where=rel)
     for pw in all_passwords():
         assert_no_leak(pw, proc.stdout, proc.stderr, where="render output")
-    for rel in ("secrets/pgbouncer-userlist.txt", "secrets/postgres-password", "secrets/postgres.pgpass"):
+    for rel in ("secrets/postgres-password", "secrets/postgres.pgpass"):
         assert stat.S_IMODE((root / rel).stat().st_mode) == 0o600, rel
-    # what a bot's container reads as its non-root user through a bind mount is readable in the
-    # file's mode; the 0700 secrets/ folder keeps the host's other users out
-    assert stat.S_IMODE((root / "secrets/hello-bot.url").stat().st_mode) == 0o444
+    # what a container reads as its non-root user through a bind mount (a bot its URL, PgBouncer
+    # as uid 70 its userlist) is readable in the file's mode; the 0700 secrets/ folder keeps the
+    # host's other users out
+    for rel in ("secrets/hello-bot.url", "secrets/pgbouncer-userlist.txt"):
+        assert stat.S_IMODE((root / rel).stat().st_mode) == 0o444, rel
     assert stat.S_IMODE((root / "secrets").stat().st_mode) == 0o700
     # the swarm secret behind DATABASE_URL_FILE holds exactly the bot's URL
     from shared.settings import DatabaseSettings
