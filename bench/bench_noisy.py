@@ -730,7 +730,8 @@ def pgbouncer_facts(ini: Path) -> str:
     per_bot = pgbouncers.ini_value(ini, "default_pool_size")
     return (f"{version}, pool_mode {pgbouncers.ini_value(ini, 'pool_mode')}, {per_bot} server connection(s) per bot "
             f"(pgbouncer_pool_size), max_client_conn {pgbouncers.ini_value(ini, 'max_client_conn')}, "
-            "botfleet's rendered pgbouncer.ini without TLS and max_prepared_statements (unnamed statements)")
+            "botfleet's rendered pgbouncer.ini without TLS, max_prepared_statements (unnamed statements) "
+            "and the per-bot client cap max_user_client_connections (1.24; 1.18 has none)")
 
 
 def machine() -> str:
