@@ -34,9 +34,16 @@ from provisioning.project import Project
 ASYNCPG_1_18 = {"statement_cache_size": 0}
 
 
+def binary() -> str:
+    """The PgBouncer to run: $BOTFLEET_PGBOUNCER (a path: a build of the stack's version, say), else
+    the one on PATH."""
+    return os.environ.get("BOTFLEET_PGBOUNCER") or shutil.which("pgbouncer") or "pgbouncer"
+
+
 def require() -> None:
-    if shutil.which("pgbouncer") is None:
-        raise SystemExit("pgbouncer is not installed: apt-get install -y pgbouncer (Debian's 1.18)")
+    if not (shutil.which(binary()) or os.access(binary(), os.X_OK)):
+        raise SystemExit("pgbouncer is not installed: apt-get install -y pgbouncer (Debian's 1.18), "
+                         "or BOTFLEET_PGBOUNCER=PATH to a PgBouncer binary")
 
 
 def free_port() -> int:
@@ -48,7 +55,7 @@ def free_port() -> int:
 def version() -> tuple[int, int]:
     """This machine's PgBouncer version, (major, minor): ``pgbouncer --version`` says "PgBouncer 1.18.0"."""
     require()
-    first = subprocess.run(["pgbouncer", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    first = subprocess.run([binary(), "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     found = re.search(r"(\d+)\.(\d+)", first)
     if not found:
         raise SystemExit(f"pgbouncer --version said {first[:80]!r}, not a version")
@@ -139,7 +146,7 @@ def start(ini: Path, port: int, host: str = "127.0.0.1") -> subprocess.Popen:
     # file: a pipe nobody reads fills after some hundred warnings and blocks PgBouncer for good
     errors = ini.parent / "pgbouncer.stderr"
     with open(errors, "wb") as err_file:
-        bouncer = subprocess.Popen(["pgbouncer", str(ini)], stdout=subprocess.DEVNULL, stderr=err_file,
+        bouncer = subprocess.Popen([binary(), str(ini)], stdout=subprocess.DEVNULL, stderr=err_file,
                                    preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (want, limit[1])),
                                    **as_user)
     for _ in range(100):

@@ -5,8 +5,8 @@
   STORM clients from one bot plus every other bot's cap, and the container's open-file limit
   (compose ``ulimits: nofile``, both compose files) covering max_client_conn and every server
   connection;
-- a real PgBouncer (this machine's, started on the ini botfleet renders, pointed at the test
-  server) with one role holding STORM client connections at once still lets another role in
+- a real PgBouncer (this machine's, or $BOTFLEET_PGBOUNCER, started on the ini botfleet renders,
+  pointed at the test server) with one role holding STORM client connections at once still lets another role in
   and run a query. The machine's PgBouncer may be older than 1.24, which lacks the per-bot
   cap (then only max_client_conn's headroom keeps the other bot in); on 1.24 the storming
   role is also refused past its own cap.
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shutil
@@ -108,7 +109,8 @@ def bouncer_folder():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.mark.skipif(shutil.which("pgbouncer") is None, reason="pgbouncer is not installed (apt-get install -y pgbouncer)")
+@pytest.mark.skipif(not (os.environ.get("BOTFLEET_PGBOUNCER") or shutil.which("pgbouncer")),
+                    reason="pgbouncer is not installed (apt-get install -y pgbouncer, or BOTFLEET_PGBOUNCER=PATH)")
 def test_one_bots_connection_storm_leaves_room_for_the_others(pg, two_bots, bouncer_folder):
     from bench import _pgbouncer as pgbouncers
 
