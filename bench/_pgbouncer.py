@@ -5,7 +5,7 @@ Shared by bench_budget.py and bench_noisy.py. The configuration is the one ``pro
 ``provisioning.compose``), pointed at a private server on the host: no TLS to the server (the
 private server has none), the listen address and port, the userlist and the log in a folder of
 the benchmark's. Debian's PgBouncer is 1.18, which lacks ``max_prepared_statements`` (the stack's
-image is 1.24), so that line is left out and clients must not use named prepared statements:
+image is 1.25), so that line is left out and clients must not use named prepared statements:
 asyncpg with ``statement_cache_size=0`` (``ASYNCPG_1_18``), and for the shared data layer's engine
 ``unnamed_statements(engine)``. 1.18 also lacks the per-bot client cap
 (``max_user_client_connections``, 1.24; 1.18 would refuse a user line with it): left out too (on
@@ -175,7 +175,7 @@ def stop(bouncer: subprocess.Popen | None) -> None:
 def unnamed_statements(engine: Any) -> None:
     """The shared data layer's engine (SQLAlchemy, asyncpg) as PgBouncer 1.18 needs it: asyncpg's
     statement cache off (unnamed statements), and SQLAlchemy's cache of prepared statements off.
-    The stack's PgBouncer 1.24 (max_prepared_statements) needs neither."""
+    The stack's PgBouncer 1.25 (max_prepared_statements) needs neither."""
     from sqlalchemy import event
 
     def connect(_dialect: Any, _record: Any, _cargs: Any, cparams: dict) -> None:

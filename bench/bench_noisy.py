@@ -53,9 +53,9 @@ pgbouncer.ini botfleet renders for this fleet (``provision render --pgbouncer``:
 pooling, ``pgbouncer_pool_size`` server connections per bot, 1 by default, each bot's clients
 capped by max_user_client_connections, max_client_conn every cap + 1,000; ``bench/_pgbouncer.py``,
 shared with bench_budget), pointed at the private server without TLS. 1.18 lacks
-max_prepared_statements (the stack's image is 1.24), so the bots' engines use unnamed statements
+max_prepared_statements (the stack's image is 1.25), so the bots' engines use unnamed statements
 (asyncpg's statement cache off), and the per-bot client cap (1.24), left out on 1.18.
-``BOTFLEET_PGBOUNCER=PATH`` runs another PgBouncer binary (a build of the stack's 1.24, say).
+``BOTFLEET_PGBOUNCER=PATH`` runs another PgBouncer binary (a build of the stack's 1.25, say).
 ``--userlist-verifiers`` (an experiment, not what render writes) puts the roles' SCRAM secrets as
 the server stores them in the userlist instead of the passwords. The noisy bot's peak connections are then PgBouncer's server
 connections for it; PgBouncer's own CPU is a column. PgBouncer keeps its server connections, and
@@ -163,7 +163,7 @@ def connect_args(settings: DatabaseSettings) -> dict:
 
 def bot_database(name: str, env: dict[str, str], application_name: str | None, pgbouncer: bool) -> tuple[DatabaseSettings, Database]:
     """The bot's shared data layer from its env file; behind Debian's PgBouncer 1.18 with unnamed
-    statements (it lacks max_prepared_statements; the stack's 1.24 has it)."""
+    statements (it lacks max_prepared_statements; the stack's 1.25 has it)."""
     settings = DatabaseSettings.from_env(name, env)
     db = Database(settings, application_name=application_name)
     if pgbouncer:
