@@ -29,6 +29,7 @@ from ruamel.yaml import YAML
 
 from provisioning import compose, passwords
 
+from .conftest import RUN_ID
 from .test_compose import make_project, run
 
 STORM = 150  # bench_noisy's case 4: the noisy bot's connections at once
@@ -76,11 +77,28 @@ def test_rendered_pgbouncer_limits_hold_together(tmp_path):
         assert nofile["soft"] >= max_client_conn + sum(server.values()) + 10, rel  # PgBouncer's own estimate's +10
 
 
+@pytest.mark.parametrize("image, refused", [("edoburu/pgbouncer:v1.22.1-p0", True), ("pgbouncer/pgbouncer:1.23.1", True),
+                                           ("edoburu/pgbouncer:v1.24.1-p1", False), ("registry.local:5000/pgbouncer:latest", False)])
+def test_a_pgbouncer_image_older_than_the_rendered_ini_needs_is_refused(tmp_path, image, refused):
+    """PgBouncer < 1.24 does not start on the rendered [users] lines: render says so, in one line, and writes nothing."""
+    root = make_project(tmp_path / "fleet", pgbouncer=True)
+    text = (root / "fleet.toml").read_text()
+    (root / "fleet.toml").write_text(text.replace("pgbouncer = true", f"pgbouncer = true\npgbouncer_image = \"{image}\""))
+    proc = run(root, "render")
+    if refused:
+        assert proc.returncode == 2, proc.stdout
+        assert "needs 1.24 or newer" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (root / "deploy/pgbouncer.ini").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert f'image: "{image}"' in (root / "compose.yaml").read_text()
+
+
 @pytest.fixture
 def two_bots(pg):
     """Two roles with a password and a database each on the test server (unique names, dropped after)."""
-    tag = secrets.token_hex(4)
-    bots = [{"role": f"storm_{tag}_{n}_user", "database": f"storm_{tag}_{n}_db", "password": secrets.token_urlsafe(24)}
+    tag = f"t{RUN_ID}_storm{secrets.token_hex(2)}"  # the session's prefix: other sessions' snapshots leave them out
+    bots = [{"role": f"{tag}_{n}_user", "database": f"{tag}_{n}_db", "password": secrets.token_urlsafe(24)}
             for n in ("noisy", "good")]
     with pg.connect() as admin:
         try:
