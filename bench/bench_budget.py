@@ -29,7 +29,7 @@ Everything it starts is stopped and deleted at the end, even on error or Ctrl-C.
 3. pgbouncer: ``--pgbouncer-bots`` (1,000) default bots behind PgBouncer at ``--pgbouncer-memory``
    (8G), with the pgbouncer.ini botfleet renders for that fleet (Debian's package:
    ``apt-get install pgbouncer``; its 1.18 lacks max_prepared_statements, so that line is left out
-   and the clients use unnamed statements; the stack's image is 1.24).
+   and the clients use unnamed statements; the stack's image is 1.25).
 
 For 2 and 3: the bots' roles and databases are made by botfleet's own in-process path
 (``commands.provision_on``: role with its SCRAM verifier and CONNECTION LIMIT, database, REVOKEs,

@@ -50,10 +50,14 @@ hits both alike), after a quiet baseline (the good bots alone) in each mode:
 With ``--pgbouncer`` every bot (good and noisy: its pool, its new connections, the storm) reaches
 the server through one PgBouncer process the benchmark starts (Debian's package, 1.18), with the
 pgbouncer.ini botfleet renders for this fleet (``provision render --pgbouncer``: transaction
-pooling, ``pgbouncer_pool_size`` server connections per bot, 1 by default; ``bench/_pgbouncer.py``,
+pooling, ``pgbouncer_pool_size`` server connections per bot, 1 by default, each bot's clients
+capped by max_user_client_connections, max_client_conn every cap + 1,000; ``bench/_pgbouncer.py``,
 shared with bench_budget), pointed at the private server without TLS. 1.18 lacks
-max_prepared_statements (the stack's image is 1.24), so the bots' engines use unnamed statements
-(asyncpg's statement cache off). The noisy bot's peak connections are then PgBouncer's server
+max_prepared_statements (the stack's image is 1.25), so the bots' engines use unnamed statements
+(asyncpg's statement cache off), and the per-bot client cap (1.24), left out on 1.18.
+``BOTFLEET_PGBOUNCER=PATH`` runs another PgBouncer binary (a build of the stack's 1.25, say).
+``--userlist-verifiers`` (an experiment, not what render writes) puts the roles' SCRAM secrets as
+the server stores them in the userlist instead of the passwords. The noisy bot's peak connections are then PgBouncer's server
 connections for it; PgBouncer's own CPU is a column. PgBouncer keeps its server connections, and
 a role's settings apply when a session starts: each time the guards change, the bots' server
 connections are ended (between phases), so the next phase runs with the new settings. After a suspension (case 5) the next phase
@@ -132,6 +136,7 @@ def classify(err: BaseException) -> str:
         ("another operation", "connection busy"),
         # PgBouncer's own refusals
         ("max_client_conn", "PgBouncer full (max_client_conn)"),
+        ("max_user_client_connections", "PgBouncer: the bot's client cap (max_user_client_connections)"),
         ("server_login_retry", "PgBouncer: server login failing (server_login_retry)"),
         ("query_wait_timeout", "PgBouncer: query_wait_timeout"),
     )
@@ -158,7 +163,7 @@ def connect_args(settings: DatabaseSettings) -> dict:
 
 def bot_database(name: str, env: dict[str, str], application_name: str | None, pgbouncer: bool) -> tuple[DatabaseSettings, Database]:
     """The bot's shared data layer from its env file; behind Debian's PgBouncer 1.18 with unnamed
-    statements (it lacks max_prepared_statements; the stack's 1.24 has it)."""
+    statements (it lacks max_prepared_statements; the stack's 1.25 has it)."""
     settings = DatabaseSettings.from_env(name, env)
     db = Database(settings, application_name=application_name)
     if pgbouncer:
@@ -439,12 +444,14 @@ def process_cpu_s(pid: int | None) -> float:
 
 
 class Bench:
-    def __init__(self, tmp: Path, bots: int, rate: float, storm: int, parallel: int = 0, pgbouncer: bool = False):
+    def __init__(self, tmp: Path, bots: int, rate: float, storm: int, parallel: int = 0, pgbouncer: bool = False,
+                 userlist_verifiers: bool = False):
         from provisioning import budget as budgets
         from provisioning.embedded import EmbeddedServer
 
         self.tmp, self.n_good, self.rate, self.storm = tmp, bots, rate, storm
         self.pgbouncer = pgbouncer
+        self.userlist_verifiers = userlist_verifiers
         self.bouncer: subprocess.Popen | None = None  # started by start_pgbouncer, after the data is made
         self.bouncer_port: int | None = None
         self.bouncer_ini: Path | None = None
@@ -488,6 +495,11 @@ class Bench:
         pgbouncer_pool_size server connections per bot), in front of the private server."""
         passwords = {name: self.project.env(name).credentials(entry.role).password
                      for name, entry in self.project.fleet.bots.items()}
+        if self.userlist_verifiers:  # the server's SCRAM secrets instead of the passwords
+            with self.admin() as conn:
+                stored = dict(conn.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)",
+                                           ([e.role for e in self.project.fleet.bots.values()],)).fetchall())
+            passwords = {name: stored[entry.role] for name, entry in self.project.fleet.bots.items()}
         self.bouncer_ini, port = pgbouncers.pgbouncer_config(self.tmp / "pgbouncer", self.project, passwords, self.port)
         self.bouncer = pgbouncers.start(self.bouncer_ini, port)
         self.bouncer_port = port
@@ -646,10 +658,13 @@ class Bench:
         busy0, total0 = cpu_times()
         bouncer_pid = self.bouncer.pid if self.bouncer is not None else None
         bouncer0 = process_cpu_s(bouncer_pid)
+        noisy_pid = noisy_proc.pid if noisy_proc is not None else None
+        noisy_cpu0 = process_cpu_s(noisy_pid)
         peaks, quota_log = asyncio.run(good_phase(
             self, seconds, good + ([noisy_proc] if noisy_proc else []), enforce_every if (case == "bulk" and guards) else None))
         busy1, total1 = cpu_times()
         bouncer_cpu = 100.0 * (process_cpu_s(bouncer_pid) - bouncer0) / seconds if bouncer_pid else None
+        noisy_cpu = 100.0 * (process_cpu_s(noisy_pid) - noisy_cpu0) / seconds  # its client side (its process, still running)
         reports = [collect(child) for child in good]
         stats = GoodStats()
         for rep in reports:
@@ -668,7 +683,7 @@ class Bench:
         self.reset_after(case, guards)
         return {"case": case, "guards": guards, "stats": stats, "peaks": peaks, "quota": quota_log, "noisy": noisy,
                 "growth": size1 - size0, "temp": temp1 - temp0, "cpu": 100.0 * (busy1 - busy0) / max(1, total1 - total0), "own_cpu": own_cpu,
-                "bouncer_cpu": bouncer_cpu}
+                "bouncer_cpu": bouncer_cpu, "noisy_cpu": noisy_cpu}
 
 
 # ---------------------------------------------------------------- report
@@ -689,6 +704,7 @@ def noisy_text(r: dict) -> str:
     parts.append(f"peak {r['peaks'].get('noisy', 0)} conns (server {r['peaks'].get('all', 0)})"
                  if r.get("bouncer_cpu") is None else
                  f"peak {r['peaks'].get('noisy', 0)} server conns from PgBouncer (server {r['peaks'].get('all', 0)})")
+    parts.append(f"its own process {r['noisy_cpu']:.0f}% CPU")
     if r["temp"]:
         parts.append(f"temp {mb(r['temp'])}")
     if r["case"] == "bulk":
@@ -726,11 +742,16 @@ def report(results: list[dict]) -> None:
 
 
 def pgbouncer_facts(ini: Path) -> str:
-    version = subprocess.run(["pgbouncer", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    version = subprocess.run([pgbouncers.binary(), "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    lacks = [what for what, since in (("max_prepared_statements (unnamed statements)", (1, 21)),
+                                      ("the per-bot client cap max_user_client_connections (1.24)", (1, 24)))
+             if pgbouncers.version() < since]
+    caps = sorted(set(re.findall(r"max_user_client_connections=(\d+)", ini.read_text())), key=int)
     per_bot = pgbouncers.ini_value(ini, "default_pool_size")
     return (f"{version}, pool_mode {pgbouncers.ini_value(ini, 'pool_mode')}, {per_bot} server connection(s) per bot "
             f"(pgbouncer_pool_size), max_client_conn {pgbouncers.ini_value(ini, 'max_client_conn')}, "
-            "botfleet's rendered pgbouncer.ini without TLS and max_prepared_statements (unnamed statements)")
+            f"per-bot client cap (max_user_client_connections) {'/'.join(caps) or 'none'}, "
+            f"botfleet's rendered pgbouncer.ini without TLS{''.join(', ' + w for w in lacks)}")
 
 
 def machine() -> str:
@@ -752,6 +773,9 @@ def main() -> int:
                         help="max_parallel_workers_per_gather (0, as the stack's postgres; 2 is PostgreSQL's default)")
     parser.add_argument("--pgbouncer", action="store_true",
                         help="every bot through PgBouncer (transaction pooling, botfleet's rendered pgbouncer.ini for the fleet)")
+    parser.add_argument("--userlist-verifiers", action="store_true",
+                        help="with --pgbouncer: PgBouncer's userlist holds the roles' SCRAM secrets as the server stores "
+                             "them, not the passwords (no key derivation per login; an experiment: render writes passwords)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -768,7 +792,7 @@ def main() -> int:
         bench = None
         try:
             say("starting a private embedded PostgreSQL and provisioning the fleet ...")
-            bench = Bench(Path(tmp), args.bots, args.rate, args.storm, args.parallel, args.pgbouncer)
+            bench = Bench(Path(tmp), args.bots, args.rate, args.storm, args.parallel, args.pgbouncer, args.userlist_verifiers)
             settings_on = bench.configure(True)
             bench.prepare_data()
             if args.pgbouncer:

@@ -78,6 +78,10 @@ DEFAULT_HEADROOM_PERCENT = 10
 POSTGRES_MAJORS = range(13, 19)
 MEMORY_RE = re.compile(r"([1-9][0-9]{0,6})([MG])")
 IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._/:-]{0,199}(@sha256:[0-9a-f]{64})?")
+# a tag that names the PgBouncer version (edoburu/pgbouncer:v1.25.2-p0, pgbouncer/pgbouncer:1.24.1):
+# older than PGBOUNCER_MIN is refused; an image without one is taken as it is
+PGBOUNCER_TAG_RE = re.compile(r":v?(\d+)\.(\d+)(?:\.\d+)?(?:-[A-Za-z0-9.]+)?(?:@|$)")
+PGBOUNCER_MIN = (1, 24)
 
 
 # Each example bot's memory limit: its resident memory after start-up in its container, measured
@@ -153,6 +157,12 @@ def validate_stack(server: StackSettings) -> None:
     for key in ("pgbouncer_image", "bot_image"):
         if IMAGE_RE.fullmatch(getattr(server, key)) is None:
             raise InvalidInput(f"{key} {getattr(server, key)!r} is not an image reference")
+    tagged = PGBOUNCER_TAG_RE.search(server.pgbouncer_image)
+    if server.pgbouncer and tagged and (int(tagged.group(1)), int(tagged.group(2))) < PGBOUNCER_MIN:
+        # an older PgBouncer refuses the rendered [users] lines (max_user_client_connections) and does not start
+        raise InvalidInput(f"pgbouncer_image {server.pgbouncer_image!r} is PgBouncer {tagged.group(1)}.{tagged.group(2)}: "
+                           f"the rendered pgbouncer.ini needs {PGBOUNCER_MIN[0]}.{PGBOUNCER_MIN[1]} or newer "
+                           "(max_user_client_connections)")
     if HOST_RE.fullmatch(server.bot_host) is None or not 1 <= server.bot_port <= 65535:
         raise InvalidInput("bot_host/bot_port in fleet.toml are not a host name and port")
     parse_publish(server.publish)

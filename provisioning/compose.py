@@ -69,6 +69,25 @@ PGBOUNCER_UID = "70"  # the postgres user of Alpine-based PgBouncer images
 PROVISION_MEMORY = "256M"
 BOT_PIDS = 128
 PGBOUNCER_MEMORY = "64M"
+# PgBouncer's client slots (pgbouncer_limits). A slot is a few KB and one file descriptor.
+PGBOUNCER_CLIENT_ALLOWANCE = 10  # a bot's clients beyond its pools: a restart's overlap, replaced connections
+PGBOUNCER_CLIENT_HEADROOM = 1000  # max_client_conn beyond every bot's own cap together
+PGBOUNCER_FD_MARGIN = 100  # descriptors beyond clients and server connections: listeners, log, DNS
+
+
+def pgbouncer_limits(pooled: list[dict]) -> tuple[list[dict], int, int]:
+    """Each pooled bot with its client cap, max_client_conn and the container's open-file limit.
+
+    ``pooled``: dicts with ``clients`` (the bot's pools: pool_max x replicas) and ``server_pool``.
+    A bot's clients are capped per role (``max_user_client_connections``, PgBouncer >= 1.24,
+    checked before authentication: a connection storm past the cap is refused without a SCRAM
+    exchange) at its pools + PGBOUNCER_CLIENT_ALLOWANCE. max_client_conn, the one fleet-wide cap,
+    is the sum of those caps + PGBOUNCER_CLIENT_HEADROOM, so no bot's storm can take another
+    bot's slots; the open-file limit covers every client and every server connection."""
+    bots = [{**b, "client_cap": b["clients"] + PGBOUNCER_CLIENT_ALLOWANCE} for b in pooled]
+    max_client_conn = sum(b["client_cap"] for b in bots) + PGBOUNCER_CLIENT_HEADROOM
+    nofile = max_client_conn + sum(b["server_pool"] for b in bots) + PGBOUNCER_FD_MARGIN
+    return bots, max_client_conn, nofile
 
 def templates_dir() -> Path:
     """The jinja2 templates in the botfleet checkout's ``compose/`` folder."""
@@ -314,10 +333,11 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
 
     pgbouncer = None
     if server.pgbouncer:
-        pooled = [b for b in bots if b["local"]]  # bots on [servers.NAME] reach their own server directly
+        # bots on [servers.NAME] reach their own server directly
+        pooled, max_client_conn, nofile = pgbouncer_limits([b for b in bots if b["local"]])
         ini = t.get_template("pgbouncer.ini.j2").render(
             header=HEADER, bots=pooled, tls_root=TLS_ROOT, default_pool_size=server.pgbouncer_pool_size,
-            max_client_conn=sum(b["clients"] for b in pooled) + 10 * len(pooled) + 20,
+            max_client_conn=max_client_conn,
         )
         userlist = "".join(f'"{b["role"]}" "{b["password"]}"\n' for b in pooled)
         files += [PlannedFile(PGBOUNCER_INI, ini), PlannedFile(USERLIST, userlist, secret=True, container=True)]
@@ -325,7 +345,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
         secret_defs.append({"key": "pgbouncer_userlist", "file": f"./{USERLIST}",
                             "name": f"botfleet_pgbouncer_userlist_{_sha(userlist)}"})
         pgbouncer = {"image": server.pgbouncer_image, "memory": PGBOUNCER_MEMORY, "uid": PGBOUNCER_UID,
-                     "config_sha256": _sha(ini, 64)}
+                     "config_sha256": _sha(ini, 64), "nofile": nofile}
 
     secret_defs.insert(2, {"key": "postgres_pgpass", "file": f"./{ADMIN_PGPASS}",
                            "name": f"botfleet_postgres_pgpass_{_sha(admin_password)}"})

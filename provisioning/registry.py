@@ -92,7 +92,7 @@ class StackSettings:
     publish: str = "127.0.0.1:15432"
     pgbouncer: bool = False  # bots connect through a PgBouncer in transaction mode
     pgbouncer_pool_size: int = 1  # server connections PgBouncer keeps per bot (transaction pooling)
-    pgbouncer_image: str = "edoburu/pgbouncer:v1.24.1-p1"  # needs PgBouncer >= 1.21
+    pgbouncer_image: str = "edoburu/pgbouncer:v1.25.2-p0"  # needs PgBouncer >= 1.24 (max_user_client_connections)
     bot_image: str = "botfleet-bot:latest"  # built from the repo's Dockerfile
     # `provision metrics` as a service of the stack (a monitoring role of its own, pg_monitor's rights)
     exporter: bool = False
