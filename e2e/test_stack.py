@@ -186,6 +186,8 @@ def fleet_folder(request, ports: tuple[str, ...]):
             print(s.logs())
         if (root / "compose.yaml").exists():
             s.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
+        # and the anonymous volumes of one-off containers (the image's VOLUME): the engine is the tests' own
+        s.docker("volume", "prune", "-f", check=False)
         s.provision("server", "stop", check=False)
         shutil.rmtree(root, ignore_errors=True)
 
