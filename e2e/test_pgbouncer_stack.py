@@ -29,15 +29,7 @@ def test_p1_a_fleet_behind_pgbouncer_comes_up(pgb: Stack):
     pgb.provision("add-bot", "hello-bot")
     pgb.provision("config", "set", "hello-bot", f"BOT_TOKEN={BOT_TOKEN}")
     pgb.provision("render", "--pgbouncer", "--publish", f"127.0.0.1:{pgb.ports['postgres']}")
-    pgb.write_override()
-    pgb.compose("build", timeout=1800)
-    pgb.up()
-    ps = pgb.containers()
-    assert ps["postgres"]["Health"] == "healthy", ps["postgres"]
-    assert ps["provision"]["State"] == "exited" and ps["provision"]["ExitCode"] == 0, pgb.logs()
-    assert ps["pgbouncer"]["State"] == "running", (ps["pgbouncer"], pgb.logs())
-    for bot in BOTS:
-        assert ps[bot]["State"] == "running" and ps[bot]["Health"] == "healthy", (bot, ps[bot], pgb.logs())
+    pgb.build_and_up(healthy=BOTS, running=("pgbouncer",))
 
 
 def test_p2_the_bots_write_through_pgbouncer_and_postgres_sees_only_pgbouncer(pgb: Stack):

@@ -131,6 +131,22 @@ class Stack:
     def up(self) -> None:
         self.compose("up", "-d", "--wait", "--wait-timeout", "300", timeout=900)
 
+    def build_and_up(self, healthy: tuple[str, ...], running: tuple[str, ...] = ()) -> None:
+        """What the README's stack flow does after render (build the images, `up --wait`), then
+        checks it: postgres healthy, the provision service exited 0, each of ``healthy`` running
+        and healthy, each of ``running`` (services without a health check) running."""
+        self.write_override()
+        self.compose("build", timeout=1800)
+        self.up()
+        ps = self.containers()
+        assert ps["postgres"]["Health"] == "healthy", ps["postgres"]
+        assert ps["provision"]["State"] == "exited" and ps["provision"]["ExitCode"] == 0, self.logs()
+        for service in running:
+            assert ps[service]["State"] == "running", (service, ps[service], self.logs())
+        for service in healthy:
+            assert ps[service]["State"] == "running" and ps[service]["Health"] == "healthy", (
+                service, ps[service], self.logs())
+
     def logs(self) -> str:
         return self.compose("logs", "--no-color", "--tail", "60", check=False).stdout
 
@@ -206,14 +222,7 @@ def test_01_a_fleet_developed_on_the_embedded_server_comes_up_from_an_empty_volu
     stack.provision("config", "set", "feishu-bot", f"FEISHU_VERIFICATION_TOKEN={FEISHU_TOKEN}")
     stack.provision("render", "--publish", f"127.0.0.1:{stack.ports['postgres']}", "--exporter",
                     "--exporter-publish", f"127.0.0.1:{stack.ports['exporter']}", "--archive")
-    stack.write_override()
-    stack.compose("build", timeout=1800)
-    stack.up()
-    ps = stack.containers()
-    assert ps["postgres"]["Health"] == "healthy", ps["postgres"]
-    assert ps["provision"]["State"] == "exited" and ps["provision"]["ExitCode"] == 0, stack.logs()
-    for service in (*BOTS, "exporter", "archive"):
-        assert ps[service]["State"] == "running" and ps[service]["Health"] == "healthy", (service, ps[service], stack.logs())
+    stack.build_and_up(healthy=(*BOTS, "exporter", "archive"))
 
 
 def test_02_the_bots_answer_through_their_published_ports_and_write_their_own_databases(stack: Stack):

@@ -818,8 +818,7 @@ def migrate_self(root: Path, bot: str, code: str, url: str, *, to: str = "head",
     try:
         have = current_revision(target.conninfo)
     except psycopg.OperationalError as err:  # libpq's text never holds the password
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = (lines[0].rsplit("failed: ", 1)[-1] if lines else type(err).__name__).removeprefix("FATAL:  ")
+        reason = one_line(err).rsplit("failed: ", 1)[-1].removeprefix("FATAL:  ")
         return Outcome(bot=bot, status="failed", from_rev=None, to_rev=want,
                        error=f"{bot}: cannot reach its database {database}: {reason}")
     if have == want:

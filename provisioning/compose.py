@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import budget as budgets
 from . import archive as archives
-from . import codes, monitoring, settings
+from . import monitoring, settings
 from .db import STATE_DATABASE
 from .compose_check import COMPOSE_FILE, STACK_FILE, StackFiles, PlannedFile, validate
 from .errors import InvalidInput, ProvisionError, StackInvalid
@@ -251,9 +251,7 @@ def prepare(project: Project, fleet: Fleet | None = None, *, allow_missing_confi
             continue
         passwords.append(creds.password)
         own = settings.of(env)
-        if entry.code not in required:
-            required[entry.code] = codes.required_settings(root, entry.code)
-        needed = [key for key in required[entry.code] if not own.get(key)]  # settings.missing, per code once
+        needed = settings.lacking(root, entry.code, own, required)
         if needed:
             unset.append(settings.missing_hint(name, needed))
         # Inside the stack the bot reaches its server where the stack says, whatever its env

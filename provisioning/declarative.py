@@ -258,10 +258,10 @@ def plan(
             parse_script_directories(project.root, {e.code for e in bots.values()})
         early["files"] = _file_steps(project, {name: _env_after(project, bots[name], outside[name]) for name in names})
         # each code's REQUIRED_SETTINGS once, against each env file as observe_many read it
-        required = {code: codes.required_settings(project.root, code) for code in {e.code for e in bots.values()}}
+        required: dict[str, tuple[str, ...]] = {}
         early["missing"] = [settings.missing_hint(bot, keys) for bot in sorted(bots)
-                            if (keys := [k for k in required[bots[bot].code]
-                                         if not settings.of(outside[bot].env).get(k)])]
+                            if (keys := settings.lacking(project.root, bots[bot].code,
+                                                         settings.of(outside[bot].env), required))]
 
     for server, mine in visits:
         progress(f"looking inside {len(mine)} bot database(s) on server {server.name}")

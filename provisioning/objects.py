@@ -177,28 +177,30 @@ def foreign_default_grants(conn: psycopg.Connection, role: str) -> list[DefaultG
 # (schema public, OID 2200, is read with every schema). Large objects may be created with any
 # OID: their (usually empty) catalog is read whole.
 FIRST_NORMAL_OID = 16384
+# Catalog OIDs, the same in every PostgreSQL (pg_depend.classid / refclassid).
+_PG_CLASS, _PG_TYPE, _PG_PROC, _PG_NAMESPACE = 1259, 1247, 1255, 2615
 _NOT_SYSTEM = f"oid >= {FIRST_NORMAL_OID}"
 _CONTENT_READS = (
-    # relations: oid, schema oid, name, kind, owner oid, owner, privileges (aclitem[] as text)
-    f"SELECT oid::bigint, relnamespace::bigint, relname::text, relkind::text, relowner::bigint, "
+    # relations: oid, schema oid, name, kind, owner, privileges (aclitem[] as text)
+    f"SELECT oid::bigint, relnamespace::bigint, relname::text, relkind::text, "
     f"pg_get_userbyid(relowner)::text, relacl::text[] FROM pg_class "
     f"WHERE {_NOT_SYSTEM} AND relkind IN ('r', 'p', 'f', 'v', 'm', 'S', 'c')",
-    # types: oid, schema oid, name, type, owner oid, owner, relation of a composite type, privileges
-    f"SELECT oid::bigint, typnamespace::bigint, typname::text, typtype::text, typowner::bigint, "
+    # types: oid, schema oid, name, type, owner, relation of a composite type, privileges
+    f"SELECT oid::bigint, typnamespace::bigint, typname::text, typtype::text, "
     f"pg_get_userbyid(typowner)::text, typrelid::bigint, typacl::text[] FROM pg_type WHERE {_NOT_SYSTEM} "
     "AND typtype IN ('c', 'd', 'e', 'r', 'm')",
-    # routines: oid, schema oid, name, owner oid, owner, argument type oids, printed arguments, privileges
-    f"SELECT oid::bigint, pronamespace::bigint, proname::text, proowner::bigint, pg_get_userbyid(proowner)::text, "
+    # routines: oid, schema oid, name, owner, argument type oids, printed arguments, privileges
+    f"SELECT oid::bigint, pronamespace::bigint, proname::text, pg_get_userbyid(proowner)::text, "
     f"proargtypes::oid[]::bigint[], pg_get_function_identity_arguments(oid), proacl::text[] FROM pg_proc "
     f"WHERE {_NOT_SYSTEM}",
     # schemas, all of them (a handful of rows)
-    "SELECT oid::bigint, nspname::text, nspowner::bigint, pg_get_userbyid(nspowner)::text, nspacl::text[] "
+    "SELECT oid::bigint, nspname::text, pg_get_userbyid(nspowner)::text, nspacl::text[] "
     "FROM pg_namespace",
     # what belongs to an extension ('e'), and sequences owned by a column or an identity ('a', 'i')
     "SELECT classid::bigint, objid::bigint, refclassid::bigint, deptype::text FROM pg_depend "
-    "WHERE classid IN (1259, 1247, 1255, 2615) "  # pg_class, pg_type, pg_proc, pg_namespace (_PG_CLASS...)
+    f"WHERE classid IN ({_PG_CLASS}, {_PG_TYPE}, {_PG_PROC}, {_PG_NAMESPACE}) "
     f"AND objid >= {FIRST_NORMAL_OID} AND deptype IN ('e', 'a', 'i')",
-    "SELECT oid::bigint, lomowner::bigint, pg_get_userbyid(lomowner)::text, lomacl::text[] FROM pg_largeobject_metadata",
+    "SELECT oid::bigint, pg_get_userbyid(lomowner)::text, lomacl::text[] FROM pg_largeobject_metadata",
     # column privileges: relation, column, privileges
     f"SELECT attrelid::bigint, attname::text, attacl::text[] FROM pg_attribute WHERE attrelid >= {FIRST_NORMAL_OID} "
     "AND attacl IS NOT NULL AND attnum > 0 AND NOT attisdropped",
@@ -210,8 +212,6 @@ _CONTENT_READS = (
 # The reads as one text: constant, no parameters, so the simple protocol sends it in one round
 # trip and runs it in one implicit transaction (one snapshot).
 CONTENT_READS = ";\n".join(_CONTENT_READS)
-# Catalog OIDs, the same in every PostgreSQL (pg_depend.classid / refclassid).
-_PG_CLASS, _PG_TYPE, _PG_PROC, _PG_NAMESPACE = 1259, 1247, 1255, 2615
 _LARGE_OBJECT = 0  # (its catalog's oid is not needed: large objects are keyed apart)
 _RELATION_KINDS = {"r": "table", "p": "table", "f": "foreign table", "v": "view", "m": "materialized view",
                    "S": "sequence", "c": "type"}
@@ -293,7 +293,7 @@ class Contents:
 
     def resolve_types(self, conn: psycopg.Connection) -> None:
         """The argument types of the routines, by name (a second read, only when there are any)."""
-        wanted = sorted({t for row in self.routines for t in row[5] or ()} - set(self.type_names))
+        wanted = sorted({t for row in self.routines for t in row[4] or ()} - set(self.type_names))
         if wanted:
             for oid, schema, name in conn.execute(_TYPE_NAMES, (wanted,)).fetchall():
                 self.type_names[oid] = f"{schema}.{name}"
@@ -318,7 +318,7 @@ class Contents:
             return schema if schema is not None and _user_schema(schema) and (catalog, oid) not in members else None
 
         out: dict[tuple[int, int], tuple[DbObject, list[str] | None]] = {}
-        for oid, nsp, name, kind, _owner_oid, owner, acl in self.relations:
+        for oid, nsp, name, kind, owner, acl in self.relations:
             if (schema := visible(_PG_CLASS, oid, nsp)) is None:
                 continue
             if kind == "c" and not inventory:
@@ -326,20 +326,20 @@ class Contents:
             if not (inventory and kind == "S" and oid in owned):
                 out[(_PG_CLASS, oid)] = DbObject(_RELATION_KINDS[kind], schema, name, owner, oid), acl
         wanted = ("d", "e", "r") if inventory else ("d", "e", "r", "m")
-        for oid, nsp, name, typtype, _owner_oid, owner, relid, acl in self.types:
+        for oid, nsp, name, typtype, owner, relid, acl in self.types:
             if (schema := visible(_PG_TYPE, oid, nsp)) is None:
                 continue
             if typtype in wanted or (not inventory and typtype == "c" and relkinds.get(relid) == "c"):
                 out[(_PG_TYPE, oid)] = DbObject(_DOMAIN_OR_TYPE.get(typtype, "type"), schema, name, owner, oid), acl
-        for oid, nsp, name, _owner_oid, owner, argtypes, signature, acl in self.routines:
+        for oid, nsp, name, owner, argtypes, signature, acl in self.routines:
             if (schema := visible(_PG_PROC, oid, nsp)) is None:
                 continue
             args = tuple(self.type_names.get(t, "") for t in argtypes or ())
             out[(_PG_PROC, oid)] = DbObject("routine", schema, name, owner, oid, args, signature), acl
-        for oid, name, _owner_oid, owner, acl in self.schemas:
+        for oid, name, owner, acl in self.schemas:
             if _user_schema(name) and (_PG_NAMESPACE, oid) not in members:
                 out[(_PG_NAMESPACE, oid)] = DbObject("schema", None, name, owner, oid), acl
-        for oid, _owner_oid, owner, acl in self.large_objects:
+        for oid, owner, acl in self.large_objects:
             out[(_LARGE_OBJECT, oid)] = DbObject("large object", None, str(oid), owner, oid), acl
         return out
 

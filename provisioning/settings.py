@@ -19,6 +19,7 @@ import contextlib
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .envfile import OWNED, EnvFile, format_value, unwritable
@@ -101,10 +102,19 @@ def of(env: EnvFile) -> dict[str, str]:
 def missing(project: Project, bot: str, have: Mapping[str, str] | None = None) -> list[str]:
     """The settings the bot's code requires (its ``REQUIRED_SETTINGS``) that are not set, or set
     empty, in its env file (``have``: its settings, when already read)."""
+    return lacking(project.root, project.fleet.bots[bot].code, read(project, bot) if have is None else have)
+
+
+def lacking(root: Path, code: str, have: Mapping[str, str],
+            required: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """The settings ``code`` requires that ``have`` lacks or has empty. ``required``: each code's
+    REQUIRED_SETTINGS read so far, filled in here (a fleet-wide caller reads each code once)."""
     from .codes import required_settings
 
-    have = read(project, bot) if have is None else have
-    return [key for key in required_settings(project.root, project.fleet.bots[bot].code) if not have.get(key)]
+    memo = {} if required is None else required
+    if code not in memo:
+        memo[code] = required_settings(root, code)
+    return [key for key in memo[code] if not have.get(key)]
 
 
 def set_command(bot: str, keys: list[str]) -> str:
