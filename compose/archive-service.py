@@ -99,6 +99,14 @@ def one_round():
         say("taking a base backup (barman backup)")
         started, began = time.monotonic(), int(time.time())  # barman keeps whole seconds
         proc = barman("backup", SERVER, timeout=24 * 3600)
+        # Refused before it starts while one of barman's own checks fails: right after `barman
+        # cron` the receiver it has just started may not stream yet. Again, a few times.
+        for _ in range(15):
+            if proc.returncode == 0 or "Impossible to start the backup" not in proc.stdout + proc.stderr \
+                    or stopping.is_set():
+                break
+            time.sleep(2)
+            proc = barman("backup", SERVER, timeout=24 * 3600)
         if proc.returncode == 0:
             # The backup's last WAL is in the segment being streamed: close it and have it archived
             # (barman cron moves what the receiver wrote into the archive, and marks the backup
