@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
@@ -20,7 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.util import await_only
 
+from . import health
 from .settings import ConfigError, DatabaseSettings
+
+log = logging.getLogger("shared.database")
 
 
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -183,6 +189,41 @@ class Database:
 
     async def healthcheck(self, timeout: float = 5.0) -> bool:
         return await healthcheck(self.engine, timeout)
+
+    @contextlib.asynccontextmanager
+    async def heartbeat(self, path: str | os.PathLike[str] | None = None,
+                        every: float = health.HEARTBEAT_S) -> AsyncIterator[None]:
+        """While the block runs, check the database through this pool every ``every`` seconds and
+        record the outcome in ``path`` (default: BOTFLEET_HEALTH_FILE; neither: nothing is kept),
+        for the container's health check, ``python -m shared.health``. The file is removed when
+        the block ends."""
+        target = Path(path) if path is not None else health.health_file()
+        if target is None:
+            yield
+            return
+        beating = asyncio.create_task(self._beat(target, every), name=f"heartbeat {target}")
+        try:
+            yield
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+            with contextlib.suppress(OSError):
+                target.unlink()
+
+    async def _beat(self, path: Path, every: float) -> None:
+        was: bool | None = None
+        while True:
+            ok = await self.healthcheck()
+            try:
+                health.record(path, ok)
+            except OSError as err:  # a read-only /tmp: the health check falls back to its own connection
+                log.warning("heartbeat stopped: cannot write %s (%s)", path, err.strerror or err)
+                return
+            if ok != was and (was is not None or not ok):
+                log.warning("database %s (heartbeat)", "answers again" if ok else "unreachable")
+            was = ok
+            await asyncio.sleep(every)
 
     async def dispose(self) -> None:
         """Close every pooled connection (call on shutdown)."""

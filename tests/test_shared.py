@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime
 
 import psycopg
@@ -280,6 +281,96 @@ def test_health_module_for_container_healthchecks(bot_env):
     bad = subprocess.run([sys.executable, "-m", "shared.health", name], capture_output=True, text=True,
                          env={**run_env, "DATABASE_URL": "mysql://x"})
     assert bad.returncode == 2 and "DATABASE_URL" in bad.stderr
+
+
+def _health(name: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The container's health check as compose runs it, reporting whether it loaded SQLAlchemy."""
+    script = ("import sys; from shared import health; code = health.main(sys.argv[1:]); "
+              "print('sqlalchemy loaded' if 'sqlalchemy' in sys.modules else 'no sqlalchemy'); sys.exit(code)")
+    return subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_the_health_check_reads_the_bots_heartbeat_and_needs_no_login_of_its_own(bot_env, tmp_path):
+    """In a container the health check reads the heartbeat the bot keeps through its pool: it holds
+    no SQLAlchemy in the container's memory and opens no connection, so a bot whose role is at its
+    CONNECTION LIMIT is still healthy (a check with a login of its own is refused then)."""
+    name, env = bot_env
+    beat = tmp_path / "botfleet-health"
+    run_env = {**os.environ, **env, "BOTFLEET_HEALTH_FILE": str(beat)}
+    direct_env = {k: v for k, v in run_env.items() if k != "BOTFLEET_HEALTH_FILE"}
+    db = Database.from_env(name, env=env)
+
+    async def scenario() -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess, str]:
+        async with db.heartbeat(beat, every=0.1):
+            for _ in range(100):
+                if beat.exists():
+                    break
+                await asyncio.sleep(0.05)
+            held = _hold_role_slots(env, 2)  # with the pool's one connection: the role's limit of 3
+            try:
+                via_heartbeat = await asyncio.to_thread(_health, name, run_env)
+                direct = await asyncio.to_thread(_health, name, direct_env)
+            finally:
+                for conn in held:
+                    conn.close()
+            recorded = beat.read_text()
+        await db.dispose()
+        return via_heartbeat, direct, recorded
+
+    via_heartbeat, direct, recorded = asyncio.run(scenario())
+    assert recorded == "ok\n"
+    assert via_heartbeat.returncode == 0, via_heartbeat.stdout + via_heartbeat.stderr
+    assert "database ok" in via_heartbeat.stdout and "through the bot's pool" in via_heartbeat.stdout
+    assert "no sqlalchemy" in via_heartbeat.stdout
+    assert direct.returncode == 1 and "database unreachable" in direct.stdout  # refused: too many connections
+    assert not beat.exists()  # the block ended: the file went with it (a later check makes its own)
+    password = env["DATABASE_URL"].split(":")[2].split("@")[0]
+    assert_no_leak(password, via_heartbeat.stdout, via_heartbeat.stderr, direct.stdout, direct.stderr)
+
+
+def test_a_stale_or_failed_heartbeat_is_unhealthy_and_a_missing_one_means_a_check_of_its_own(tmp_path):
+    beat = tmp_path / "botfleet-health"
+    env = {**os.environ, "BOTFLEET_HEALTH_FILE": str(beat), "DATABASE_URL": "sqlite+aiosqlite:///:memory:"}
+    missing = _health("b", env)
+    assert missing.returncode == 0 and "database ok (sqlite" in missing.stdout, missing.stdout + missing.stderr
+    beat.write_text("ok\n")
+    assert _health("b", env).returncode == 0
+    old = time.time() - 120
+    os.utime(beat, (old, old))
+    stale = _health("b", env)
+    assert stale.returncode == 1 and "b: no heartbeat for 12" in stale.stdout, stale.stdout
+    beat.write_text("unreachable\n")
+    failed = _health("b", env)
+    assert failed.returncode == 1 and "database unreachable at the bot's last check" in failed.stdout
+    assert "no sqlalchemy" in failed.stdout
+
+
+def test_the_heartbeat_records_an_unreachable_database_and_outlives_an_unwritable_file(tmp_path, monkeypatch, caplog):
+    db = Database.from_env(env={"DATABASE_URL": f"postgresql+asyncpg://u:{SECRET}@127.0.0.1:1/db"})
+    beat = tmp_path / "botfleet-health"
+    unwritable = tmp_path / "no-such-folder" / "botfleet-health"
+    monkeypatch.delenv("BOTFLEET_HEALTH_FILE", raising=False)
+
+    async def scenario() -> tuple[str, list[str]]:
+        async with db.heartbeat(beat, every=0.05):
+            for _ in range(100):
+                if beat.exists():
+                    break
+                await asyncio.sleep(0.05)
+            recorded = beat.read_text()
+        async with db.heartbeat(unwritable, every=0.05):
+            await asyncio.sleep(0.3)  # the block runs on; only the heartbeat stops
+        async with db.heartbeat(every=0.05):  # neither a path nor BOTFLEET_HEALTH_FILE: nothing kept
+            await asyncio.sleep(0.2)
+        await db.dispose()
+        return recorded, sorted(p.name for p in tmp_path.iterdir())
+
+    with caplog.at_level("WARNING", logger="shared.database"):
+        recorded, left = asyncio.run(scenario())
+    assert recorded == "unreachable\n" and left == []
+    assert "database unreachable (heartbeat)" in caplog.text
+    assert f"heartbeat stopped: cannot write {unwritable}" in caplog.text
+    assert SECRET not in caplog.text
 
 
 def _hold_role_slots(env: dict[str, str], count: int) -> list[psycopg.Connection]:

@@ -10,6 +10,8 @@ validation are 422 and never reach the database.
 # ``Session`` annotation, which is local to create_app.
 import enum
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -81,7 +83,13 @@ class MessageOut(BaseModel):
 
 def create_app(db: Database) -> FastAPI:
     """The API over ``db`` (the caller owns ``db`` and disposes of it)."""
-    app = FastAPI(title="chat-bot")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with db.heartbeat():  # the container's health check (shared.health) reads it
+            yield
+
+    app = FastAPI(title="chat-bot", lifespan=lifespan)
     # scope="function": commit (or roll back) before the response is sent.
     Session = Annotated[AsyncSession, Depends(db.session_dependency, scope="function")]
 

@@ -73,7 +73,8 @@ def create_app(db: Database, verification_token: str, max_body: int = 64 * 1024)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
+        async with db.heartbeat():  # the container's health check (shared.health) reads it
+            yield
         await db.dispose()  # in the server's own event loop, where the pooled connections live
 
     app = FastAPI(title="feishu-bot", lifespan=lifespan)

@@ -42,7 +42,8 @@ async def main() -> int:
     polling = asyncio.create_task(_poll(bot, db))
     stopping = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({polling, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        async with db.heartbeat():  # the container's health check (shared.health) reads it
+            await asyncio.wait({polling, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not polling.done():
             polling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
