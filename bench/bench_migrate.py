@@ -18,7 +18,10 @@ downgrade between modes is not timed):
       one interpreter per bot, its DATABASE_URL in the environment;
   (b) provisioning.migrate.migrate_many with --jobs 1: in this process, one bot after another;
   (c) migrate_many with --jobs 2, 4 and 8: forked worker processes;
-  (d) `provision migrate --all` end to end (one process, its default --jobs).
+  (d) `provision migrate --all` end to end (one process, its default --jobs);
+  (e) the floor: the same DDL (alembic's offline --sql script of each bot's code, generated
+      before timing) through ONE psql session and through FOUR in parallel, each session
+      connecting to its bots' databases in turn as each bot's role (a 0600 passfile).
 
 It prints the total, ms per bot and the speed-up over (a). Everything it
 creates on the server is dropped at the end, even on error or Ctrl-C.
@@ -27,6 +30,7 @@ creates on the server is dropped at the end, even on error or Ctrl-C.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +38,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
 
 from bench_provision import PROVISION, on_server, parse_args, progress
 from provisioning import db
@@ -121,6 +126,44 @@ def run_cli(root: Path, url: str, n: int) -> float:
     return elapsed
 
 
+def run_psql_floor(targets: list[Target], sessions: int, work: Path) -> float:
+    """(e) The migrations' own SQL through ``sessions`` psql processes, bots dealt round-robin."""
+    from provisioning.migrate import offline_sql
+
+    work.mkdir(mode=0o700, exist_ok=True)
+    scripts: dict[str, Path] = {}
+    for t in targets:
+        if t.package not in scripts:
+            scripts[t.package] = work / f"{t.package}.sql"
+            # the version table is there, empty, after the downgrade to base (as for (b)-(d))
+            sql = re.sub(r"CREATE TABLE alembic_version \(.*?\);\n", "", offline_sql(t, None), count=1, flags=re.S)
+            scripts[t.package].write_text(sql)
+    infos = [psycopg.conninfo.conninfo_to_dict(t.conninfo) for t in targets]
+    passfile = work / "pgpass"
+    passfile.touch(mode=0o600)
+    passfile.write_text("".join(
+        ":".join(str(i.get(k) or "*").replace("\\", "\\\\").replace(":", "\\:")
+                 for k in ("host", "port", "dbname", "user", "password")) + "\n" for i in infos))
+    files = []
+    for n in range(sessions):
+        lines = []
+        for t, info in list(zip(targets, infos))[n::sessions]:
+            conninfo = psycopg.conninfo.make_conninfo(**{k: v for k, v in info.items() if k != "password"})
+            lines += [f"\\connect {psycopg.sql.quote(conninfo)}", f"\\i {scripts[t.package]}"]
+        files.append(work / f"session{n}.sql")
+        files[-1].write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PGPASSFILE": str(passfile)}
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(f)], env=env,
+                              stdout=subprocess.DEVNULL) for f in files]
+    codes = [proc.wait() for proc in procs]
+    elapsed = time.perf_counter() - start
+    if any(codes):
+        raise RuntimeError(f"psql failed (exits {codes}); its error is above")
+    progress(f"e{sessions}", len(targets), len(targets))
+    return elapsed
+
+
 def report(where: str, n: int, totals: dict[str, float]) -> None:
     print(f"\n{n} bots from base to head on {where}")
     print(f"{'mode':<44} | {'total s':>8} | {'ms/bot':>7} | speed-up over (a)")
@@ -147,6 +190,10 @@ def main() -> int:
             totals[label] = run_many(targets, jobs, mode)
         to_base(targets)
         totals["(d) provision migrate --all (CLI)"] = run_cli(root, url, len(targets))
+        for sessions in (1, 4):
+            to_base(targets)
+            label = f"(e) floor: the DDL through {sessions} psql session{'s' if sessions > 1 else ''}"
+            totals[label] = run_psql_floor(targets, sessions, tmp / "floor")
         report(where, args.bots, totals)
 
     return on_server(args, prefix, body)

@@ -358,3 +358,50 @@ def test_plain_alembic_with_the_shared_env_on_sqlite(tmp_path):
     with sqlite3.connect(db) as conn:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"conversations", "messages", "file_metadata", "alembic_version"} <= names
+
+
+def _sessions(pg, database: str, at_least: int = 0) -> int:
+    """pg_stat_database.sessions (PostgreSQL 14+): how many sessions ever opened ``database``,
+    once the ones that ended have reported (a backend reports as it exits)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    with pg.connect("postgres") as conn:
+        conn.autocommit = True
+        while True:
+            n = conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s", (database,)).fetchone()[0]
+            if n >= at_least or time.monotonic() > deadline:
+                time.sleep(0.3)  # and nothing more trickles in
+                return conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s",
+                                    (database,)).fetchone()[0]
+            time.sleep(0.05)
+
+
+def test_a_bot_costs_one_connection_and_one_at_head_costs_no_engine(code_fleet, pg):
+    """The migrator opens ONE connection per bot: a bot at head is answered by one plain query on
+    it (no SQLAlchemy engine, no migration context), a bot behind is migrated on that same one."""
+    (name,) = add_code_bots(code_fleet, "chat-bot")
+    script = textwrap.dedent("""
+        import json, os, sys
+        from pathlib import Path
+        from provisioning.migrate import migrate_one, plan_targets
+        from provisioning.project import Project
+        targets, _ = plan_targets(Project(Path(os.environ["BOTFLEET_HOME"])), [sys.argv[1]], all_bots=False,
+                                  admin_url=os.environ["ADMIN_DATABASE_URL"])
+        outcome = migrate_one(targets[0])
+        print(json.dumps({"status": outcome.status, "engine": "sqlalchemy.ext.asyncio" in sys.modules}))
+    """)
+
+    def migrate_one_in_a_new_process() -> dict:
+        proc = subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True,
+                              env=code_fleet.env(), cwd=code_fleet.root, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    before = _sessions(pg, db_of(name))
+    assert migrate_one_in_a_new_process() == {"status": "upgraded", "engine": True}
+    assert _sessions(pg, db_of(name), before + 1) == before + 1
+    assert version(pg, name) == head(code_fleet, "chat_bot")  # (a session of the test's own)
+    before = _sessions(pg, db_of(name), before + 2)
+    assert migrate_one_in_a_new_process() == {"status": "up to date", "engine": False}
+    assert _sessions(pg, db_of(name), before + 1) == before + 1
