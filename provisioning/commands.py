@@ -295,14 +295,18 @@ def _migrate_new_bot(project: Project, url: str, name: str, progress: Progress) 
 
 
 def remove_bot(project: Project, servers: Servers, name: str, *, backup: bool = True, server: str | None = None,
-               progress: Progress = _quiet) -> reconcile.Removed:
+               forget: bool = False, progress: Progress = _quiet) -> reconcile.Removed:
     """Back up (pg_dump -Fc into backups/NAME/), then drop a bot's database, role, env file and
     registry entry. ``server``: where a bot that fleet.toml no longer names lives.
 
     A bot fleet.toml no longer names is removed only from a server that has its database or
     role: when the server chosen (``server``, else the default one) has neither, nothing is
     removed, its env file (the only copy of its password) is kept, and the refusal
-    (InvalidInput) names the server that has them (``--server NAME``)."""
+    (InvalidInput) names the server that has them (``--server NAME``).
+
+    A bot fleet.toml names whose server has neither its database nor its role (the wrong server
+    reached: ADMIN_DATABASE_URL unset, so a new embedded server; or the bot dropped by hand) keeps
+    its env file and entry too, unless ``forget``: the refusal says where its URL points."""
     validate(name)
     entry = project.fleet.bots.get(name)
     where = entry.server if entry is not None else (server or DEFAULT_SERVER)
@@ -313,6 +317,8 @@ def remove_bot(project: Project, servers: Servers, name: str, *, backup: bool = 
         validate(name, admin_role=srv.admin.role)
         if entry is None and not _has_bot(srv, name):
             _refuse_unplaced(project, servers, name, where)
+        elif entry is not None and not forget and project.env_path(name).exists() and not _has_bot(srv, name):
+            _refuse_elsewhere(project, srv, name)
         result = reconcile.remove(srv, project, name, backup=backup, progress=progress)
     warning = compose.rerender_if_present(project)
     if warning:
@@ -364,6 +370,20 @@ def _refuse_unplaced(project: Project, servers: Servers, name: str, where: str) 
         f"its credentials {env_path}{points} are kept, the only copy of its password: if a server fleet.toml "
         f"does not name holds it, add it as [servers.NAME] and run provision remove-bot {name} --server NAME; "
         "if the bot is gone, delete the file yourself (nothing was changed)")
+
+
+def _refuse_elsewhere(project: Project, server: Server, name: str) -> None:
+    """For a registry bot its server (open) does not hold: refuse, keeping its credentials (the
+    only copy of its password, for a bot that lives on a server this command did not reach)."""
+    from .envfile import EnvFile
+
+    env_path = project.env_path(name)
+    creds = EnvFile.read(env_path).credentials()
+    points = f"; its DATABASE_URL points at {creds.host}:{creds.port}/{creds.database}" if creds else ""
+    raise InvalidInput(
+        f"{name}: the server reached ({server.banner().removeprefix('server: ')}) has no database or role of it"
+        f"{points}; nothing was changed and its credentials {env_path} are kept: if it lives on another server, "
+        f"set ADMIN_DATABASE_URL to it; if the bot is gone, provision remove-bot {name} --forget")
 
 
 _LIVE_DATABASES = """

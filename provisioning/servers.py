@@ -98,6 +98,11 @@ class Servers:
             self.project.require_fleet()  # no fleet.toml: refused before .botfleet/ or a server is made
         embedded = self.embedded()
         if start_embedded:
+            placed = len(self.project.fleet.on(DEFAULT_SERVER)) if self.project.registry.exists() else 0
+            if placed and not embedded.status().initialized:
+                self.say(f"note: no {ENV_ADMIN_URL} is set, so a NEW embedded server is made in "
+                         f"{self.project.state_dir}: fleet.toml's {placed} bot(s) on the default server are not on "
+                         f"it (set {ENV_ADMIN_URL} if they live on another server; provision apply builds them here)")
             embedded.start()
             from .archive import keep_receiving
 

@@ -97,3 +97,51 @@ def test_a_forgotten_bot_that_no_server_holds_keeps_its_env_file(fleet, pg):
     assert proc.returncode == 0, proc.stderr
     assert f"{name}: removed" in proc.stdout and "dropped  env file" in proc.stdout
     assert on_server(pg, name) == (False, False) and not fleet.env_file(name).exists()
+
+
+def test_a_registry_bot_the_server_reached_does_not_hold_keeps_its_credentials_unless_forgotten(fleet, other_server, pg,
+                                                                                                 admin):
+    """The wrong server reached (another ADMIN_DATABASE_URL; without one, a new embedded server):
+    remove-bot of a bot fleet.toml names finds neither its database nor its role there. It used
+    to drop the env file (the only copy of the password of a bot that still lives on its real
+    server) and the entry; now it refuses and changes nothing, and --forget is the way to drop a
+    bot that is really gone."""
+    name = fleet.name("elsewhere")
+    fleet.add(name)
+    env_before = fleet.env_file(name).read_bytes()
+    registry_before = (fleet.root / "fleet.toml").read_text()
+
+    wrong = fleet.run("remove-bot", name, "--yes", env=fleet.env(ADMIN_DATABASE_URL=other_server.url))
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    (error,) = errors(wrong.stderr)
+    assert "has no database or role of it" in error and f"{stem(name)}_db" in error, error
+    assert "set ADMIN_DATABASE_URL" in error and f"remove-bot {name} --forget" in error and "nothing was changed" in error
+    assert "removed" not in wrong.stdout
+    assert fleet.env_file(name).read_bytes() == env_before
+    assert (fleet.root / "fleet.toml").read_text() == registry_before
+    assert on_server(pg, name) == (True, True)
+
+    # Gone for real (dropped by hand on its server): refused the same way, then --forget.
+    drop_bot_objects(admin, [name])
+    assert fleet.run("remove-bot", name, "--yes").returncode == 2
+    assert fleet.env_file(name).read_bytes() == env_before
+    forgotten = fleet.run("remove-bot", name, "--yes", "--forget")
+    assert forgotten.returncode == 0, forgotten.stderr
+    assert not fleet.env_file(name).exists() and f"[bots.{name}]" not in (fleet.root / "fleet.toml").read_text()
+    assert fleet.run("remove-bot", name, "--yes").returncode == 0, "a second run is harmless"
+
+
+def test_a_command_that_makes_a_new_embedded_server_says_the_fleets_bots_are_not_on_it(fleet):
+    name = fleet.name("on-pg")
+    fleet.add(name)
+    env = {k: v for k, v in fleet.env().items() if k != "ADMIN_DATABASE_URL"}
+    try:
+        first = fleet.run("list", env=env)
+        assert first.returncode == 0, first.stderr
+        assert ("note: no ADMIN_DATABASE_URL is set, so a NEW embedded server is made in "
+                f"{fleet.root / '.botfleet'}: fleet.toml's 1 bot(s) on the default server are not on it") in first.stderr
+        assert any(line.split()[:2] == [name, "missing"] for line in first.stdout.splitlines()), first.stdout
+        again = fleet.run("list", env=env)  # the server is this folder's now: said once
+        assert again.returncode == 0 and "NEW embedded server" not in again.stderr, again.stderr
+    finally:
+        fleet.run("server", "stop", env=env)

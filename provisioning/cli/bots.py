@@ -118,13 +118,15 @@ def remove_bot(
     no_backup: Annotated[bool, typer.Option("--no-backup", help="Drop without a pg_dump backup first (data is lost).")] = False,
     server: Annotated[Optional[str], typer.Option("--server", help="For a bot not in fleet.toml: the server it is on.",
                                                   show_default="its registry entry's, else 'default'")] = None,
+    forget: Annotated[bool, typer.Option("--forget", help="Drop its env file and fleet.toml entry even though the "
+                                         "server reached has neither its database nor its role.")] = False,
     as_json: JsonOpt = False,
     project: ProjectOpt = None,  # type: ignore[assignment]
     admin_url: AdminUrlOpt = None,
 ) -> None:
     """Back up (pg_dump -Fc into backups/NAME/), then drop a bot's database, role, env file and registry entry.
 
-    Asks first (or needs --yes). Removing a bot that is already gone is harmless. A bot fleet.toml no longer names is removed from --server (default: the default server) only if that server holds its database or role; else nothing is removed, its env file is kept, and the error names the server that holds it.
+    Asks first (or needs --yes). Removing a bot that is already gone is harmless. A bot fleet.toml no longer names is removed from --server (default: the default server) only if that server holds its database or role; else nothing is removed, its env file is kept, and the error names the server that holds it. A bot fleet.toml names is refused the same way when its server has neither (the wrong server reached, e.g. ADMIN_DATABASE_URL unset): --forget drops its env file and entry anyway.
 
     Example: provision remove-bot hello-bot --yes
     """
@@ -138,7 +140,7 @@ def remove_bot(
                           f"remove-bot {name} drops its database: pass --yes to confirm")
     proj = project_of(project)
     result = commands.remove_bot(proj, servers_of(proj, admin_url), name, backup=not no_backup, server=server,
-                                 progress=say)
+                                 forget=forget, progress=say)
     if as_json:
         print_json(result.as_dict())
         return
