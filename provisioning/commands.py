@@ -358,10 +358,8 @@ def _refuse_unplaced(project: Project, servers: Servers, name: str, where: str) 
                            f"{found[0]} has: provision remove-bot {name} --server {found[0]} (nothing was changed{kept})")
     if not env_path.exists():
         return
-    from .envfile import EnvFile
-
-    creds = EnvFile.read(env_path).credentials()
-    points = f" (its DATABASE_URL points at {creds.host}:{creds.port}/{creds.database})" if creds else ""
+    where_url = _points_at(env_path)
+    points = f" ({where_url})" if where_url else ""
     looked = [where] + [n for n in servers.fleet_wide() if n != where and n not in unreached]
     missed = f"; server {', '.join(unreached)} not reached" if unreached else ""
     raise InvalidInput(
@@ -372,14 +370,20 @@ def _refuse_unplaced(project: Project, servers: Servers, name: str, where: str) 
         "if the bot is gone, delete the file yourself (nothing was changed)")
 
 
+def _points_at(env_path: Path) -> str:
+    """Where a bot's env file's DATABASE_URL points (host:port/database), for a refusal; '' without one."""
+    from .envfile import EnvFile
+
+    creds = EnvFile.read(env_path).credentials()
+    return f"its DATABASE_URL points at {creds.host}:{creds.port}/{creds.database}" if creds else ""
+
+
 def _refuse_elsewhere(project: Project, server: Server, name: str) -> None:
     """For a registry bot its server (open) does not hold: refuse, keeping its credentials (the
     only copy of its password, for a bot that lives on a server this command did not reach)."""
-    from .envfile import EnvFile
-
     env_path = project.env_path(name)
-    creds = EnvFile.read(env_path).credentials()
-    points = f"; its DATABASE_URL points at {creds.host}:{creds.port}/{creds.database}" if creds else ""
+    where_url = _points_at(env_path)
+    points = f"; {where_url}" if where_url else ""
     raise InvalidInput(
         f"{name}: the server reached ({server.banner().removeprefix('server: ')}) has no database or role of it"
         f"{points}; nothing was changed and its credentials {env_path} are kept: if it lives on another server, "

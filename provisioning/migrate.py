@@ -250,10 +250,15 @@ def _engine_for(conn: psycopg.AsyncConnection) -> tuple[Any, _Handoff]:
     return found
 
 
+# The version table, where the bot's search_path finds it (as Alembic's default version_table).
+_HAS_VERSION_TABLE = "SELECT to_regclass('alembic_version') IS NOT NULL"
+_VERSIONS = "SELECT version_num FROM alembic_version"
+
+
 async def _version(conn: psycopg.AsyncConnection) -> str | None:
     """The revision in the version table, read with one plain query (None: none recorded)."""
     try:
-        row = await (await conn.execute("SELECT version_num FROM alembic_version")).fetchone()
+        row = await (await conn.execute(_VERSIONS)).fetchone()
     except psycopg.errors.UndefinedTable:
         row = None
     await conn.rollback()
@@ -265,9 +270,9 @@ async def _recorded(conn, target: Target) -> str | None:
     alembic's get_current_revision answers, without its reflection)."""
     from sqlalchemy import text
 
-    if not (await conn.execute(text("SELECT to_regclass('alembic_version') IS NOT NULL"))).scalar():
+    if not (await conn.execute(text(_HAS_VERSION_TABLE))).scalar():
         return None
-    rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
+    rows = (await conn.execute(text(_VERSIONS))).scalars().all()
     if len(rows) > 1:
         raise MigrationFailed(f"{target.bot}: its version table records {len(rows)} revisions "
                               f"({', '.join(sorted(rows))}); merge the code's heads first")
@@ -287,17 +292,14 @@ async def _run(target: Target, dest_name: str, outcome: Outcome, *, downgrade: b
             if current is not None and current == head_of(script, target.package):
                 outcome.status = "up to date"
                 return outcome
-    except BaseException:
-        await first.close()
-        raise
-    engine, handoff = _engine_for(first)
-    handoff.conn = first
-    try:
-        return await _run_locked(engine, script, target, dest_name, outcome, downgrade=downgrade, lock_wait=lock_wait)
+        engine, handoff = _engine_for(first)
+        handoff.conn = first
+        try:
+            return await _run_locked(engine, script, target, dest_name, outcome, downgrade=downgrade,
+                                     lock_wait=lock_wait)
+        finally:
+            handoff.conn = None  # untaken when the engine never connected
     finally:
-        if handoff.conn is not None:  # the engine never took it (an error before its connect)
-            await handoff.conn.close()
-            handoff.conn = None
         await first.close()  # a no-op when the engine's close already closed it
 
 
@@ -546,10 +548,10 @@ def offline_sql(target: Target, current: str | None, dest: str = "head", *, down
 
 def revision_of(conn: psycopg.Connection) -> str | None:
     """The revision of the database ``conn`` is in (None: never migrated)."""
-    exists = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
+    exists = conn.execute(_HAS_VERSION_TABLE).fetchone()
     if not exists or not exists[0]:
         return None
-    row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    row = conn.execute(_VERSIONS).fetchone()
     return row[0] if row else None
 
 

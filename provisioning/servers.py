@@ -98,8 +98,9 @@ class Servers:
             self.project.require_fleet()  # no fleet.toml: refused before .botfleet/ or a server is made
         embedded = self.embedded()
         if start_embedded:
-            placed = len(self.project.fleet.on(DEFAULT_SERVER)) if self.project.registry.exists() else 0
-            if placed and not embedded.status().initialized:
+            placed = (len(self.project.fleet.on(DEFAULT_SERVER))
+                      if not embedded.status().initialized and self.project.registry.exists() else 0)
+            if placed:
                 self.say(f"note: no {ENV_ADMIN_URL} is set, so a NEW embedded server is made in "
                          f"{self.project.state_dir}: fleet.toml's {placed} bot(s) on the default server are not on "
                          f"it (set {ENV_ADMIN_URL} if they live on another server; provision apply builds them here)")

@@ -4,6 +4,7 @@ health checks, on in-memory SQLite and on PostgreSQL as a provisioned bot's own 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import subprocess
 import sys
@@ -58,6 +59,16 @@ def test_each_bots_base_has_its_own_registry_and_metadata():
     # chat-bot and feishu-bot both have a Message: chat-bot's relationship strings still resolve.
     configure_mappers()
     assert chat.Conversation.messages.property.mapper.class_ is chat.Message
+
+
+def test_the_package_names_load_when_first_used():
+    import shared
+
+    assert sorted(shared.__all__) == sorted(shared._WHERE)
+    for name in shared.__all__:
+        assert getattr(shared, name) is getattr(importlib.import_module(f"shared.{shared._WHERE[name]}"), name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        shared.nope  # noqa: B018
 
 
 def test_a_table_needs_a_bots_abstract_base():
