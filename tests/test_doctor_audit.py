@@ -214,19 +214,41 @@ def test_doctor_finds_a_password_changed_on_the_server_even_when_it_cannot_read_
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident(ops)))
 
 
-def test_a_password_the_login_proved_is_not_hashed_again_and_a_changed_one_is_found(scram_fleet, monkeypatch):
-    """The login as the bot over SCRAM is the server's check of the env file's password: doctor
-    hashes it again (PBKDF2, 1 ms a bot) only when no password was used; a password changed on
-    the server is still found, once, as the reconcile's finding."""
+def test_a_password_the_login_proved_is_hashed_once_and_a_changed_one_is_found(scram_fleet, monkeypatch):
+    """The login as the bot over SCRAM is the server's check of the env file's password. With
+    libpq 18 doctor logs in with the SCRAM keys the password gives (one PBKDF2 here, which also
+    compares it with the verifier); with an older libpq, with the password (libpq hashes it) and
+    no hash here. Either way each password is hashed once by doctor's own process at most; a
+    password changed on the server is still found, once, as the reconcile's finding."""
+    import base64
+    import hashlib
+
     from provisioning import passwords
 
     fleet = scram_fleet
     good, moved = fleet.name("proved"), fleet.name("changed")
     fleet.add(good)
     fleet.add(moved)
-    hashed: list[str] = []
-    real = passwords.verifier_matches
-    monkeypatch.setattr(passwords, "verifier_matches", lambda pw, verifier: hashed.append(verifier) or real(pw, verifier))
+    hashed: list[bytes] = []  # the salt of each PBKDF2 made in this process
+    real = hashlib.pbkdf2_hmac
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", lambda name, pw, salt, n, *a: hashed.append(salt) or real(name, pw, salt, n, *a))
+    passwords._salted.cache_clear()
+    logins: list[tuple[str, bool, bool]] = []  # each login as a bot: its database, with keys?, logged in?
+    connect = psycopg.connect
+
+    def recording(conninfo: str = "", **kwargs):
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
+        if params.get("application_name") != "botfleet-doctor":
+            return connect(conninfo, **kwargs)
+        try:
+            conn = connect(conninfo, **kwargs)
+        except psycopg.OperationalError:
+            logins.append((params["dbname"], "scram_client_key" in params, False))
+            raise
+        logins.append((params["dbname"], "scram_client_key" in params, True))
+        return conn
+
+    monkeypatch.setattr(psycopg, "connect", recording)
     try:
         with fleet.server.connect() as admin:
             verifiers = dict(admin.execute("SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)",
@@ -240,12 +262,53 @@ def test_a_password_the_login_proved_is_not_hashed_again_and_a_changed_one_is_fo
         found = of_bot(report["found"], moved)
         assert [f["check"] for f in found] == ["password"], found
         assert "is not the role's password on the server" in found[0]["message"]
-        assert verifiers[role(good)] not in hashed, "the bot that logged in had its password hashed again"
-        assert changed in hashed  # the failed login's bot: checked here, hence the finding
+
+        def salt(verifier: str) -> bytes:
+            return base64.b64decode(verifier.split("$")[1].split(":")[1])
+
+        assert hashed.count(salt(verifiers[role(good)])) == (1 if passwords.keys_supported() else 0), hashed
+        assert hashed.count(salt(changed)) == 1  # the changed one: checked here, hence the finding
+        keys = passwords.keys_supported()
+        assert [(d, k, ok) for d, k, ok in logins if d == db(good)] == [(db(good), keys, True)], logins
+        # the changed password gives no keys for the role's verifier: its login is with the password
+        assert [(d, k, ok) for d, k, ok in logins if d == db(moved)] == [(db(moved), False, False)], logins
         assert_no_leak(fleet.password(good), proc.stdout, proc.stderr)
     finally:
         with fleet.server.connect() as admin:
             drop_bot_objects(admin, [good, moved])
+
+
+def test_scram_keys_log_in_as_the_password_does_and_only_for_its_verifier(scram_fleet):
+    """passwords.scram_keys: the keys a password gives with its role's verifier log in over SCRAM
+    (libpq 18's scram_client_key / scram_server_key, no password sent to libpq); another
+    password gives none, and forged keys are refused by the server."""
+    import base64
+
+    from provisioning import passwords
+
+    if not passwords.keys_supported():
+        pytest.skip("this libpq cannot log in with SCRAM keys (libpq 18 can)")
+    fleet = scram_fleet
+    name = fleet.name("keys")
+    fleet.add(name)
+    try:
+        with fleet.server.connect() as admin:
+            verifier = admin.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role(name),)).fetchone()[0]
+        password = fleet.password(name)
+        keys = passwords.scram_keys(password, verifier)
+        assert keys is not None and passwords.verifier_matches(password, verifier)
+        assert passwords.scram_keys(password + "x", verifier) is None
+        assert passwords.scram_keys(password, verifier.replace("SCRAM-SHA-256$", "md5$")) is None
+        params = {**parse_url(fleet.server.url), "user": role(name), "dbname": db(name), "host": "127.0.0.1"}
+        params.pop("password", None)
+        with psycopg.connect(make_conninfo(**params, scram_client_key=keys[0], scram_server_key=keys[1])) as conn:
+            assert conn.execute("SELECT current_user").fetchone()[0] == role(name)
+        forged = base64.b64encode(secrets.token_bytes(32)).decode()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(make_conninfo(**params, scram_client_key=forged, scram_server_key=keys[1]))
+    finally:
+        with fleet.server.connect() as admin:
+            drop_bot_objects(admin, [name])
 
 
 def test_a_bot_using_all_its_connections_is_no_credentials_finding(scram_fleet):
