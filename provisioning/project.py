@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,12 +45,15 @@ class Project:
                 mode = stat.S_IMODE(folder.stat().st_mode)
                 raise InvalidInput(f"{folder} is writable by group or others (mode {mode:04o}): another user could "
                                    f"swap its files; chmod go-w {folder}")
-        secrets = self.root / "secrets"
-        if secrets.is_dir():
-            for path in sorted(secrets.glob("*.env")):
-                if path.is_symlink():
-                    raise InvalidInput(f"{path} is a symbolic link: a bot's credentials file must be a file of its own "
-                                       "(replace the link with the file)")
+        # os.scandir: the entries' types come with the listing (no lstat per file; 1,000 bots' env files)
+        try:
+            with os.scandir(self.root / "secrets") as entries:
+                links = sorted(e.path for e in entries if e.name.endswith(".env") and e.is_symlink())
+        except (FileNotFoundError, NotADirectoryError):
+            links = []
+        if links:
+            raise InvalidInput(f"{links[0]} is a symbolic link: a bot's credentials file must be a file of its own "
+                               "(replace the link with the file)")
 
     def require_fleet(self) -> None:
         """Refuse (InvalidInput, exit 2) a folder that holds no fleet.toml. A read-only command
