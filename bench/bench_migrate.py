@@ -19,6 +19,8 @@ downgrade between modes is not timed):
   (b) provisioning.migrate.migrate_many with --jobs 1: in this process, one bot after another;
   (c) migrate_many with --jobs 2, 4 and 8: forked worker processes;
   (d) `provision migrate --all` end to end (one process, its default --jobs);
+  (b), (c) and (d) each twice: with --no-replay (Alembic for every bot), then as botfleet runs
+      by default (Alembic for the first bot of each code, its recorded SQL replayed on the others);
   (e) the floor: the same DDL (alembic's offline --sql script of each bot's code, generated
       before timing) through ONE psql session and through FOUR in parallel, each session
       connecting to its bots' databases in turn as each bot's role (a 0600 passfile).
@@ -98,7 +100,7 @@ def run_alembic_loop(targets: list[Target], url: str) -> float:
     return time.perf_counter() - start
 
 
-def run_many(targets: list[Target], jobs: int, mode: str) -> float:
+def run_many(targets: list[Target], jobs: int, mode: str, replay: bool = True) -> float:
     done = 0
 
     def tick(_outcome) -> None:
@@ -107,17 +109,17 @@ def run_many(targets: list[Target], jobs: int, mode: str) -> float:
         progress(mode, done, len(targets))
 
     start = time.perf_counter()
-    outcomes = migrate_many(targets, jobs=jobs, on_done=tick)
+    outcomes = migrate_many(targets, jobs=jobs, on_done=tick, replay=replay)
     elapsed = time.perf_counter() - start
     check(outcomes, mode)
     return elapsed
 
 
-def run_cli(root: Path, url: str, n: int) -> float:
+def run_cli(root: Path, url: str, n: int, *extra: str) -> float:
     """(d) `provision migrate --all` as an operator runs it."""
     env = {k: v for k, v in os.environ.items() if k != "BOTFLEET_HOME"} | {"ADMIN_DATABASE_URL": url}
     start = time.perf_counter()
-    done = subprocess.run([PROVISION, "migrate", "--all", "--project-dir", str(root)],
+    done = subprocess.run([PROVISION, "migrate", "--all", "--project-dir", str(root), *extra],
                           env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
@@ -165,11 +167,12 @@ def run_psql_floor(targets: list[Target], sessions: int, work: Path) -> float:
 
 
 def report(where: str, n: int, totals: dict[str, float]) -> None:
+    width = max(len(label) for label in [*totals, "mode"])
     print(f"\n{n} bots from base to head on {where}")
-    print(f"{'mode':<44} | {'total s':>8} | {'ms/bot':>7} | speed-up over (a)")
-    print(f"{'-' * 44}-+-{'-' * 8}-+-{'-' * 7}-+------------------")
+    print(f"{'mode':<{width}} | {'total s':>8} | {'ms/bot':>7} | speed-up over (a)")
+    print(f"{'-' * width}-+-{'-' * 8}-+-{'-' * 7}-+------------------")
     for label, total in totals.items():
-        print(f"{label:<44} | {total:8.2f} | {total / n * 1000:7.0f} | {totals[next(iter(totals))] / total:8.1f}x")
+        print(f"{label:<{width}} | {total:8.2f} | {total / n * 1000:7.0f} | {totals[next(iter(totals))] / total:8.1f}x")
 
 
 def main() -> int:
@@ -183,13 +186,17 @@ def main() -> int:
         targets = provision(url, root, bots)
         totals: dict[str, float] = {}
         totals["(a) alembic upgrade head, a process per bot"] = run_alembic_loop(targets, url)
-        for jobs in (1, 2, 4, 8):
+        for replay in (False, True):
+            how = "" if replay else ", --no-replay"
+            for jobs in (1, 2, 4, 8):
+                to_base(targets)
+                mode = ("b" if jobs == 1 else f"c{jobs}") + ("" if replay else "-alembic")
+                label = (f"(b) migrate_many --jobs 1 (in-process{how})" if jobs == 1
+                         else f"(c) migrate_many --jobs {jobs} (workers{how})")
+                totals[label] = run_many(targets, jobs, mode, replay)
             to_base(targets)
-            mode = "b" if jobs == 1 else f"c{jobs}"
-            label = "(b) migrate_many --jobs 1 (in-process)" if jobs == 1 else f"(c) migrate_many --jobs {jobs} (workers)"
-            totals[label] = run_many(targets, jobs, mode)
-        to_base(targets)
-        totals["(d) provision migrate --all (CLI)"] = run_cli(root, url, len(targets))
+            totals[f"(d) provision migrate --all (CLI{how})"] = run_cli(root, url, len(targets),
+                                                                       *([] if replay else ["--no-replay"]))
         for sessions in (1, 4):
             to_base(targets)
             label = f"(e) floor: the DDL through {sessions} psql session{'s' if sessions > 1 else ''}"

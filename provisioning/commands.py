@@ -795,14 +795,14 @@ def _converge_backup_role(project: Project, server: Server, progress: Progress) 
 
 
 def _run_migrations(targets: list[Target], dest: str, jobs: int | None, lock_wait: float,
-                    on_done: Migrated | None) -> list[Outcome]:
+                    on_done: Migrated | None, replay: bool = True) -> list[Outcome]:
     from .migrate import migrate_many
 
     def report(outcome: Outcome) -> None:
         if on_done is not None:
             on_done(outcome, len(targets))
 
-    return migrate_many(targets, dest, jobs=jobs, lock_wait=lock_wait, on_done=report)
+    return migrate_many(targets, dest, jobs=jobs, lock_wait=lock_wait, on_done=report, replay=replay)
 
 
 def _default_url(project: Project, servers: Servers, bots: list[str] | None) -> str | None:
@@ -865,9 +865,10 @@ def migration_targets(project: Project, servers: Servers, bots: list[str], *, al
 
 def migrate(project: Project, servers: Servers, bots: list[str], *, all_bots: bool = False, to: str = "head",
             jobs: int | None = None, bot_urls: bool = False, lock_wait: float = DEFAULT_LOCK_WAIT,
-            on_done: Migrated | None = None) -> list[Outcome]:
+            on_done: Migrated | None = None, replay: bool = True) -> list[Outcome]:
     """Bring bots to ``to`` (head), each as its OWN role, several at once; one bot's failure
-    never stops the others (its outcome is "failed" and it is rolled back)."""
+    never stops the others (its outcome is "failed" and it is rolled back). ``replay``: see
+    migrate.migrate_many (False: Alembic works out every bot's migrations itself)."""
     if jobs is not None and not 1 <= jobs <= 64:
         raise InvalidInput("--jobs must be between 1 and 64")
     from .migrate import at_head
@@ -880,7 +881,7 @@ def migrate(project: Project, servers: Servers, bots: list[str], *, all_bots: bo
         if on_done is not None:
             on_done(outcome, len(targets))
     ran = _run_migrations(pending, to, jobs, lock_wait,
-                          None if on_done is None else (lambda o, _n: on_done(o, len(targets)))) if pending else []
+                          None if on_done is None else (lambda o, _n: on_done(o, len(targets))), replay) if pending else []
     return sorted(done + ran + early, key=lambda o: o.bot)
 
 

@@ -37,17 +37,20 @@ never come, and a worker killed mid-migration takes its transaction with it
 from __future__ import annotations
 
 import asyncio
+import bisect
+import copy
 import ctypes
 import functools
 import io
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,13 +99,50 @@ class Outcome:
     seconds: float = 0.0
     error: str | None = None
     applied: list[str] = field(default_factory=list)
+    # How it was migrated: "alembic", or "replay" (the SQL Alembic ran for another bot of its code).
+    by: str = ""
+    # What Alembic ran for it, when another bot of its code may run the same (see Recipe).
+    recipe: Recipe | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return self.status != "failed"
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "recipe"}
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One statement as SQLAlchemy handed it to psycopg: its text, its parameters (None, a dict,
+    or a list of them for ``many``), exactly, so it runs again exactly as it ran."""
+
+    sql: str
+    params: Any
+    many: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What Alembic ran for ONE bot of a code from one starting point to the code's head, to run
+    again as it is on the code's other bots (a fleet's bots of one code share their migrations).
+
+    It is kept only when it can stand for Alembic on another bot: no statement run by a migration
+    returned rows (a migration that reads the database, even the catalogs through an inspector,
+    could decide differently in another database), and none names that bot's database or role.
+    ``setup``: what Alembic ran before the first migration that changed anything (creating the
+    version table); ``step_ends``: how many statements had run when each revision was done."""
+
+    root: str
+    package: str
+    server: tuple[str, str, str]  # host, port, server version: DDL may be compiled for a version
+    from_rev: str | None
+    had_table: bool
+    to_rev: str | None
+    steps: tuple[str, ...]
+    setup: tuple[Statement, ...]
+    statements: tuple[Statement, ...]
+    step_ends: tuple[int, ...]
 
 
 class MigrationFailed(Exception):
@@ -197,25 +237,31 @@ def _path(script: ScriptDirectory, current: str | None, dest: str | None, downgr
     return [r.revision for r in reversed(revs)]
 
 
-async def _lock(conn, target: Target, lock_wait: float) -> None:
-    from sqlalchemy import text
-    from sqlalchemy.exc import DBAPIError
-
-    key = (MIGRATION_LOCK_SPACE, lock_key(target.database))
+async def _lock(scalar: Callable[[str, dict[str, Any]], Any], target: Target, lock_wait: float) -> None:
+    """Take the bot database's migration lock (a session advisory lock). ``scalar(sql, params)``:
+    runs one psycopg-style query on the bot's connection and returns the first column of its row
+    (through SQLAlchemy for Alembic's connection, straight on psycopg's for a replay)."""
+    key = {"a": MIGRATION_LOCK_SPACE, "b": lock_key(target.database)}
     if lock_wait <= 0:
-        got = (await conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"), {"a": key[0], "b": key[1]})).scalar()
-        if not got:
+        if not await scalar("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", key):
             raise MigrationFailed(f"{target.bot}: is being migrated by another process right now; try again later")
         return
-    await conn.execute(text("SELECT set_config('lock_timeout', :t, false)"), {"t": f"{int(lock_wait * 1000)}ms"})
+    # The wait is lock_wait's, not the role's statement_timeout (30 s by default, which would end
+    # a longer --lock-wait early); the migration runs without one too, as the callers then set.
+    await scalar("SELECT set_config('lock_timeout', %(t)s, false), set_config('statement_timeout', '0', false)",
+                 {"t": f"{int(lock_wait * 1000)}ms"})
     try:
-        await conn.execute(text("SELECT pg_advisory_lock(:a, :b)"), {"a": key[0], "b": key[1]})
-    except DBAPIError as err:
-        if isinstance(err.orig, psycopg.errors.LockNotAvailable):
+        await scalar("SELECT pg_advisory_lock(%(a)s, %(b)s)", key)
+    except Exception as err:
+        if isinstance(getattr(err, "orig", err), psycopg.errors.LockNotAvailable):
             raise MigrationFailed(
                 f"{target.bot}: another process has been migrating it for {lock_wait:g}s; gave up waiting"
             ) from None
         raise
+
+
+def _server_key(conn: psycopg.AsyncConnection) -> tuple[str, str, str]:
+    return (conn.info.host, str(conn.info.port), str(conn.info.server_version))
 
 
 class _Handoff:
@@ -241,7 +287,7 @@ def _engine_for(conn: psycopg.AsyncConnection) -> tuple[Any, _Handoff]:
     from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy.pool import NullPool
 
-    key = (conn.info.host, str(conn.info.port), str(conn.info.server_version))
+    key = _server_key(conn)
     found = _ENGINES.get(key)
     if found is None:
         handoff = _Handoff()
@@ -279,42 +325,158 @@ async def _recorded(conn, target: Target) -> str | None:
     return rows[0] if rows else None
 
 
-async def _run(target: Target, dest_name: str, outcome: Outcome, *, downgrade: bool, lock_wait: float) -> Outcome:
+async def _run(target: Target, dest_name: str, outcome: Outcome, *, downgrade: bool, lock_wait: float,
+               recipe: Recipe | None = None, record: bool = False) -> Outcome:
     script = script_directory(target.root, target.package)
     # One connection per bot, whatever the outcome. A bot already at head is answered from one
     # plain query on it, before the lock: no engine, no Alembic (a migrate --all with nothing
     # pending costs a connection and a query per bot).
     first = await psycopg.AsyncConnection.connect(target.conninfo, connect_timeout=10)
     try:
+        to_head = not downgrade and dest_name == "head"
         if not downgrade and dest_name in ("head", "heads"):
             current = await _version(first)
             outcome.from_rev = outcome.to_rev = current
             if current is not None and current == head_of(script, target.package):
                 outcome.status = "up to date"
                 return outcome
+        if (to_head and recipe is not None and (recipe.root, recipe.package) == (target.root, target.package)
+                and recipe.server == _server_key(first) and await _replay(first, recipe, target, outcome, script, lock_wait)):
+            return outcome
+        names = (target.database, first.info.user)
         engine, handoff = _engine_for(first)
         handoff.conn = first
         try:
             return await _run_locked(engine, script, target, dest_name, outcome, downgrade=downgrade,
-                                     lock_wait=lock_wait)
+                                     lock_wait=lock_wait, record=(names, _server_key(first)) if record and to_head else None)
         finally:
             handoff.conn = None  # untaken when the engine never connected
     finally:
         await first.close()  # a no-op when the engine's close already closed it
 
 
+async def _replay(conn: psycopg.AsyncConnection, recipe: Recipe, target: Target, outcome: Outcome,
+                  script: ScriptDirectory, lock_wait: float) -> bool:
+    """Run ``recipe`` (what Alembic ran for another bot of this code) on this bot, under its
+    migration lock, in ONE transaction, as Alembic would have: True when done. False, with nothing
+    changed and the lock kept for Alembic, when this bot does not start where the recipe did."""
+
+    async def scalar(query: str, params: dict[str, Any]) -> Any:
+        return (await (await conn.execute(query, params)).fetchone())[0]
+
+    await _lock(scalar, target, lock_wait)
+    await conn.execute("SELECT set_config('lock_timeout', %s, false)", (DDL_LOCK_TIMEOUT,))
+    await conn.execute("SET statement_timeout = 0")  # as for Alembic: a migration may run long
+    await conn.commit()
+    had_table = bool(await scalar(_HAS_VERSION_TABLE, {}))
+    current = await _plain_recorded(conn, target) if had_table else None
+    if (current, had_table) != (recipe.from_rev, recipe.had_table):
+        await conn.rollback()
+        return False
+    outcome.from_rev = outcome.to_rev = current
+    done = 0
+    try:
+        async with conn.cursor() as cur:
+            for statement in recipe.setup:
+                await _execute(cur, statement)
+            for statement in recipe.statements:
+                await _execute(cur, statement)
+                done += 1
+        after = await _plain_recorded(conn, target)
+    except psycopg.Error as err:
+        await conn.rollback()
+        failing = recipe.steps[min(bisect.bisect_right(recipe.step_ends, done), len(recipe.steps) - 1)]
+        doc = script.get_revision(failing).doc
+        raise MigrationFailed(
+            f"{target.bot}: revision {failing}{f' ({doc})' if doc else ''} failed: {one_line(err)}; "
+            f"rolled back, still at {current or 'base'}"
+        ) from None
+    if after != recipe.to_rev:
+        await conn.rollback()
+        raise MigrationFailed(f"{target.bot}: the replayed migrations left it at {after or 'base'}, not at "
+                              f"{recipe.to_rev}; rolled back, still at {current or 'base'}")
+    await conn.commit()
+    outcome.to_rev, outcome.applied = after, list(recipe.steps)
+    outcome.status, outcome.by = "upgraded", "replay"
+    return True
+
+
+async def _execute(cur: psycopg.AsyncCursor, statement: Statement) -> None:
+    if statement.many:
+        await cur.executemany(statement.sql, statement.params)
+    else:
+        await cur.execute(statement.sql, statement.params)
+
+
+async def _plain_recorded(conn: psycopg.AsyncConnection, target: Target) -> str | None:
+    """:func:`_recorded` on a plain psycopg connection whose version table exists."""
+    rows = [r[0] for r in await (await conn.execute(_VERSIONS)).fetchall()]
+    if len(rows) > 1:
+        raise MigrationFailed(f"{target.bot}: its version table records {len(rows)} revisions "
+                              f"({', '.join(sorted(rows))}); merge the code's heads first")
+    return rows[0] if rows else None
+
+
+class _Recorder:
+    """The statements Alembic runs on one bot's connection (SQLAlchemy's cursor events), for a
+    :class:`Recipe`: those before the first migration (``setup``: Alembic making its version
+    table; its reads of that table are left out) and those from there on (``statements``)."""
+
+    def __init__(self) -> None:
+        self.setup: list[Statement] = []
+        self.statements: list[Statement] = []
+        self.step_ends: list[int] = []
+        self.started = False  # Alembic asked for the migrations to run: what follows is theirs
+        self.reads = False  # a statement of a migration returned rows
+        # The run did not stay in one transaction: a migration's autocommit_block (CREATE INDEX
+        # CONCURRENTLY), a transaction per migration, a changed isolation level. A replay runs
+        # everything in one transaction, which such a run cannot be.
+        self.split = False
+        self.expected = 0  # revisions to apply: the run's own commit comes after the last
+        self._last: tuple[list[Statement], Statement] | None = None
+
+    def ended(self, conn, *args) -> None:  # noqa: ANN001 - commit, rollback, execution options
+        if self.started and len(self.step_ends) < self.expected:
+            self.split = True
+
+    def before(self, conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        into = self.statements if self.started else self.setup
+        into.append(Statement(statement, copy.deepcopy(parameters), bool(executemany)))
+        self._last = (into, into[-1])
+
+    def after(self, conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        if cursor.description is None or self._last is None:
+            return
+        into, last = self._last
+        if not self.started:
+            into.remove(last)  # Alembic reading its version table before the migrations
+        elif not _STAMP.match(statement):  # Alembic's own stamp of a revision returns it (RETURNING)
+            self.reads = True
+
+
+# How Alembic writes the revision it reached into its version table (HeadMaintainer).
+_STAMP = re.compile(r"\s*(INSERT INTO|UPDATE|DELETE FROM) alembic_version\b")
+
+
 async def _run_locked(engine, script: ScriptDirectory, target: Target, dest_name: str, outcome: Outcome, *,
-                      downgrade: bool, lock_wait: float) -> Outcome:
+                      downgrade: bool, lock_wait: float, record: tuple[tuple[str, str], tuple[str, str, str]] | None = None,
+                      ) -> Outcome:
+    """Alembic on the bot's connection. ``record``: (the bot's database and role, its server):
+    keep what Alembic runs as ``outcome.recipe`` when it may stand for Alembic on other bots."""
     from alembic.runtime.environment import EnvironmentContext
     from alembic.script.revision import RevisionError
     from alembic.util import CommandError
     from sqlalchemy import text
 
     async with engine.connect() as conn:
-        await _lock(conn, target, lock_wait)
+        async def scalar(query: str, params: dict[str, Any]) -> Any:
+            return (await conn.exec_driver_sql(query, params)).scalar()
+
+        await _lock(scalar, target, lock_wait)
         await conn.execute(text("SELECT set_config('lock_timeout', :t, false)"), {"t": DDL_LOCK_TIMEOUT})
         # Migrations may legitimately run longer than the bot role's default.
         await conn.execute(text("SET statement_timeout = 0"))
+        had_table = bool((await conn.execute(text(_HAS_VERSION_TABLE))).scalar()) if record else False
         current = await _recorded(conn, target)
         # Commit the lock/SET transaction: Alembic only manages (and commits)
         # a transaction it begins itself.
@@ -335,22 +497,42 @@ async def _run_locked(engine, script: ScriptDirectory, target: Target, dest_name
             outcome.status = "up to date"
             return outcome
         applied: list[object] = []
+        recorder = _Recorder() if record else None
+        if recorder is not None:
+            recorder.expected = len(steps)
 
-        def record(ctx, step, heads, run_args) -> None:  # on_version_apply: one call per step
+        def step_done(ctx, step, heads, run_args) -> None:  # on_version_apply: one call per step
             applied.append(step)
+            if recorder is not None:
+                recorder.step_ends.append(len(recorder.statements))
 
         def run(sync_conn) -> None:
+            from sqlalchemy import event
+
             cfg = alembic_config(Path(target.root), target.package)
             cfg.attributes.update(
                 connection=sync_conn, target_metadata=metadata_for(target.root, target.package),
-                on_version_apply=record,
+                on_version_apply=step_done,
             )
             if downgrade:
                 fn = lambda rev, ctx: script._downgrade_revs(dest or "base", rev)  # noqa: E731
             else:
-                fn = lambda rev, ctx: script._upgrade_revs(dest, rev)  # noqa: E731
-            with EnvironmentContext(cfg, script, fn=fn, destination_rev=dest or "base"):
-                script.run_env()
+                def fn(rev, ctx):
+                    if recorder is not None:
+                        recorder.started = True  # Alembic has read (and made) its version table
+                    return script._upgrade_revs(dest, rev)
+            hooks = [] if recorder is None else [
+                ("before_cursor_execute", recorder.before), ("after_cursor_execute", recorder.after),
+                ("commit", recorder.ended), ("rollback", recorder.ended),
+                ("set_connection_execution_options", recorder.ended)]
+            for name, hook in hooks:
+                event.listen(sync_conn, name, hook)
+            try:
+                with EnvironmentContext(cfg, script, fn=fn, destination_rev=dest or "base"):
+                    script.run_env()
+            finally:
+                for name, hook in hooks:
+                    event.remove(sync_conn, name, hook)
 
         try:
             await conn.run_sync(run)
@@ -370,7 +552,23 @@ async def _run_locked(engine, script: ScriptDirectory, target: Target, dest_name
         outcome.to_rev = after
         outcome.applied = steps
         outcome.status = "downgraded" if downgrade else "upgraded"
+        outcome.by = "alembic"
+        if recorder is not None and record is not None:
+            outcome.recipe = _recipe(recorder, record[0], record[1], target, current, had_table, after, steps)
         return outcome
+
+
+def _recipe(recorder: _Recorder, names: tuple[str, str], server: tuple[str, str, str], target: Target,
+            current: str | None, had_table: bool, after: str | None, steps: list[str]) -> Recipe | None:
+    """The recipe of a recorded run, when it may stand for Alembic on another bot (see Recipe)."""
+    if recorder.reads or recorder.split or not recorder.statements or len(recorder.step_ends) != len(steps):
+        return None
+    text = "\n".join(f"{st.sql}\n{st.params!r}" for st in recorder.setup + recorder.statements)
+    if any(name and name in text for name in names):
+        return None  # SQL naming this bot's database or role is this bot's own
+    return Recipe(root=target.root, package=target.package, server=server, from_rev=current, had_table=had_table,
+                  to_rev=after, steps=tuple(steps), setup=tuple(recorder.setup), statements=tuple(recorder.statements),
+                  step_ends=tuple(recorder.step_ends))
 
 
 def is_unknown(script: ScriptDirectory, rev: str) -> bool:
@@ -410,13 +608,18 @@ def start_over(bot: str, code: str) -> str:
             f"provision backup {bot}, provision remove-bot {bot}, provision add-bot {bot} --code {code}")
 
 
-def migrate_one(target: Target, dest: str = "head", *, downgrade: bool = False, lock_wait: float = DEFAULT_LOCK_WAIT) -> Outcome:
-    """Upgrade (or downgrade) one bot; never raises: failures are in the Outcome."""
+def migrate_one(target: Target, dest: str = "head", *, downgrade: bool = False, lock_wait: float = DEFAULT_LOCK_WAIT,
+                recipe: Recipe | None = None, record: bool = False) -> Outcome:
+    """Upgrade (or downgrade) one bot; never raises: failures are in the Outcome.
+
+    ``recipe``: what Alembic ran for another bot of its code (:func:`migrate_many`), run again
+    here when this bot starts where that one did; else Alembic runs. ``record``: keep what
+    Alembic runs here as ``outcome.recipe`` (when it may stand for Alembic on other bots)."""
     started = time.perf_counter()
     # "?" until the bot's version table has been read.
     outcome = Outcome(bot=target.bot, status="failed", from_rev="?", to_rev="?")
     try:
-        asyncio.run(_run(target, dest, outcome, downgrade=downgrade, lock_wait=lock_wait))
+        asyncio.run(_run(target, dest, outcome, downgrade=downgrade, lock_wait=lock_wait, recipe=recipe, record=record))
     except MigrationFailed as err:
         outcome.status, outcome.error = "failed", str(err)
     except Exception as err:  # noqa: BLE001 - one bot's failure never stops the others
@@ -498,33 +701,71 @@ def migrate_many(
     jobs: int | None = None,
     lock_wait: float = DEFAULT_LOCK_WAIT,
     on_done: Callable[[Outcome], None] = lambda _o: None,
+    replay: bool = True,
 ) -> list[Outcome]:
     """Migrate every target with at most ``jobs`` worker processes; results in input order.
+
+    ``replay`` (to head only): the first bot of each code is migrated by Alembic, which records
+    the statements it runs; the code's other bots that start where that one did then run those
+    statements again (:class:`Recipe`, :func:`_replay`), each in one transaction under its own
+    lock, instead of Alembic working the same migrations out again for each (most of a
+    migration's client time). The recipe is kept only when no migration read the database and
+    none of its SQL names that first bot; else, and for a bot starting elsewhere, Alembic runs.
 
     Preconditions: the caller holds no open database connection it needs
     afterwards across the fork (workers exit with ``os._exit`` and never
     close inherited sockets, but keep it simple).
     """
     jobs = default_jobs(len(targets)) if jobs is None else max(1, min(jobs, len(targets) or 1))
+    replay = replay and dest == "head"
+    # The first target of each code leads: the others of its code wait for its recipe.
+    leaders: dict[tuple[str, str], Target] = {}
+    followers: dict[tuple[str, str], list[Target]] = {}
+    for t in targets:
+        key = (t.root, t.package)
+        if replay and key in leaders:
+            followers.setdefault(key, []).append(t)
+        else:
+            leaders.setdefault(key, t)
+    firsts = [t for t in targets if t not in followers.get((t.root, t.package), [])]
     results: dict[str, Outcome] = {}
+
+    def finish(outcome: Outcome) -> None:
+        results[outcome.bot] = outcome
+        on_done(outcome)
+
     if jobs == 1 or len(targets) <= 1:
-        for target in targets:
-            results[target.bot] = migrate_one(target, dest, lock_wait=lock_wait)
-            on_done(results[target.bot])
+        for target in firsts:
+            key = (target.root, target.package)
+            outcome = migrate_one(target, dest, lock_wait=lock_wait, record=key in followers)
+            recipe, outcome.recipe = outcome.recipe, None
+            finish(outcome)
+            for follower in followers.get(key, []):
+                finish(migrate_one(follower, dest, lock_wait=lock_wait, recipe=recipe))
     else:
         if _context().get_start_method() == "fork":
             _warm(targets)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=_context(), initializer=_init_worker,
                                  initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(migrate_one, t, dest, lock_wait=lock_wait): t for t in targets}
-            for future in as_completed(futures):
-                target = futures[future]
-                try:
-                    outcome = future.result()
-                except Exception as err:  # noqa: BLE001 - a worker that died
-                    outcome = Outcome(bot=target.bot, status="failed", error=f"{target.bot}: worker failed: {one_line(err)}")
-                results[target.bot] = outcome
-                on_done(outcome)
+            # The first bot of each code first (they run at once); its code's other bots when it is
+            # done, with its recipe (a leader held up by another migrator holds up only its code).
+            futures = {pool.submit(migrate_one, t, dest, lock_wait=lock_wait,
+                                   record=(t.root, t.package) in followers): t for t in firsts}
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for future in done:
+                    target = futures.pop(future)
+                    try:
+                        outcome = future.result()
+                    except Exception as err:  # noqa: BLE001 - a worker that died
+                        outcome = Outcome(bot=target.bot, status="failed",
+                                          error=f"{target.bot}: worker failed: {one_line(err)}")
+                    if target is leaders.get((target.root, target.package)):
+                        for follower in followers.pop((target.root, target.package), []):
+                            futures[pool.submit(migrate_one, follower, dest, lock_wait=lock_wait,
+                                                recipe=outcome.recipe)] = follower
+                    outcome.recipe = None  # the parent keeps no statements once they are handed out
+                    finish(outcome)
     return [results[t.bot] for t in targets]
 
 
@@ -566,36 +807,39 @@ def at_head(targets: list[Target], dest: str = "head") -> tuple[list[Outcome], l
     rest (for :func:`migrate_many`). Each database's revision is read as the bot's role over one
     plain connection, a few at once (pool.py), so a ``migrate --all`` with nothing pending forks
     no migrator. A target whose revision cannot be read, or whose code has several heads, is
-    left to the migrator (which reports why); so is every target when ``dest`` is not head."""
+    left to the migrator (which reports why); so is every target when ``dest`` is not head.
+    The reads need no Alembic: while they wait on the server, this thread imports Alembic and
+    reads each code's head (most of the time of a run with nothing pending)."""
     from . import pool
 
     if dest != "head" or not targets:
         return [], list(targets)
     heads: dict[tuple[str, str], str | None] = {}
     broken: set[tuple[str, str]] = set()
-    for t in targets:
-        key = (t.root, t.package)
-        if key not in heads and key not in broken:
-            try:
-                heads[key] = head_of(script_directory(t.root, t.package), t.package)
-            except Exception:  # noqa: BLE001 - the migrator reports it, bot by bot
-                broken.add(key)
+
+    def read_heads() -> None:
+        for t in targets:
+            key = (t.root, t.package)
+            if key not in heads and key not in broken:
+                try:
+                    heads[key] = head_of(script_directory(t.root, t.package), t.package)
+                except Exception:  # noqa: BLE001 - the migrator reports it, bot by bot
+                    broken.add(key)
 
     def read(t: Target) -> tuple[bool, str | None, float]:
-        if (t.root, t.package) in broken:
-            return False, None, 0.0
         start = time.perf_counter()
         try:  # one query: a database without the version table is not at head, whatever head is
             with psycopg.connect(t.conninfo, connect_timeout=10) as conn:
                 row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
         except psycopg.Error:  # no version table (the migrator takes it), or no connection
             return False, None, 0.0
-        rev = row[0] if row else None
-        return rev == heads[(t.root, t.package)], rev, time.perf_counter() - start
+        return True, row[0] if row else None, time.perf_counter() - start
 
     done, rest = [], []
-    for t, (there, rev, seconds) in zip(targets, pool.visit(targets, read, pool.jobs(None, len(targets)))):
-        if there:
+    seen = pool.visit_meanwhile(targets, read, pool.jobs(None, len(targets)), read_heads)
+    for t, (read_it, rev, seconds) in zip(targets, seen):
+        key = (t.root, t.package)
+        if read_it and key not in broken and rev == heads[key]:
             done.append(Outcome(bot=t.bot, status="up to date", from_rev=rev, to_rev=rev, seconds=seconds))
         else:
             rest.append(t)

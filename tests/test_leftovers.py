@@ -133,8 +133,10 @@ def _alive(pid: int) -> bool:
 def test_a_killed_migrate_all_leaves_no_worker_behind(code_fleet, pg):
     fleet = code_fleet
     names = [fleet.name("kill"), fleet.name("kill")]
-    for name in names:
-        fleet.add(name, "--code", "hello-bot", "--no-migrate")
+    # two codes: each bot is its code's first, so both are migrated at once (a code's other bots
+    # would wait for its first, whose recorded SQL they replay)
+    for name, code in zip(names, ("hello-bot", "chat-bot")):
+        fleet.add(name, "--code", code, "--no-migrate")
     # Both bots' migration locks are held, so each worker waits inside its migration.
     holders = [pg.connect(db(name)) for name in names]
     for conn, name in zip(holders, names):

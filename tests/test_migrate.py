@@ -175,6 +175,25 @@ def test_concurrent_migrators_of_one_bot_never_interleave(code_fleet, pg):
     assert version(pg, name) == head(code_fleet, "chat_bot")
 
 
+def test_a_lock_wait_longer_than_the_roles_statement_timeout_is_waited_in_full(code_fleet, pg):
+    """The wait for the bot's migration lock is --lock-wait's: the role's own statement_timeout
+    (1s here) neither ends it early nor limits the migration."""
+    import threading
+
+    name = code_fleet.name("patient")
+    code_fleet.add(name, "--code", "chat-bot", "--no-migrate", "--statement-timeout", "1s")
+    holder = pg.connect(db_of(name))
+    holder.execute("SELECT pg_advisory_lock(%s, %s)", (MIGRATION_LOCK_SPACE, lock_key(db_of(name))))
+    release = threading.Timer(3.0, holder.close)  # the other migrator finishes after 3 s
+    release.start()
+    try:
+        proc = code_fleet.run("migrate", name, "--lock-wait", "30")
+    finally:
+        release.join()
+    assert proc.returncode == 0, proc.stderr
+    assert version(pg, name) == head(code_fleet, "chat_bot")
+
+
 def test_downgrade_asks_backs_up_and_reupgrades(code_fleet, pg):
     (name,) = add_code_bots(code_fleet, "chat-bot", migrate=True)
     with psycopg.connect(with_database(pg.url, db_of(name), pin=False), autocommit=True) as conn:

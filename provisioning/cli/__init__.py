@@ -7,6 +7,7 @@ the one ``app`` (``common``); each imports the library only when it runs, so
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -59,4 +60,12 @@ def _json_error(argv: list[str] | None, message: str, code: int) -> None:
 def main() -> None:
     """Console entry point."""
     logging.basicConfig(level=os.environ.get("BOTFLEET_LOG", "WARNING"))
-    sys.exit(run())
+    try:
+        code = run()
+    finally:
+        # The command is done: its objects only wait for the interpreter's exit, whose last
+        # garbage collection walks them all (with SQLAlchemy and Alembic loaded, 0.1 s, a tenth
+        # of an add-bot). Frozen, they are not walked; exit still runs atexit, flushes and
+        # closes as ever (only objects caught in reference cycles are then left to the OS).
+        gc.freeze()
+    sys.exit(code)

@@ -41,6 +41,10 @@ def migrate_cmd(
                                            "file (inside the compose network) instead of via its server's admin address; "
                                            "with --admin-url, the default server's bots still go there (behind PgBouncer).")] = False,
     lock_wait: LockWaitOpt = 60.0,
+    replay: Annotated[bool, typer.Option("--replay/--no-replay", help="To head: Alembic migrates the first bot of each "
+                                         "code and the code's other bots starting at the same revision run the SQL it "
+                                         "ran (kept only when no migration read the database and none named that bot), "
+                                         "each in one transaction under its lock. --no-replay: Alembic for every bot.")] = True,
     self_: Annotated[bool, typer.Option("--self", help="Inside a bot's container: migrate that bot alone, as its role, "
                                         "with its own DATABASE_URL (or DATABASE_URL_FILE) and BOTFLEET_BOT/BOTFLEET_CODE; "
                                         "no fleet.toml, no admin.")] = False,
@@ -77,7 +81,7 @@ def migrate_cmd(
         return
     with MigrationBar(quiet=as_json) as on_done:
         results = commands.migrate(proj, servers, bots or [], all_bots=all_bots, to=to, jobs=jobs, bot_urls=bot_urls,
-                                   lock_wait=lock_wait, on_done=on_done)
+                                   lock_wait=lock_wait, on_done=on_done, replay=replay)
     if as_json:
         print_json([o.as_dict() for o in results])
     elif not results:
