@@ -454,6 +454,8 @@ class _Recorder:
             self.reads = True
 
 
+# A recording larger than this (its SQL and parameters as text) is not replayed.
+RECIPE_MAX_CHARS = 16 * 1024 * 1024
 # How Alembic writes the revision it reached into its version table (HeadMaintainer).
 _STAMP = re.compile(r"\s*(INSERT INTO|UPDATE|DELETE FROM) alembic_version\b")
 
@@ -566,6 +568,8 @@ def _recipe(recorder: _Recorder, names: tuple[str, str], server: tuple[str, str,
     text = "\n".join(f"{st.sql}\n{st.params!r}" for st in recorder.setup + recorder.statements)
     if any(name and name in text for name in names):
         return None  # SQL naming this bot's database or role is this bot's own
+    if len(text) > RECIPE_MAX_CHARS:
+        return None  # a data migration's rows: not copied to every worker; Alembic it is
     return Recipe(root=target.root, package=target.package, server=server, from_rev=current, had_table=had_table,
                   to_rev=after, steps=tuple(steps), setup=tuple(recorder.setup), statements=tuple(recorder.statements),
                   step_ends=tuple(recorder.step_ends))
