@@ -129,7 +129,10 @@ class Recipe:
 
     It is kept only when it can stand for Alembic on another bot: no statement run by a migration
     returned rows (a migration that reads the database, even the catalogs through an inspector,
-    could decide differently in another database), and none names that bot's database or role.
+    could decide differently in another database), none names that bot's database or role, the
+    run stayed in one transaction (no autocommit block: a replay is one transaction), and it is
+    not huge (RECIPE_MAX_CHARS). The bot replaying it must start at the same revision, on the
+    same server (address and version).
     ``setup``: what Alembic ran before the first migration that changed anything (creating the
     version table); ``step_ends``: how many statements had run when each revision was done."""
 
