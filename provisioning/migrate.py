@@ -49,7 +49,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -240,27 +240,31 @@ def _path(script: ScriptDirectory, current: str | None, dest: str | None, downgr
     return [r.revision for r in reversed(revs)]
 
 
-async def _lock(scalar: Callable[[str, dict[str, Any]], Any], target: Target, lock_wait: float) -> None:
-    """Take the bot database's migration lock (a session advisory lock). ``scalar(sql, params)``:
-    runs one psycopg-style query on the bot's connection and returns the first column of its row
-    (through SQLAlchemy for Alembic's connection, straight on psycopg's for a replay)."""
+async def _lock(rows: Rows, target: Target, lock_wait: float) -> None:
+    """Take the bot database's migration lock (a session advisory lock), then set the session up
+    for the migration. ``rows(sql, params)``: one psycopg-style query on the bot's connection, its
+    rows (through SQLAlchemy for Alembic's connection, straight on psycopg's for a replay)."""
     key = {"a": MIGRATION_LOCK_SPACE, "b": lock_key(target.database)}
     if lock_wait <= 0:
-        if not await scalar("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", key):
+        if not (await rows("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", key))[0][0]:
             raise MigrationFailed(f"{target.bot}: is being migrated by another process right now; try again later")
-        return
-    # The wait is lock_wait's, not the role's statement_timeout (30 s by default, which would end
-    # a longer --lock-wait early); the migration runs without one too, as the callers then set.
-    await scalar("SELECT set_config('lock_timeout', %(t)s, false), set_config('statement_timeout', '0', false)",
-                 {"t": f"{int(lock_wait * 1000)}ms"})
-    try:
-        await scalar("SELECT pg_advisory_lock(%(a)s, %(b)s)", key)
-    except Exception as err:
-        if isinstance(getattr(err, "orig", err), psycopg.errors.LockNotAvailable):
-            raise MigrationFailed(
-                f"{target.bot}: another process has been migrating it for {lock_wait:g}s; gave up waiting"
-            ) from None
-        raise
+    else:
+        # The wait is lock_wait's, not the role's statement_timeout (30 s by default, which would
+        # end a longer --lock-wait early).
+        await rows("SELECT set_config('lock_timeout', %(t)s, false), set_config('statement_timeout', '0', false)",
+                   {"t": f"{int(lock_wait * 1000)}ms"})
+        try:
+            await rows("SELECT pg_advisory_lock(%(a)s, %(b)s)", key)
+        except Exception as err:
+            if isinstance(getattr(err, "orig", err), psycopg.errors.LockNotAvailable):
+                raise MigrationFailed(
+                    f"{target.bot}: another process has been migrating it for {lock_wait:g}s; gave up waiting"
+                ) from None
+            raise
+    # Holding it: DDL waits at most DDL_LOCK_TIMEOUT for a table lock (a running bot keeps working
+    # instead of queueing behind an ALTER), and a migration may run longer than the role's default.
+    await rows("SELECT set_config('lock_timeout', %(t)s, false), set_config('statement_timeout', '0', false)",
+               {"t": DDL_LOCK_TIMEOUT})
 
 
 def _server_key(conn: psycopg.AsyncConnection) -> tuple[str, str, str]:
@@ -299,6 +303,8 @@ def _engine_for(conn: psycopg.AsyncConnection) -> tuple[Any, _Handoff]:
     return found
 
 
+# One query on a bot's connection, its rows (see _lock).
+Rows = Callable[..., Awaitable[list[Any]]]
 # The version table, where the bot's search_path finds it (as Alembic's default version_table).
 _HAS_VERSION_TABLE = "SELECT to_regclass('alembic_version') IS NOT NULL"
 _VERSIONS = "SELECT version_num FROM alembic_version"
@@ -314,18 +320,16 @@ async def _version(conn: psycopg.AsyncConnection) -> str | None:
     return row[0] if row else None
 
 
-async def _recorded(conn, target: Target) -> str | None:
-    """The revision the version table records, on the migrator's SQLAlchemy connection (what
-    alembic's get_current_revision answers, without its reflection)."""
-    from sqlalchemy import text
-
-    if not (await conn.execute(text(_HAS_VERSION_TABLE))).scalar():
-        return None
-    rows = (await conn.execute(text(_VERSIONS))).scalars().all()
-    if len(rows) > 1:
-        raise MigrationFailed(f"{target.bot}: its version table records {len(rows)} revisions "
-                              f"({', '.join(sorted(rows))}); merge the code's heads first")
-    return rows[0] if rows else None
+async def _revision_state(rows: Rows, target: Target) -> tuple[bool, str | None]:
+    """Whether the bot's database has the version table, and the revision it records (what
+    alembic's get_current_revision answers, without its reflection). ``rows``: as :func:`_lock`'s."""
+    if not (await rows(_HAS_VERSION_TABLE))[0][0]:
+        return False, None
+    found = [r[0] for r in await rows(_VERSIONS)]
+    if len(found) > 1:
+        raise MigrationFailed(f"{target.bot}: its version table records {len(found)} revisions "
+                              f"({', '.join(sorted(found))}); merge the code's heads first")
+    return True, found[0] if found else None
 
 
 async def _run(target: Target, dest_name: str, outcome: Outcome, *, downgrade: bool, lock_wait: float,
@@ -364,15 +368,12 @@ async def _replay(conn: psycopg.AsyncConnection, recipe: Recipe, target: Target,
     migration lock, in ONE transaction, as Alembic would have: True when done. False, with nothing
     changed and the lock kept for Alembic, when this bot does not start where the recipe did."""
 
-    async def scalar(query: str, params: dict[str, Any]) -> Any:
-        return (await (await conn.execute(query, params)).fetchone())[0]
+    async def rows(query: str, params: dict[str, Any] | None = None) -> list[Any]:
+        return await (await conn.execute(query, params)).fetchall()
 
-    await _lock(scalar, target, lock_wait)
-    await conn.execute("SELECT set_config('lock_timeout', %s, false)", (DDL_LOCK_TIMEOUT,))
-    await conn.execute("SET statement_timeout = 0")  # as for Alembic: a migration may run long
-    await conn.commit()
-    had_table = bool(await scalar(_HAS_VERSION_TABLE, {}))
-    current = await _plain_recorded(conn, target) if had_table else None
+    await _lock(rows, target, lock_wait)
+    await conn.commit()  # the session's settings, kept whatever the migration's transaction does
+    had_table, current = await _revision_state(rows, target)
     if (current, had_table) != (recipe.from_rev, recipe.had_table):
         await conn.rollback()
         return False
@@ -385,7 +386,7 @@ async def _replay(conn: psycopg.AsyncConnection, recipe: Recipe, target: Target,
             for statement in recipe.statements:
                 await _execute(cur, statement)
                 done += 1
-        after = await _plain_recorded(conn, target)
+        _, after = await _revision_state(rows, target)
     except psycopg.Error as err:
         await conn.rollback()
         failing = recipe.steps[min(bisect.bisect_right(recipe.step_ends, done), len(recipe.steps) - 1)]
@@ -409,15 +410,6 @@ async def _execute(cur: psycopg.AsyncCursor, statement: Statement) -> None:
         await cur.executemany(statement.sql, statement.params)
     else:
         await cur.execute(statement.sql, statement.params)
-
-
-async def _plain_recorded(conn: psycopg.AsyncConnection, target: Target) -> str | None:
-    """:func:`_recorded` on a plain psycopg connection whose version table exists."""
-    rows = [r[0] for r in await (await conn.execute(_VERSIONS)).fetchall()]
-    if len(rows) > 1:
-        raise MigrationFailed(f"{target.bot}: its version table records {len(rows)} revisions "
-                              f"({', '.join(sorted(rows))}); merge the code's heads first")
-    return rows[0] if rows else None
 
 
 class _Recorder:
@@ -471,18 +463,13 @@ async def _run_locked(engine, script: ScriptDirectory, target: Target, dest_name
     from alembic.runtime.environment import EnvironmentContext
     from alembic.script.revision import RevisionError
     from alembic.util import CommandError
-    from sqlalchemy import text
 
     async with engine.connect() as conn:
-        async def scalar(query: str, params: dict[str, Any]) -> Any:
-            return (await conn.exec_driver_sql(query, params)).scalar()
+        async def rows(query: str, params: dict[str, Any] | None = None) -> list[Any]:
+            return list((await conn.exec_driver_sql(query, params) if params else await conn.exec_driver_sql(query)).all())
 
-        await _lock(scalar, target, lock_wait)
-        await conn.execute(text("SELECT set_config('lock_timeout', :t, false)"), {"t": DDL_LOCK_TIMEOUT})
-        # Migrations may legitimately run longer than the bot role's default.
-        await conn.execute(text("SET statement_timeout = 0"))
-        had_table = bool((await conn.execute(text(_HAS_VERSION_TABLE))).scalar()) if record else False
-        current = await _recorded(conn, target)
+        await _lock(rows, target, lock_wait)
+        had_table, current = await _revision_state(rows, target)
         # Commit the lock/SET transaction: Alembic only manages (and commits)
         # a transaction it begins itself.
         await conn.commit()
@@ -552,7 +539,7 @@ async def _run_locked(engine, script: ScriptDirectory, target: Target, dest_name
                 f"{target.bot}: {'downgrade of ' if downgrade else ''}{what} failed: {one_line(err)}; "
                 f"rolled back, still at {current or 'base'}"
             ) from None
-        after = await _recorded(conn, target)
+        _, after = await _revision_state(rows, target)
         await conn.commit()
         outcome.to_rev = after
         outcome.applied = steps
