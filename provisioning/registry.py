@@ -543,7 +543,7 @@ class Registry:
             out[key] = value
         return out
 
-    def _dump(self, fleet: Fleet) -> str:
+    def _data(self, fleet: Fleet) -> dict[str, Any]:
         data: dict[str, Any] = {"version": 1, "server": asdict(fleet.stack)}
         defaults = {k: v for k, v in asdict(fleet.defaults).items() if v}
         if defaults:  # a fleet without defaults keeps its file as it always was
@@ -554,10 +554,7 @@ class Registry:
         if fleet.servers:
             data["servers"] = {name: asdict(fleet.servers[name]) for name in sorted(fleet.servers)}
         data["bots"] = {name: fleet.bots[name].to_toml() for name in sorted(fleet.bots)}
-        text = HEADER + tomli_w.dumps(data)
-        # tomli_w writes what tomllib reads back as ``data``: the next command need not parse it
-        self._remember(hashlib.sha256(text.encode()).hexdigest(), data)
-        return text
+        return data
 
     @contextlib.contextmanager
     def editing(self) -> Iterator[Fleet]:
@@ -567,4 +564,8 @@ class Registry:
             before = _copy(fleet)
             yield fleet
             if fleet != before:
-                atomic_write(self.path, self._dump(fleet))
+                data = self._data(fleet)
+                text = HEADER + tomli_w.dumps(data)
+                atomic_write(self.path, text)
+                # tomli_w writes what tomllib reads back as ``data``: the next command need not parse it
+                self._remember(hashlib.sha256(text.encode()).hexdigest(), data)

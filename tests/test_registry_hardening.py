@@ -71,3 +71,46 @@ def test_symlinks_and_loose_folders_under_the_project_are_refused(fleet, admin, 
         assert "symbolic link" in errors[0] or "writable by group or others" in errors[0], errors
     assert snapshot(admin) == before and tree(root) == files
     assert {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()} == targets, "nothing written through a link"
+
+
+def test_fleet_toml_parse_kept_in_botfleet_is_only_ever_the_same_texts(tmp_path):
+    """registry: the parse kept in .botfleet/fleet-toml.json (for the next command) stands only for
+    the text whose digest it carries: a hand edit is parsed again, a broken file is still refused,
+    a damaged cache is ignored, and every check of the entries still runs on a cached parse."""
+    import json
+
+    from provisioning.errors import InvalidInput
+    from provisioning.registry import BotEntry, Registry
+
+    (tmp_path / ".botfleet").mkdir()
+    registry = Registry(tmp_path)
+    with registry.editing() as fleet:
+        fleet.bots["alpha"] = BotEntry(name="alpha", code="hello-bot")
+    cache = tmp_path / ".botfleet" / "fleet-toml.json"
+    kept = json.loads(cache.read_text())
+    assert kept["toml"]["bots"]["alpha"]["code"] == "hello-bot"  # written with fleet.toml, no second parse
+
+    def load():
+        from provisioning import registry as module
+
+        module._LOADED.clear()  # this process's own copy: the next command's view
+        return Registry(tmp_path).load()
+
+    assert load().bots["alpha"].code == "hello-bot"
+    text = (tmp_path / "fleet.toml").read_text()
+    (tmp_path / "fleet.toml").write_text(text.replace('code = "hello-bot"', 'code = "chat-bot"'))
+    assert load().bots["alpha"].code == "chat-bot"  # edited by hand: parsed again
+    assert json.loads(cache.read_text())["toml"]["bots"]["alpha"]["code"] == "chat-bot"
+
+    # A cache made to say something else for the file's own digest is still checked like the file.
+    kept = json.loads(cache.read_text())
+    kept["toml"]["bots"]["alpha"]["pool_size"] = "many"
+    cache.write_text(json.dumps(kept))
+    with pytest.raises(InvalidInput, match="pool_size must be"):
+        load()
+    cache.write_text("{not json")
+    assert load().bots["alpha"].code == "chat-bot"  # damaged: ignored, parsed again
+
+    (tmp_path / "fleet.toml").write_text(text + "\n[bots.beta\n")
+    with pytest.raises(InvalidInput, match="is not valid TOML"):
+        load()
