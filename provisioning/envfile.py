@@ -106,12 +106,24 @@ class Credentials:
     database: str
 
 
+# The URL botfleet writes, in the characters botfleet writes it with (a role, a token_urlsafe
+# password, a host name or address, a port, a database): nothing in it that libpq would decode
+# or read differently, so its parts are libpq's own parse of it.
+_PLAIN_URL = re.compile(r"postgresql(?:\+asyncpg|\+psycopg|\+psycopg2)?://([A-Za-z0-9_]+):([A-Za-z0-9_-]+)"
+                        r"@([A-Za-z0-9.-]+):([0-9]{1,5})/([A-Za-z0-9_]+)")
+
+
 @functools.lru_cache(maxsize=4096)  # a fleet-wide command reads each bot's URL several times
 def parse_credentials(url: str) -> Credentials | None:
     """A DATABASE_URL (any SQLAlchemy postgresql scheme) as Credentials; None when it is
-    not a complete URL with a user, password, host and database."""
+    not a complete URL with a user, password, host and database. A URL as botfleet writes it
+    is split by a pattern (a render reads every bot's); any other goes through libpq's parser."""
     from .db import parse_url
 
+    plain = _PLAIN_URL.fullmatch(url)
+    if plain:
+        role, password, host, port, database = plain.groups()
+        return Credentials(url=url, role=role, password=password, host=host, port=int(port), database=database)
     try:
         params = parse_url(url)
         return Credentials(url=url, role=params["user"], password=params["password"], host=params["host"],
@@ -133,7 +145,8 @@ class EnvFile:
     def read(cls, path: Path) -> EnvFile:
         if not path.is_file():
             return cls(path)
-        return cls.parse(path, path.read_text(encoding="utf-8"))
+        # bytes, decoded: a tenth of read_text's time (parse splits lines on \r\n and \r as well)
+        return cls.parse(path, path.read_bytes().decode("utf-8"))
 
     @classmethod
     def parse(cls, path: Path, text: str) -> EnvFile:
