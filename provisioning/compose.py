@@ -435,16 +435,16 @@ class RenderResult:
         return {k: getattr(self, k) for k in ("written", "unchanged", "removed", "bots", "skipped", "budget")}
 
 
-def _checked(root: Path) -> tuple[frozenset[str], dict[str, Any]]:
+def _checked(root: Path) -> tuple[frozenset[str], dict[str, Any], dict[str, Any]]:
     """What the last render parsed and found valid, by digest (see compose_check): a render
     checks again only what changed, so one add-bot costs the same in a fleet of any size."""
     try:
-        cache = json.loads((root / CHECK_CACHE).read_text())
-        if cache.get("version") == 1:
-            return frozenset(cache["validated"]), dict(cache["parsed"])
+        cache = json.loads((root / CHECK_CACHE).read_bytes())
+        if cache.get("version") in (1, 2):  # 1: before verdicts were kept
+            return frozenset(cache["validated"]), dict(cache["parsed"]), dict(cache.get("verdicts") or {})
     except (OSError, ValueError, AttributeError, TypeError, KeyError):
         pass
-    return frozenset(), {}
+    return frozenset(), {}, {}
 
 
 def _manifest(root: Path) -> set[str]:
@@ -534,8 +534,9 @@ def write(root: Path, result_plan: StackFiles) -> RenderResult:
             result.removed.append(rel)
         atomic_write(root / MANIFEST, json.dumps({"files": sorted(f.path for f in result_plan.files)}, indent=1) + "\n")
         # compact and unsorted: at 1,000 bots this file is megabytes, and only render reads it
-        atomic_write(root / CHECK_CACHE, json.dumps({"version": 1, "validated": sorted(result_plan.validated),
-                                                     "parsed": result_plan.parsed}, separators=(",", ":")) + "\n")
+        atomic_write(root / CHECK_CACHE, json.dumps({"version": 2, "validated": sorted(result_plan.validated),
+                                                     "parsed": result_plan.parsed, "verdicts": result_plan.verdicts},
+                                                    separators=(",", ":")) + "\n")
     return result
 
 

@@ -64,6 +64,9 @@ class StackFiles:
     # the next one checks only the services that changed (one add-bot does not re-check the fleet).
     validated: set[str] = field(default_factory=set, repr=False)
     parsed: dict[str, Any] = field(default_factory=dict, repr=False)  # the YAML entries (load_yaml_cached)
+    # Each entry that passed every check, by its verdict key (set_aside) -> what it names (a bot's
+    # service) or 0: the next render leaves those out of its parse and its checks.
+    verdicts: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def content(self, path: str) -> str:
         return next(f.content for f in self.files if f.path == path)
@@ -385,12 +388,19 @@ def _get(d: Any, *keys: str) -> Any:
     return d
 
 
-def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, publish: str = "") -> list[str]:
-    """Problems with a parsed compose file, beyond the schema."""
+def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, publish: str = "",
+                    aside: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Problems with a parsed compose file, beyond the schema. ``aside``: the entries left out of
+    ``doc`` because they passed every check before (:func:`set_aside`), by section: a bot's
+    service there is checked only for what it names (its refs: secrets, configs, networks), and
+    the secrets and configs there only count as defined."""
     errs: list[str] = []
+    aside = aside or {}
     services: dict = doc.get("services") or {}
     top_secrets = doc.get("secrets") or {}
     top_configs = doc.get("configs") or {}
+    secret_names = set(top_secrets) | set(aside.get("secrets", ()))
+    config_names = set(top_configs) | set(aside.get("configs", ()))
     networks = set((doc.get("networks") or {}).keys())
     pg = services.get("postgres")
     if not isinstance(pg, dict):
@@ -441,17 +451,13 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
                 continue  # an admin URL without a password (the passfile holds it)
             if SECRET_ENV.search(key):
                 errs.append(f"{name}: environment {key} would hold a secret inline (use a secret file)")
-        for net in svc.get("networks") or []:
-            if net not in networks:
-                errs.append(f"{name}: network {net} is not defined")
-        for src in _secret_sources(svc):
-            if src not in top_secrets:
-                errs.append(f"{name}: secret {src} is not defined")
-        for cfg in svc.get("configs") or []:
-            if (cfg.get("source") if isinstance(cfg, dict) else cfg) not in top_configs:
-                errs.append(f"{name}: config {cfg} is not defined")
+        errs += _undefined(name, service_refs(svc), networks, secret_names, config_names)
+    for name, refs in aside.get("services", {}).items():
+        errs += _undefined(name, refs, networks, secret_names, config_names)
     provision = services.get("provision")
     for bot in bots:
+        if bot in aside.get("services", {}):
+            continue  # its service passed every check below before, in the same context
         svc = services.get(bot)
         if not isinstance(svc, dict):
             errs.append(f"bot {bot}: no service")
@@ -496,6 +502,19 @@ def semantic_errors(doc: dict, fleet: "Fleet", bots: list[str], *, stack: bool, 
                                       or provision.get("restart") != "no"):
             errs.append("provision: must run once (restart: no) after postgres is healthy")
     return errs
+
+
+def service_refs(svc: dict) -> dict[str, list[Any]]:
+    """What a service names that must be defined at the top of its file."""
+    return {"networks": list(svc.get("networks") or []), "secrets": _secret_sources(svc),
+            "configs": [cfg.get("source") if isinstance(cfg, dict) else cfg for cfg in svc.get("configs") or []]}
+
+
+def _undefined(name: str, refs: dict[str, list[Any]], networks: set[str], secrets: set[str],
+               configs: set[str]) -> list[str]:
+    return ([f"{name}: network {net} is not defined" for net in refs["networks"] if net not in networks]
+            + [f"{name}: secret {src} is not defined" for src in refs["secrets"] if src not in secrets]
+            + [f"{name}: config {cfg} is not defined" for cfg in refs["configs"] if cfg not in configs])
 
 
 def _secret_sources(svc: dict) -> list[str]:
@@ -568,20 +587,102 @@ def _runs(text: str, shortest: int) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _checks_digest() -> str:
+    """This module's own source: a verdict kept from an earlier render holds only for the very
+    checks that gave it (a botfleet upgrade checks every entry again, once)."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+# The sections whose entries set_aside may leave out: each bot's service, every secret and config.
+ASIDE_SECTIONS = ("services", "secrets", "configs")
+
+
+def set_aside(text: str, verdicts: dict[str, Any], *, stack: bool, bots: set[str],
+              local: dict[str, bool]) -> tuple[str, dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+    """``text`` without the entries that passed every check before, exactly as they are now.
+
+    An entry's verdict key digests everything its checks read: the checks' own code, the
+    schema, which file (compose or stack), its section and name, its exact text and, for a bot's
+    service, whether the bot is on the stack's server and whether the file has a provision
+    service. An entry whose key is in ``verdicts`` (kept by the last render that passed) is cut
+    out of the text, which then parses to the rest of the document; what it names is checked
+    from its refs (semantic_errors' ``aside``). So one more bot costs the checks its own entries,
+    not every bot's. Left whole: a text not shaped as render writes it (anchors, other line
+    breaks), a section with a name twice; a section always keeps one entry (never emptied).
+    Returns the text, the entries set aside (section -> name -> refs), and every candidate's
+    key (to keep the verdicts of those that pass now)."""
+    aside: dict[str, dict[str, Any]] = {}
+    keys: dict[tuple[str, str], str] = {}
+    if _has_anchor(text) or _OTHER_BREAKS.search(text):
+        return text, aside, keys
+    blocks = _cut(text, _KEY_AT[0])
+    sections: dict[str, tuple[int, list[str], list[str | None]]] = {}
+    for at, block in enumerate(blocks):
+        first, newline, rest = block.partition("\n")
+        section = first[:-1] if first.endswith(":") else ""
+        if section not in ASIDE_SECTIONS or not newline or section in sections:
+            continue
+        entries = _cut(rest, _KEY_AT[2])
+        names = []
+        for entry in entries:
+            head = _KEY_LINE.fullmatch(entry.partition("\n")[0][2:] + "\n") if _is_key(entry, "  ") else None
+            names.append(head.group(1) if head else None)
+        found = [n for n in names if n is not None]
+        if len(found) != len(set(found)):
+            continue  # a duplicate key: the whole parse's error, as always
+        sections[section] = (at, [first + newline] + entries, [None] + names)
+    provision = "provision" in (sections["services"][2] if "services" in sections else ())
+    prefix = f"{_checks_digest()}|{_schema_digest()}|{'stack' if stack else 'compose'}"
+    for section, (at, pieces, names) in sections.items():
+        left: dict[str, Any] = {}
+        kept = []
+        for piece, name in zip(pieces, names):
+            if name is None or (section == "services" and name not in bots):
+                kept.append(piece)
+                continue
+            context = f"local={local.get(name, True)}|provision={provision}" if section == "services" else ""
+            key = _digest(f"{prefix}|{section}|{name}|{context}|{piece}")
+            keys[(section, name)] = key
+            if key in verdicts:
+                left[name] = verdicts[key]
+            else:
+                kept.append(piece)
+        if left and not any(name is not None for piece, name in zip(pieces, names) if piece in kept):
+            first_name = next(iter(left))  # never empty a section: its first entry is checked again
+            del left[first_name]
+            kept.insert(1, pieces[names.index(first_name)])
+        if left:
+            aside[section] = left
+            blocks[at] = "".join(kept)
+    return "".join(blocks), aside, keys
+
+
 def validate(files: StackFiles, fleet: Fleet, known: frozenset[str] | set[str] = frozenset(),
-             parsed: dict[str, Any] | None = None) -> None:
+             parsed: dict[str, Any] | None = None, verdicts: dict[str, Any] | None = None) -> None:
     """Raise StackInvalid unless both compose files pass the schema and the semantic checks
-    and no rendered, non-secret file contains a password. ``known`` and ``parsed``: what the
-    last render checked and parsed (see ``schema_errors`` and ``load_yaml_cached``); what this
-    one checked and parsed goes to ``files.validated`` and ``files.parsed``."""
+    and no rendered, non-secret file contains a password. ``known``, ``parsed`` and
+    ``verdicts``: what the last render checked, parsed and found to pass (see ``schema_errors``,
+    ``load_yaml_cached`` and ``set_aside``); this one's go to ``files.validated``,
+    ``files.parsed`` and ``files.verdicts`` (kept only when it passes)."""
     published = parse_publish(fleet.stack.publish)
     publish = f"{published[0]}:{published[1]}" if published else ""
     problems: list[str] = []
+    bots = set(files.bots)
+    local = {name: entry.server == "default" for name, entry in fleet.bots.items()}
     for rel, stack in ((COMPOSE_FILE, False), (STACK_FILE, True)):
         digests: dict[int, str] = {}
-        doc = load_yaml_cached(files.content(rel), dict(parsed or {}), files.parsed, digests)
+        text, aside, keys = set_aside(files.content(rel), verdicts or {}, stack=stack, bots=bots, local=local)
+        doc = load_yaml_cached(text, dict(parsed or {}), files.parsed, digests)
         problems += [f"{rel}: {e}" for e in schema_errors(doc, known=known, passed=files.validated, digests=digests)]
-        problems += [f"{rel}: {e}" for e in semantic_errors(doc, fleet, files.bots, stack=stack, publish=publish)]
+        problems += [f"{rel}: {e}" for e in semantic_errors(doc, fleet, files.bots, stack=stack, publish=publish,
+                                                            aside=aside)]
+        for (section, name), key in keys.items():
+            if name in aside.get(section, {}):
+                files.verdicts[key] = aside[section][name]
+            elif isinstance(doc, dict) and isinstance(doc.get(section), dict) and name in doc[section]:
+                entry = doc[section][name]
+                files.verdicts[key] = service_refs(entry) if section == "services" and isinstance(entry, dict) else 0
     finder = PasswordFinder(files.passwords)
     for f in files.files:
         if not f.secret and finder.found_in(f.content):

@@ -139,3 +139,103 @@ def test_add_bot_leaves_the_other_bots_files_and_services_alone(code_fleet, monk
     assert newcomer in counted.names, counted.names
     assert not [n for n in counted.names if any(n == o or n.startswith(f"{o}_") for o in others)], counted.names
     assert 0 < counted.checked <= 6, counted.checked
+
+
+BOTS = {"hello-bot", "chat-bot", "acme-support"}
+
+
+def _problems(files, fleet, cache) -> set[str]:
+    """validate's problems (it raises them in one message), as a set."""
+    from provisioning.errors import StackInvalid
+
+    with pytest.raises(StackInvalid) as err:
+        compose_check.validate(files, fleet, *cache)
+    message = str(err.value)
+    count = int(message.split("(")[1].split(" ")[0])
+    problems = set(message.split("): ", 1)[1].split("; "))
+    assert len(problems) == count <= 8, message
+    return problems
+
+
+def _changed(plan, rel: str, edit):
+    """A copy of a prepared stack with one file's text edited (nothing checked or kept yet)."""
+    import dataclasses
+
+    files = [dataclasses.replace(f, content=edit(f.content)) if f.path == rel else f for f in plan.files]
+    return compose_check.StackFiles(files=files, budget=plan.budget, bots=plan.bots, skipped=[],
+                                    passwords=plan.passwords)
+
+
+def _in_service(name: str, old: str, new: str):
+    def edit(text: str) -> str:
+        start = text.index(f"\n  {name}:\n")
+        at = text.index(old, start)
+        return text[:at] + new + text[at + len(old):]
+    return edit
+
+
+def test_entries_that_passed_are_left_out_only_in_the_same_context(tmp_path, monkeypatch):
+    """set_aside leaves out of the parse exactly the entries whose text and context passed before."""
+    from provisioning import compose
+
+    root = make_project(tmp_path / "fleet")
+    assert run(root, "render").returncode == 0
+    _known, _parsed, verdicts = compose._checked(root)
+    local = dict.fromkeys(BOTS, True)
+    for rel, stack in (("compose.yaml", False), ("compose.stack.yaml", True)):
+        text = (root / rel).read_text()
+        reduced, aside, keys = compose_check.set_aside(text, verdicts, stack=stack, bots=BOTS, local=local)
+        assert set(aside["services"]) == BOTS, rel  # every bot's service, nothing else
+        assert all(set(refs) == {"networks", "secrets", "configs"} for refs in aside["services"].values())
+        doc = compose_check.load_yaml(reduced)
+        assert not BOTS & set(doc["services"]) and {"postgres", "provision"} <= set(doc["services"])
+        whole = compose_check.load_yaml(text)
+        assert doc["secrets"] and doc["configs"], "a section keeps one entry"  # never emptied
+        for section in ("secrets", "configs"):
+            assert set(doc[section]) | set(aside.get(section, {})) == set(whole[section])
+        assert {name for (_section, name) in keys} >= BOTS
+        # A bot on another server: its service's checks read that, so it is checked again.
+        _, moved, _ = compose_check.set_aside(text, verdicts, stack=stack, bots=BOTS, local={**local, "hello-bot": False})
+        assert set(moved["services"]) == BOTS - {"hello-bot"}
+        # Another file's verdicts are not this file's.
+        other = "compose.stack.yaml" if not stack else "compose.yaml"
+        _, _, other_keys = compose_check.set_aside((root / other).read_text(), {}, stack=not stack, bots=BOTS, local=local)
+        assert not set(keys.values()) & set(other_keys.values())
+    # New checks (a botfleet upgrade): nothing kept holds.
+    monkeypatch.setattr(compose_check, "_checks_digest", lambda: "other checks")
+    _, aside, _ = compose_check.set_aside((root / "compose.yaml").read_text(), verdicts, stack=False, bots=BOTS, local=local)
+    assert aside == {}
+
+
+def test_a_kept_verdict_never_hides_a_problem(tmp_path):
+    """Edited stacks give the same problems with the last render's verdicts as without any."""
+    import dataclasses
+
+    from provisioning import compose
+    from provisioning.project import Project
+
+    root = make_project(tmp_path / "fleet")
+    assert run(root, "render").returncode == 0
+    cache = compose._checked(root)
+    assert cache[2], "the render kept its verdicts"
+    project = Project(root)
+    plan = compose.prepare(project)
+    fleet = project.fleet
+    cases = [
+        # an unchanged bot's service whose secret is no longer defined (its refs are checked)
+        ("compose.yaml", lambda t: t.replace('  hello-bot_database_url:\n    file: "./secrets/hello-bot.url"\n', ""),
+         fleet, "compose.yaml: hello-bot: secret hello-bot_database_url is not defined"),
+        # a bot's service changed: checked again
+        ("compose.yaml", _in_service("hello-bot", "    read_only: true\n", ""), fleet,
+         "compose.yaml: bot hello-bot: must run with a read-only root and no capabilities"),
+        ("compose.stack.yaml", _in_service("chat-bot", '          cpus: "0.5"\n', ""), fleet,
+         "compose.stack.yaml: bot chat-bot: needs a CPU limit"),
+        # the same text, the bot now on another server
+        ("compose.yaml", lambda t: t,
+         dataclasses.replace(fleet, bots={**fleet.bots, "hello-bot": dataclasses.replace(fleet.bots["hello-bot"], server="elsewhere")}),
+         "compose.yaml: bot hello-bot: lives on server elsewhere, not on the stack's postgres"),
+    ]
+    for rel, edit, which, expected in cases:
+        with_verdicts = _problems(_changed(plan, rel, edit), which, cache)
+        assert expected in with_verdicts, (expected, with_verdicts)
+        assert with_verdicts == _problems(_changed(plan, rel, edit), which, (frozenset(), {}, {})), expected
