@@ -458,10 +458,10 @@ def _owned(root: Path, planned: PlannedFile | str, manifest: set[str]) -> bool:
     """Whether botfleet may overwrite (or delete) this file: it does not exist,
     it carries the generated header, or the last render wrote it."""
     rel = planned if isinstance(planned, str) else planned.path
+    if rel in manifest:
+        return True
     path = root / rel
     if not path.exists():
-        return True
-    if rel in manifest:
         return True
     try:
         with open(path, encoding="utf-8") as fh:
@@ -484,9 +484,19 @@ def _pending(root: Path, result_plan: StackFiles, manifest: set[str]) -> tuple[l
     """The planned files whose content on disk differs (or that are missing), and the
     files the previous render wrote that this one no longer plans and may delete."""
     changed = []
+    base = str(root)
     for f in result_plan.files:
-        path = root / f.path
-        if not (path.exists() and (f.create_only or path.read_text(encoding="utf-8") == f.content)):
+        path = os.path.join(base, f.path)  # a string: thousands of files at 1,000 bots
+        if f.create_only:
+            if not os.path.exists(path):
+                changed.append(f)
+            continue
+        try:
+            with open(path, "rb") as fh:
+                same = fh.read() == f.content.encode()  # the very bytes render writes
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            same = False
+        if not same:
             changed.append(f)
     keep = {f.path for f in result_plan.files}
     gone = [rel for rel in sorted(manifest - keep) if (root / rel).exists() and _owned(root, rel, manifest)]
@@ -518,12 +528,14 @@ def write(root: Path, result_plan: StackFiles) -> RenderResult:
         changed, gone = _pending(root, result_plan, manifest)
         to_write = {f.path for f in changed}
         for f in result_plan.files:
-            path = root / f.path
             if f.path not in to_write:
                 result.unchanged.append(f.path)
-                if f.secret and (path.stat().st_mode & 0o777) != f.mode:
-                    path.chmod(f.mode)  # back to what render writes (0600, or 0444 for a bot's own)
+                if f.secret:
+                    where = os.path.join(root, f.path)
+                    if (os.stat(where).st_mode & 0o777) != f.mode:
+                        os.chmod(where, f.mode)  # back to what render writes (0600, or 0444 for a bot's own)
                 continue
+            path = root / f.path
             owner = path.stat() if path.exists() else None
             atomic_write(path, f.content, mode=f.mode)
             if owner is not None and os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):

@@ -172,7 +172,13 @@ class _Fallback(Exception):
 _KEY_AT = {n: re.compile(rf"\n(?={' ' * n}[^ #\-\n\t])") for n in (0, 2, 4)}
 _ITEM_AT = {n: re.compile(rf"\n(?={' ' * n}-(?:[ \t]|$))", re.M) for n in (6,)}
 # Line breaks other than \n (str.splitlines' and YAML's): a text with one is parsed whole.
-_OTHER_BREAKS = re.compile("[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+_OTHER_BREAKS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _other_breaks(text: str) -> bool:
+    """Whether ``text`` has a line break other than \n: one ``in`` each (a memchr, or nothing at
+    all for a character wider than the text's widest), not a regex over every character."""
+    return any(char in text for char in _OTHER_BREAKS)
 # A service's text longer than this is cut further, into its keys and their lists' items (the
 # provision service names every bot's credentials file: one more bot must not parse it all again).
 SPLIT_AT = 4096
@@ -260,7 +266,7 @@ def load_yaml_cached(text: str, cache: dict[str, Any], used: dict[str, Any],
                 return {head.group(1): values}, _digest(f"{head.group(1)}:[{parts}]")
         return parse(piece)
 
-    if _has_anchor(text) or _OTHER_BREAKS.search(text):
+    if _has_anchor(text) or _other_breaks(text):
         return load_yaml(text)
     doc: dict[str, Any] = {}
     try:
@@ -614,7 +620,7 @@ def set_aside(text: str, verdicts: dict[str, Any], *, stack: bool, bots: set[str
     key (to keep the verdicts of those that pass now)."""
     aside: dict[str, dict[str, Any]] = {}
     keys: dict[tuple[str, str], str] = {}
-    if _has_anchor(text) or _OTHER_BREAKS.search(text):
+    if _has_anchor(text) or _other_breaks(text):
         return text, aside, keys
     blocks = _cut(text, _KEY_AT[0])
     sections: dict[str, tuple[int, list[str], list[str | None]]] = {}
@@ -626,7 +632,8 @@ def set_aside(text: str, verdicts: dict[str, Any], *, stack: bool, bots: set[str
         entries = _cut(rest, _KEY_AT[2])
         names = []
         for entry in entries:
-            head = _KEY_LINE.fullmatch(entry.partition("\n")[0][2:] + "\n") if _is_key(entry, "  ") else None
+            end = entry.find("\n")
+            head = _KEY_LINE.fullmatch(entry, 2, len(entry) if end < 0 else end + 1) if _is_key(entry, "  ") else None
             names.append(head.group(1) if head else None)
         found = [n for n in names if n is not None]
         if len(found) != len(set(found)):
@@ -637,18 +644,23 @@ def set_aside(text: str, verdicts: dict[str, Any], *, stack: bool, bots: set[str
     for section, (at, pieces, names) in sections.items():
         left: dict[str, Any] = {}
         kept = []
+        named = 0  # entries kept
         for piece, name in zip(pieces, names):
             if name is None or (section == "services" and name not in bots):
                 kept.append(piece)
+                named += name is not None
                 continue
             context = f"local={local.get(name, True)}|provision={provision}" if section == "services" else ""
-            key = _digest(f"{prefix}|{section}|{name}|{context}|{piece}")
+            digest = hashlib.sha256(f"{prefix}|{section}|{name}|{context}|".encode())
+            digest.update(piece.encode())
+            key = digest.hexdigest()[:32]
             keys[(section, name)] = key
             if key in verdicts:
                 left[name] = verdicts[key]
             else:
                 kept.append(piece)
-        if left and not any(name is not None for piece, name in zip(pieces, names) if piece in kept):
+                named += 1
+        if left and not named:
             first_name = next(iter(left))  # never empty a section: its first entry is checked again
             del left[first_name]
             kept.insert(1, pieces[names.index(first_name)])
