@@ -30,7 +30,7 @@ from typing import Any
 from . import budget as budgets
 from .budget import parse_publish
 from .errors import StackInvalid
-from .registry import Fleet
+from .registry import DEFAULT_SERVER, Fleet
 
 COMPOSE_FILE = "compose.yaml"
 STACK_FILE = "compose.stack.yaml"
@@ -173,15 +173,15 @@ _KEY_AT = {n: re.compile(rf"\n(?={' ' * n}[^ #\-\n\t])") for n in (0, 2, 4)}
 _ITEM_AT = {n: re.compile(rf"\n(?={' ' * n}-(?:[ \t]|$))", re.M) for n in (6,)}
 # Line breaks other than \n (str.splitlines' and YAML's): a text with one is parsed whole.
 _OTHER_BREAKS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+# A service's text longer than this is cut further, into its keys and their lists' items (the
+# provision service names every bot's credentials file: one more bot must not parse it all again).
+SPLIT_AT = 4096
 
 
 def _other_breaks(text: str) -> bool:
     """Whether ``text`` has a line break other than \n: one ``in`` each (a memchr, or nothing at
     all for a character wider than the text's widest), not a regex over every character."""
     return any(char in text for char in _OTHER_BREAKS)
-# A service's text longer than this is cut further, into its keys and their lists' items (the
-# provision service names every bot's credentials file: one more bot must not parse it all again).
-SPLIT_AT = 4096
 
 
 def _cut(text: str, at: re.Pattern[str]) -> list[str]:
@@ -681,7 +681,7 @@ def validate(files: StackFiles, fleet: Fleet, known: frozenset[str] | set[str] =
     publish = f"{published[0]}:{published[1]}" if published else ""
     problems: list[str] = []
     bots = set(files.bots)
-    local = {name: entry.server == "default" for name, entry in fleet.bots.items()}
+    local = {name: entry.server == DEFAULT_SERVER for name, entry in fleet.bots.items()}
     for rel, stack in ((COMPOSE_FILE, False), (STACK_FILE, True)):
         digests: dict[int, str] = {}
         text, aside, keys = set_aside(files.content(rel), verdicts or {}, stack=stack, bots=bots, local=local)
